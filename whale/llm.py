@@ -53,10 +53,11 @@ class LLM:
     """Load a model reference (`default`, a .gguf, a checkpoint directory or a hub id) and generate."""
 
     def __init__(self, model: str = "default", dtype: str | torch.dtype | None = None,
-                 device: str | None = None, **engine_options):
-        """`engine_options` are EngineConfig fields: max_num_seqs, max_num_batched_tokens, block_size,
+                 device: str | None = None, kernels: str = "auto", **engine_options):
+        """`kernels`: the linears' kernels (auto, dense, int4, hybrid; `whale.platform.cpu_weight_kernels`).
+        `engine_options` are EngineConfig fields: max_num_seqs, max_num_batched_tokens, block_size,
         kv_cache_bytes, num_kv_blocks, enable_prefix_caching."""
-        self.loaded = load_model(model, dtype=dtype, device=device)
+        self.loaded = load_model(model, dtype=dtype, device=device, kernels=kernels)
         self.engine = LLMEngine(self.loaded, EngineConfig(**engine_options))
         self.tokenizer = self.loaded.tokenizer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import torch
@@ -13,7 +14,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-WEIGHT_KERNELS = ("dense", "int4")
+WEIGHT_KERNELS = ("dense", "int4", "hybrid")
 # bf16 dot products in hardware: where the int4 weight-only kernel (bf16 activations) beats fp32 at batch 1
 _BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
@@ -33,14 +34,19 @@ def cpu_flags() -> frozenset[str]:
 
 def cpu_weight_kernels(requested: str | None, dtype: str | torch.dtype | None, device: torch.device) -> str:
     """Which linear kernels a CPU model runs: "int4" (weight-only 4-bit from the checkpoint's own 4-bit blocks,
-    bf16 activations) or "dense" (the compute dtype). `auto` picks int4 only when the dtype was left to us and
-    the CPU does bf16 in hardware; on AVX2-only CPUs bf16 is hundreds of times slower, so dense fp32 stays."""
+    bf16 activations), "hybrid" (int4 for calls of a few rows, a packed bf16 GEMM for more: batches, prefill)
+    or "dense" (the compute dtype). `auto` picks hybrid only when the dtype was left to us and the CPU does bf16
+    in hardware; on AVX2-only CPUs bf16 is hundreds of times slower, so dense fp32 stays."""
     if requested not in (None, "auto", *WEIGHT_KERNELS):
         raise InvalidRequestError(f"weight kernels {requested!r} are not one of: auto, {', '.join(WEIGHT_KERNELS)}")
     if requested not in (None, "auto"):
         return requested
     fast_bf16 = device.type == "cpu" and bool(cpu_flags() & _BF16_FLAGS)
-    return "int4" if fast_bf16 and dtype in (None, "auto") else "dense"
+    return "hybrid" if fast_bf16 and dtype in (None, "auto") else "dense"
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def default_device() -> torch.device:

@@ -16,12 +16,15 @@ from whale.config import ModelConfig, gguf_to_hf_config, load_hf_config, parse_h
 from whale.errors import ModelLoadError
 from whale.hub import ModelFiles, resolve_model
 from whale.models import build_model
-from whale.models.quant import quantize_gguf_linears
-from whale.platform import cpu_weight_kernels, default_device, resolve_dtype
+from whale.models.quant import add_gemm_kernels, gemm_twin_bytes, quantize_gguf_linears
+from whale.platform import cpu_weight_kernels, default_device, physical_memory_bytes, resolve_dtype
 from whale.tokenizer import Tokenizer
 from whale.weights import fp8
 from whale.weights import safetensors as st
 from whale.weights.gguf import GGUFCheckpoint, deepseek2_hf_tensors, hf_tensor_name, unpermute_rope_rows
+
+
+HYBRID_MEMORY_SHARE = 0.25  # most of the machine's memory the hybrid kernels' bf16 twins may take
 
 
 @dataclass
@@ -32,7 +35,7 @@ class LoadedModel:
     model: nn.Module
     dtype: torch.dtype
     device: torch.device
-    kernels: str = "dense"  # "int4": linears run weight-only 4-bit kernels (whale.models.quant)
+    kernels: str = "dense"  # "int4" / "hybrid": linears run weight-only 4-bit kernels (whale.models.quant)
 
 
 def _progress(total: int, description: str) -> tqdm:
@@ -86,7 +89,7 @@ def _materialize(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], 
 def load_model(reference: str, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = None, kernels: str | None = "auto") -> LoadedModel:
     """Resolve `reference` and load it, computing in `dtype` (auto: fp32 on CPU, bf16 on CUDA). `kernels`
-    (auto, dense, int4) picks the linears' kernels; see `whale.platform.cpu_weight_kernels`."""
+    (auto, dense, int4, hybrid) picks the linears' kernels; see `whale.platform.cpu_weight_kernels`."""
     files = resolve_model(reference)
     device = torch.device(device) if device is not None else default_device()
     kernels = cpu_weight_kernels(kernels, dtype, device)
@@ -108,7 +111,7 @@ def load_model(reference: str, dtype: str | torch.dtype | None = None,
         # llama.cpp stores Llama-3.1's frequency scaling as per-frequency divisors instead of config fields
         model.rotary.inv_freq /= checkpoint.tensors["rope_freqs.weight"].dequantize()
     model.to(device).eval()  # buffers such as rotary frequencies
-    if kernels == "int4" and files.format == "gguf" and checkpoint.architecture != "deepseek2":
+    if kernels in ("int4", "hybrid") and files.format == "gguf" and checkpoint.architecture != "deepseek2":
         rope_heads = {"self_attn.q_proj": config.num_attention_heads,
                       "self_attn.k_proj": config.num_key_value_heads} if config.architecture == "llama" else {}
         quantize_gguf_linears(model, checkpoint.tensors, rope_heads)
@@ -116,4 +119,9 @@ def load_model(reference: str, dtype: str | torch.dtype | None = None,
         kernels = "dense"  # only 4-bit GGUF blocks are taken as they are; nothing else is requantized
     if hasattr(model, "fuse_projections"):
         model.fuse_projections()
+    if kernels == "hybrid":
+        if gemm_twin_bytes(model) <= physical_memory_bytes() * HYBRID_MEMORY_SHARE:
+            add_gemm_kernels(model)
+        else:  # a bf16 twin of every weight would crowd out the KV cache: 4-bit kernels at every batch size
+            kernels = "int4"
     return LoadedModel(files, config, tokenizer, model, torch_dtype, device, kernels)

@@ -5,6 +5,10 @@ llama.cpp's 4-bit blocks (Q4_0/Q4_1: 32 weights, a scale and a minimum) in the l
 `_weight_int4pack_mm_for_cpu`, which computes (q - 8) * scale + zero per group of 32; both block types map onto
 it without requantizing. `HalfLinear` stores other weights in fp16 (the tied embedding / lm_head). Both take
 bf16 activations, which is only fast on CPUs with AVX-512 bf16 (`whale.platform.cpu_weight_kernels` decides).
+
+Those kernels read few bytes but redo their dequantisation for every row, so they lose to a bf16 GEMM once a
+step carries more than a few rows (batched decode, prefill). `RowSwitchLinear` keeps both for one weight and
+picks per call by the number of rows: the "hybrid" kernels (bench/kernels.py has the crossover figures).
 """
 
 from __future__ import annotations
@@ -15,6 +19,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from whale.weights.gguf import GGUFTensor, hf_tensor_name, unpermute_rope_rows
+
+# Most rows each weight-only kernel takes before the packed bf16 GEMM is faster (bench/kernels.py on the Zen 4
+# dev box, 30 layers of SmolLM2's shapes: int4 7.6 ms vs bf16 9.5 ms at 4 rows, 13.6 vs 9.3 at 6; the 49152x576
+# lm_head in fp16 1.6 ms vs bf16 2.1 ms at 1 row, 2.9 vs 1.7 at 2).
+INT4_MAX_ROWS = 4
+HALF_MAX_ROWS = 1
 
 GROUP_SIZE = 32  # weights per Q4_0/Q4_1 block
 PACK_ROWS = 64  # the CPU packing interleaves rows in tiles of 64: only whole tiles can be concatenated
@@ -74,6 +84,11 @@ class Int4Linear(nn.Module):
         bias = None if biases[0] is None else torch.cat([b.data for b in biases])
         return cls(torch.cat([p.packed for p in parts]), torch.cat([p.scale_zero for p in parts], dim=1), bias)
 
+    def dequantized(self) -> torch.Tensor:
+        """The weight [N, K] as the kernel computes with it: the kernel applied to the identity."""
+        identity = torch.eye(self.packed.shape[1] * 2, dtype=torch.bfloat16)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(identity, self.packed, GROUP_SIZE, self.scale_zero).t()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed,
@@ -98,8 +113,69 @@ class HalfLinear(nn.Module):
         bias = None if parts[0].bias is None else torch.cat([p.bias.data for p in parts])
         return cls(torch.cat([p.weight.data for p in parts]), bias)
 
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.detach().float()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(torch.float16), self.weight, self.bias).to(x.dtype)
+
+
+class PackedBF16Linear(nn.Module):
+    """A bf16 linear whose weight oneDNN reorders once into its GEMM's blocked layout (`F.linear` on a plain
+    bf16 weight reorders it on every call: ~1.7x slower at 16 rows). Computes in bf16, returns x's dtype."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features = weight.shape[0]
+        # an opaque oneDNN tensor: a plain attribute, not a buffer (state_dict and .to() cannot handle it)
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16))
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, None,
+                                                 "none", [], "").to(x.dtype)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*shape[:-1], self.out_features)
+
+
+class RowSwitchLinear(nn.Module):
+    """One weight behind two kernels: `small` (weight-only, bound by bytes read) for calls of up to
+    `max_small_rows` rows, `large` (packed bf16 GEMM, bound by compute) above."""
+
+    def __init__(self, small: nn.Module, large: nn.Module, max_small_rows: int):
+        super().__init__()
+        self.small, self.large, self.max_small_rows = small, large, max_small_rows
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        return self.small(x) if rows <= self.max_small_rows else self.large(x)
+
+
+def add_gemm_kernels(model: nn.Module) -> int:
+    """Give every Int4Linear and HalfLinear of a loaded (and fused) model a packed bf16 twin for calls with
+    many rows; returns the bytes the twins take."""
+    added = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Int4Linear):
+            max_rows = INT4_MAX_ROWS
+        elif isinstance(module, HalfLinear):
+            max_rows = HALF_MAX_ROWS
+        else:
+            continue
+        bias = None if module.bias is None else module.bias.detach()
+        large = PackedBF16Linear(module.dequantized(), bias)
+        added += large.packed.numel() * 2
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, RowSwitchLinear(module, large, max_rows))
+    return added
+
+
+def gemm_twin_bytes(model: nn.Module) -> int:
+    """Bytes `add_gemm_kernels` would add: two per weight of every Int4Linear and HalfLinear."""
+    return sum(2 * m.out_features * m.packed.shape[1] * 2 if isinstance(m, Int4Linear) else 2 * m.weight.numel()
+               for m in model.modules() if isinstance(m, (Int4Linear, HalfLinear)))
 
 
 def quantize_gguf_linears(model: nn.Module, tensors: dict[str, GGUFTensor],
