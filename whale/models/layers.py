@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from whale.config import RopeConfig
+from whale.kernels import cpu_ops
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,15 @@ class RMSNorm(nn.Module):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+    def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """residual += delta (in place); returns this norm of the sum: a residual connection and the next
+        norm in one compiled pass where the CPU kernels serve (fp32 on CPU), else two eager steps."""
+        ops = cpu_ops() if residual.device.type == "cpu" and residual.dtype == torch.float32 else None
+        if ops is not None and delta.dtype == torch.float32 and residual.is_contiguous():
+            return ops.add_rms_norm(residual, delta.contiguous(), self.weight, self.eps)
+        residual.add_(delta)
+        return self(residual)
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
@@ -195,5 +205,9 @@ class SwiGLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        ops = cpu_ops() if gate_up.device.type == "cpu" and gate_up.dtype == torch.float32 else None
+        if ops is not None and gate_up.is_contiguous():
+            return self.down_proj(ops.silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)

@@ -1,0 +1,61 @@
+"""whale/kernels/cpu_ops.cpp against float64 computations written out here in PyTorch."""
+
+from __future__ import annotations
+
+import torch
+
+from whale.kernels import cpu_ops
+
+
+def test_the_kernels_build_on_this_machine():
+    assert cpu_ops() is not None  # g++ is part of every machine whale is developed and tested on
+
+
+def test_add_rms_norm_adds_in_place_and_normalises():
+    generator = torch.Generator().manual_seed(0)
+    residual, delta = torch.randn(5, 576, generator=generator), torch.randn(5, 576, generator=generator)
+    weight = torch.randn(576, generator=generator)
+    summed = residual.double() + delta.double()
+    expected = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
+    normed = cpu_ops().add_rms_norm(residual, delta, weight, 1e-5)
+    assert torch.allclose(residual.double(), summed, atol=1e-6)  # the residual stream now holds the sum
+    assert torch.allclose(normed.double(), expected, atol=1e-5)
+
+
+def test_silu_and_mul():
+    gate_up = torch.randn(3, 2, 2 * 100, generator=torch.Generator().manual_seed(1))
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    out = cpu_ops().silu_and_mul(gate_up)
+    assert out.shape == (3, 2, 100)
+    assert torch.allclose(out.double(), gate * torch.sigmoid(gate) * up, atol=1e-6)
+
+
+def test_paged_attention_reads_each_tokens_visible_context_from_the_blocks():
+    generator = torch.Generator().manual_seed(2)
+    heads, kv_heads, dim, block = 6, 2, 16, 4
+    k_store = torch.randn(64, kv_heads, dim, generator=generator)
+    v_store = torch.randn(64, kv_heads, dim, generator=generator)
+    # two sequences on scattered blocks: one decoding its 7th token, one with 3 new tokens after 2 cached
+    tables = [[9, 2], [5, 14]]
+    starts, counts = [6, 2], [1, 3]
+    width = 8
+    context_index = torch.tensor([[t[p // block] * block + p % block if p < s + c else 0 for p in range(width)]
+                                  for t, s, c in zip(tables, starts, counts, strict=True)])
+    token_seq = torch.tensor([0, 1, 1, 1])
+    rows = torch.tensor([0, 0, 1, 2])
+    token_len = torch.tensor(starts)[token_seq] + rows + 1
+    slot_mapping = context_index[token_seq, token_len - 1]
+    qkv = torch.randn(4, heads + 2 * kv_heads, dim, generator=generator)  # strided slices, as the models pass
+    q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
+    expected_k, expected_v = k_store.clone(), v_store.clone()
+    expected_k[slot_mapping], expected_v[slot_mapping] = k, v
+    out = cpu_ops().paged_attention(q, k, v, k_store, v_store, slot_mapping, context_index, token_seq, token_len,
+                                    0.25)
+    assert torch.equal(k_store, expected_k) and torch.equal(v_store, expected_v)
+    for t in range(4):
+        slots = context_index[token_seq[t], :token_len[t]]
+        keys, values = expected_k[slots].double(), expected_v[slots].double()  # [len, kv, dim]
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            probs = torch.softmax(keys[:, kv] @ q[t, h].double() * 0.25, dim=0)
+            assert torch.allclose(out[t, h].double(), probs @ values[:, kv], atol=1e-5)

@@ -1,0 +1,41 @@
+"""Compiled CPU kernels for the decode step (cpu_ops.cpp): a fused residual-add + RMSNorm, SwiGLU's
+silu(gate) * up, and attention read straight from the paged K/V storage.
+
+They are built on first use by torch's extension builder (g++, ~25 s once; `make install` builds them) and
+cached under ~/.cache/torch_extensions, named by a hash of the source and of the CPU's flags so a cache moved to
+another CPU is never loaded there. `cpu_ops()` is None where they cannot be built or are switched off with
+WHALE_CPU_KERNELS=0; every caller then runs its PyTorch fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+from pathlib import Path
+from types import ModuleType
+
+from whale.platform import cpu_flags
+
+SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+logger = logging.getLogger(__name__)
+
+
+def _build_name() -> str:
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(sorted(cpu_flags())).encode()).hexdigest()
+    return f"whale_cpu_ops_{digest[:12]}"
+
+
+@functools.cache
+def cpu_ops() -> ModuleType | None:
+    if os.environ.get("WHALE_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(_build_name(), [str(SOURCE)], extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"])
+    except Exception as exc:  # noqa: BLE001 - no compiler, no headers: the PyTorch fallbacks serve
+        logger.warning("whale's CPU kernels could not be built (%s); using the PyTorch fallbacks", exc)
+        return None

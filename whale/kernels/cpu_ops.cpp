@@ -1,0 +1,171 @@
+// CPU kernels for the decode step, where eager PyTorch pays more in per-op overhead and copies than in math.
+// Built on first use by whale/kernels/__init__.py (torch.utils.cpp_extension); every kernel has a PyTorch
+// fallback there, and tests/test_cpu_kernels.py checks each against a float64 computation.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+void check_float(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous(), name, " must be a contiguous float32 tensor");
+}
+
+// [tokens, heads, dim] float32 whose heads are contiguous; tokens may be strided (slices of a fused qkv)
+void check_token_rows(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.dim() == 3 && t.stride(2) == 1 && t.stride(1) == t.size(2),
+              name, " must be float32 [tokens, heads, dim] with contiguous heads");
+}
+
+}  // namespace
+
+// residual += delta (in place), then return rms_norm(residual) * weight: the two halves of every decoder
+// layer's residual connection and the next norm in one pass over the row.
+torch::Tensor add_rms_norm(torch::Tensor residual, torch::Tensor delta, torch::Tensor weight, double eps) {
+  check_float(residual, "residual");
+  check_float(delta, "delta");
+  check_float(weight, "weight");
+  const int64_t dim = residual.size(-1);
+  const int64_t rows = residual.numel() / dim;
+  TORCH_CHECK(delta.numel() == residual.numel() && weight.numel() == dim, "add_rms_norm: shapes differ");
+  auto out = torch::empty_like(residual);
+  float* r = residual.data_ptr<float>();
+  const float* d = delta.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      float* x = r + row * dim;
+      const float* y = d + row * dim;
+      float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t i = 0; i < dim; ++i) {
+        x[i] += y[i];
+        squares += x[i] * x[i];
+      }
+      const float inv = 1.f / std::sqrt(squares / static_cast<float>(dim) + static_cast<float>(eps));
+      float* z = o + row * dim;
+      for (int64_t i = 0; i < dim; ++i) z[i] = x[i] * inv * w[i];
+    }
+  });
+  return out;
+}
+
+// [rows, 2 * n] (gate | up) -> [rows, n] silu(gate) * up: SwiGLU's activation without two temporaries.
+torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+  check_float(gate_up, "gate_up");
+  const int64_t n = gate_up.size(-1) / 2;
+  const int64_t rows = gate_up.numel() / (2 * n);
+  auto sizes = gate_up.sizes().vec();
+  sizes.back() = n;
+  auto out = torch::empty(sizes, gate_up.options());
+  const float* in = gate_up.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const float* g = in + row * 2 * n;
+      const float* u = g + n;
+      float* z = o + row * n;
+      for (int64_t i = 0; i < n; ++i) z[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+  });
+  return out;
+}
+
+// Paged attention for tokens that each see a prefix of their sequence's context, read straight from the
+// block storage (no gathered copy of the context). The new k/v rows are written to their slots first.
+//   q [T, H, D]; k, v [T, KV, D]; k_store, v_store [slots, KV, D]; slot_mapping [T];
+//   context_index [B, S] storage slot of each context position; token_seq [T] the sequence of each token;
+//   token_len [T] how many context positions the token sees (its own included). Returns [T, H, D].
+torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_store,
+                              torch::Tensor v_store, torch::Tensor slot_mapping, torch::Tensor context_index,
+                              torch::Tensor token_seq, torch::Tensor token_len, double scale) {
+  check_token_rows(q, "q");
+  check_token_rows(k, "k");
+  check_token_rows(v, "v");
+  check_float(k_store, "k_store");
+  check_float(v_store, "v_store");
+  for (auto* t : {&slot_mapping, &context_index, &token_seq, &token_len}) {
+    TORCH_CHECK(t->scalar_type() == torch::kInt64 && t->is_contiguous(), "indices must be contiguous int64");
+  }
+  const int64_t tokens = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k.size(1);
+  const int64_t group = heads / kv_heads, width = context_index.size(1), row = kv_heads * dim;
+  TORCH_CHECK(heads % kv_heads == 0 && k_store.size(1) == kv_heads && k_store.size(2) == dim, "head shapes");
+  const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  float* ks = k_store.data_ptr<float>();
+  float* vs = v_store.data_ptr<float>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::memcpy(ks + slots[t] * row, k.data_ptr<float>() + t * k.stride(0), row * sizeof(float));
+    std::memcpy(vs + slots[t] * row, v.data_ptr<float>() + t * v.stride(0), row * sizeof(float));
+  }
+  auto out = torch::empty({tokens, heads, dim}, q.options());
+  const float* qp = q.data_ptr<float>();
+  const int64_t q_stride = q.stride(0);
+  float* op = out.data_ptr<float>();
+  const int64_t* context = context_index.data_ptr<int64_t>();
+  const int64_t* seq = token_seq.data_ptr<int64_t>();
+  const int64_t* lens = token_len.data_ptr<int64_t>();
+  const float fscale = static_cast<float>(scale);
+  // A work item is one token (its K/V rows are read whole, 4 x kv_heads x dim bytes in a row) when there are
+  // enough tokens to keep every thread busy, else one (token, kv head) pair.
+  const int64_t split = tokens >= at::get_num_threads() ? 1 : kv_heads;
+  at::parallel_for(0, tokens * split, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t t = item / split, len = lens[t];
+      const int64_t first_kv = split == 1 ? 0 : item % split, last_kv = split == 1 ? kv_heads : first_kv + 1;
+      const int64_t* positions = context + seq[t] * width;
+      const int64_t span = (last_kv - first_kv) * group;  // query heads of this item
+      const float* queries = qp + t * q_stride + first_kv * group * dim;
+      float* outs = op + (t * heads + first_kv * group) * dim;
+      scores.resize(span * len);
+      for (int64_t j = 0; j < len; ++j) {
+        const float* keys = ks + positions[j] * row + first_kv * dim;
+        for (int64_t h = 0; h < span; ++h) {
+          const float* query = queries + h * dim;
+          const float* key = keys + (h / group) * dim;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t i = 0; i < dim; ++i) dot += query[i] * key[i];
+          scores[h * len + j] = dot * fscale;
+        }
+      }
+      for (int64_t h = 0; h < span; ++h) {
+        float* s = scores.data() + h * len;
+        const float peak = *std::max_element(s, s + len);
+        float total = 0.f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t j = 0; j < len; ++j) {
+          s[j] = std::exp(s[j] - peak);
+          total += s[j];
+        }
+        const float inv = 1.f / total;
+        for (int64_t j = 0; j < len; ++j) s[j] *= inv;
+        std::fill(outs + h * dim, outs + (h + 1) * dim, 0.f);
+      }
+      for (int64_t j = 0; j < len; ++j) {
+        const float* values = vs + positions[j] * row + first_kv * dim;
+        for (int64_t h = 0; h < span; ++h) {
+          const float p = scores[h * len + j];
+          const float* value = values + (h / group) * dim;
+          float* o = outs + h * dim;
+#pragma omp simd
+          for (int64_t i = 0; i < dim; ++i) o[i] += p * value[i];
+        }
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("add_rms_norm", &add_rms_norm, "residual += delta; rms_norm(residual) * weight");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("paged_attention", &paged_attention, "attention over paged K/V storage");
+}
