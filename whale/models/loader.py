@@ -23,7 +23,6 @@ from whale.weights import fp8
 from whale.weights import safetensors as st
 from whale.weights.gguf import GGUFCheckpoint, deepseek2_hf_tensors, hf_tensor_name, unpermute_rope_rows
 
-
 HYBRID_MEMORY_SHARE = 0.25  # most of the machine's memory the hybrid kernels' bf16 twins may take
 
 
