@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from whale.kernels import cpu_ops
@@ -11,23 +12,48 @@ def test_the_kernels_build_on_this_machine():
     assert cpu_ops() is not None  # g++ is part of every machine whale is developed and tested on
 
 
-def test_add_rms_norm_adds_in_place_and_normalises():
+# bf16 results: within one bf16 rounding (2^-8 relative) of the float64 value
+TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=1e-2, rtol=2 ** -8)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_adds_in_place_and_normalises_into_the_deltas_dtype(dtype):
     generator = torch.Generator().manual_seed(0)
-    residual, delta = torch.randn(5, 576, generator=generator), torch.randn(5, 576, generator=generator)
+    residual = torch.randn(5, 576, generator=generator)
+    delta = torch.randn(5, 576, generator=generator).to(dtype)
     weight = torch.randn(576, generator=generator)
     summed = residual.double() + delta.double()
     expected = summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-5) * weight.double()
     normed = cpu_ops().add_rms_norm(residual, delta, weight, 1e-5)
-    assert torch.allclose(residual.double(), summed, atol=1e-6)  # the residual stream now holds the sum
-    assert torch.allclose(normed.double(), expected, atol=1e-5)
+    assert torch.allclose(residual.double(), summed, atol=1e-6)  # the fp32 residual stream now holds the sum
+    assert normed.dtype == dtype
+    assert torch.allclose(normed.double(), expected, **TOLERANCE[dtype])
 
 
-def test_silu_and_mul():
-    gate_up = torch.randn(3, 2, 2 * 100, generator=torch.Generator().manual_seed(1))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul(dtype):
+    gate_up = torch.randn(3, 2, 2 * 100, generator=torch.Generator().manual_seed(1)).to(dtype)
     gate, up = gate_up.double().chunk(2, dim=-1)
     out = cpu_ops().silu_and_mul(gate_up)
-    assert out.shape == (3, 2, 100)
-    assert torch.allclose(out.double(), gate * torch.sigmoid(gate) * up, atol=1e-6)
+    assert out.shape == (3, 2, 100) and out.dtype == dtype
+    assert torch.allclose(out.double(), gate * torch.sigmoid(gate) * up, **TOLERANCE[dtype])
+
+
+def test_rotary_rotates_the_leading_heads_in_place_and_leaves_the_rest():
+    generator = torch.Generator().manual_seed(3)
+    tokens, heads, dim = 3, 5, 8
+    x = torch.randn(tokens, heads, dim, generator=generator)
+    angles = torch.rand(tokens, dim // 2, generator=generator, dtype=torch.float64) * 6
+    cos = torch.cat((angles.cos(), angles.cos()), dim=-1)
+    sin = torch.cat((angles.sin(), angles.sin()), dim=-1)
+    # rotate_half as the HF implementations write it, in float64
+    first, second = x.double()[..., :dim // 2], x.double()[..., dim // 2:]
+    rotated = x.double() * cos[:, None] + torch.cat((-second, first), dim=-1) * sin[:, None]
+    signed_sin = torch.cat((-sin[:, :dim // 2], sin[:, dim // 2:]), dim=-1)
+    original = x.clone()
+    cpu_ops().rotary_(x, cos.float(), signed_sin.float(), 4)
+    assert torch.allclose(x[:, :4].double(), rotated[:, :4], atol=1e-6)
+    assert torch.equal(x[:, 4:], original[:, 4:])
 
 
 def test_paged_attention_reads_each_tokens_visible_context_from_the_blocks():
@@ -59,3 +85,18 @@ def test_paged_attention_reads_each_tokens_visible_context_from_the_blocks():
             kv = h // (heads // kv_heads)
             probs = torch.softmax(keys[:, kv] @ q[t, h].double() * 0.25, dim=0)
             assert torch.allclose(out[t, h].double(), probs @ values[:, kv], atol=1e-5)
+
+
+@pytest.mark.parametrize("kernels", ["dense", "hybrid"])
+def test_generation_with_the_kernels_equals_the_pytorch_fallbacks(monkeypatch, kernels):
+    from whale import LLM, SamplingParams
+
+    llm = LLM("default", dtype="float32" if kernels == "dense" else None, kernels=kernels,
+              enable_prefix_caching=False)
+    prompts = ["The capital of France is", "Whales sing because"]  # a batch: both decode in the same steps
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    compiled = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    for module in ("whale.models.layers", "whale.engine.paged_attention"):
+        monkeypatch.setattr(f"{module}.cpu_ops", lambda: None)
+    fallback = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert compiled == fallback

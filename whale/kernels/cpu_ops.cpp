@@ -25,57 +25,112 @@ void check_token_rows(const torch::Tensor& t, const char* name) {
 
 }  // namespace
 
-// residual += delta (in place), then return rms_norm(residual) * weight: the two halves of every decoder
-// layer's residual connection and the next norm in one pass over the row.
+// float32, or bfloat16 where the weight-only linears hand activations over in bf16
+void check_activation(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK((t.scalar_type() == torch::kFloat32 || t.scalar_type() == torch::kBFloat16) && t.is_contiguous(),
+              name, " must be a contiguous float32 or bfloat16 tensor");
+}
+
+template <typename In, typename Out>
+void add_rms_norm_rows(float* r, const In* d, const float* w, Out* o, int64_t rows, int64_t dim, float eps) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      float* x = r + row * dim;
+      const In* y = d + row * dim;
+      float squares = 0.f;
+#pragma omp simd reduction(+ : squares)
+      for (int64_t i = 0; i < dim; ++i) {
+        x[i] += static_cast<float>(y[i]);
+        squares += x[i] * x[i];
+      }
+      const float inv = 1.f / std::sqrt(squares / static_cast<float>(dim) + eps);
+      Out* z = o + row * dim;
+      for (int64_t i = 0; i < dim; ++i) z[i] = static_cast<Out>(x[i] * inv * w[i]);
+    }
+  });
+}
+
+// residual += delta (in place, fp32), then return rms_norm(residual) * weight in delta's dtype: the two halves
+// of a decoder layer's residual connection and the next norm in one pass over the row. A bf16 delta (the
+// output of a weight-only linear) gives a bf16 result, which is what the next such linear reads: no casts.
 torch::Tensor add_rms_norm(torch::Tensor residual, torch::Tensor delta, torch::Tensor weight, double eps) {
   check_float(residual, "residual");
-  check_float(delta, "delta");
+  check_activation(delta, "delta");
   check_float(weight, "weight");
   const int64_t dim = residual.size(-1);
   const int64_t rows = residual.numel() / dim;
   TORCH_CHECK(delta.numel() == residual.numel() && weight.numel() == dim, "add_rms_norm: shapes differ");
-  auto out = torch::empty_like(residual);
-  float* r = residual.data_ptr<float>();
-  const float* d = delta.data_ptr<float>();
+  auto out = torch::empty(residual.sizes(), delta.options());
   const float* w = weight.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      float* x = r + row * dim;
-      const float* y = d + row * dim;
-      float squares = 0.f;
-#pragma omp simd reduction(+ : squares)
-      for (int64_t i = 0; i < dim; ++i) {
-        x[i] += y[i];
-        squares += x[i] * x[i];
-      }
-      const float inv = 1.f / std::sqrt(squares / static_cast<float>(dim) + static_cast<float>(eps));
-      float* z = o + row * dim;
-      for (int64_t i = 0; i < dim; ++i) z[i] = x[i] * inv * w[i];
-    }
-  });
+  if (delta.scalar_type() == torch::kBFloat16) {
+    add_rms_norm_rows(residual.data_ptr<float>(), delta.data_ptr<at::BFloat16>(), w, out.data_ptr<at::BFloat16>(),
+                      rows, dim, static_cast<float>(eps));
+  } else {
+    add_rms_norm_rows(residual.data_ptr<float>(), delta.data_ptr<float>(), w, out.data_ptr<float>(), rows, dim,
+                      static_cast<float>(eps));
+  }
   return out;
 }
 
-// [rows, 2 * n] (gate | up) -> [rows, n] silu(gate) * up: SwiGLU's activation without two temporaries.
+template <typename T>
+void silu_and_mul_rows(const T* in, T* o, int64_t rows, int64_t n) {
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const T* g = in + row * 2 * n;
+      const T* u = g + n;
+      T* z = o + row * n;
+      for (int64_t i = 0; i < n; ++i) {
+        const float gate = static_cast<float>(g[i]);
+        z[i] = static_cast<T>(gate / (1.f + std::exp(-gate)) * static_cast<float>(u[i]));
+      }
+    }
+  });
+}
+
+// [rows, 2 * n] (gate | up) -> [rows, n] silu(gate) * up in the input's dtype: SwiGLU's activation without two
+// temporaries.
 torch::Tensor silu_and_mul(torch::Tensor gate_up) {
-  check_float(gate_up, "gate_up");
+  check_activation(gate_up, "gate_up");
   const int64_t n = gate_up.size(-1) / 2;
   const int64_t rows = gate_up.numel() / (2 * n);
   auto sizes = gate_up.sizes().vec();
   sizes.back() = n;
   auto out = torch::empty(sizes, gate_up.options());
-  const float* in = gate_up.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const float* g = in + row * 2 * n;
-      const float* u = g + n;
-      float* z = o + row * n;
-      for (int64_t i = 0; i < n; ++i) z[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+  if (gate_up.scalar_type() == torch::kBFloat16) {
+    silu_and_mul_rows(gate_up.data_ptr<at::BFloat16>(), out.data_ptr<at::BFloat16>(), rows, n);
+  } else {
+    silu_and_mul_rows(gate_up.data_ptr<float>(), out.data_ptr<float>(), rows, n);
+  }
+  return out;
+}
+
+// Rotates the first `heads` heads of x [tokens, all heads, dim] in place (q and k of a fused qkv; v is left
+// alone): x * cos + swap_halves(x) * signed_sin, the tables [tokens, dim] with sin negated on the first half.
+void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor signed_sin, int64_t heads) {
+  check_token_rows(x, "x");
+  check_float(cos, "cos");
+  check_float(signed_sin, "signed_sin");
+  const int64_t tokens = x.size(0), dim = x.size(2), half = dim / 2, stride = x.stride(0);
+  TORCH_CHECK(cos.numel() == tokens * dim && signed_sin.numel() == tokens * dim && heads <= x.size(1),
+              "rotary_: table or head count does not fit x");
+  float* xp = x.data_ptr<float>();
+  const float* c = cos.data_ptr<float>();
+  const float* s = signed_sin.data_ptr<float>();
+  at::parallel_for(0, tokens, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* ct = c + t * dim;
+      const float* st = s + t * dim;
+      for (int64_t h = 0; h < heads; ++h) {
+        float* v = xp + t * stride + h * dim;
+#pragma omp simd
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = v[i], b = v[i + half];
+          v[i] = a * ct[i] + b * st[i];
+          v[i + half] = b * ct[i + half] + a * st[i + half];
+        }
+      }
     }
   });
-  return out;
 }
 
 // Paged attention for tokens that each see a prefix of their sequence's context, read straight from the
@@ -167,5 +222,6 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "residual += delta; rms_norm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
+  m.def("rotary_", &rotary_, "rotate the leading heads in place");
   m.def("paged_attention", &paged_attention, "attention over paged K/V storage");
 }

@@ -16,10 +16,10 @@ from whale.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     SwiGLU,
-    apply_rotary_signed,
     fuse_linears,
     linear,
     rope_inv_freq,
+    rotate_leading_heads,
     signed_rotary_tables,
 )
 
@@ -59,12 +59,13 @@ class DenseAttention(nn.Module):
                 attn: AttentionBackend) -> torch.Tensor:
         """cos/signed_sin: `signed_rotary_tables` of this step's positions."""
         tokens, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
-        qkv = self._qkv(x).view(tokens, heads + 2 * kv_heads, self.head_dim)
-        qk, v = qkv[:, :heads + kv_heads], qkv[:, heads + kv_heads:]
+        # in the residual stream's dtype (a weight-only linear answers in bf16): rotary and the cache want it
+        qkv = self._qkv(x).to(cos.dtype).view(tokens, heads + 2 * kv_heads, self.head_dim)
         if self.q_norm is not None:
-            qk = torch.cat((self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])), dim=1)
-        qk = apply_rotary_signed(qk, cos, signed_sin)  # q and k rotated together: one set of ops per layer
-        q, k = qk[:, :heads], qk[:, heads:]
+            qkv = torch.cat((self.q_norm(qkv[:, :heads]), self.k_norm(qkv[:, heads:heads + kv_heads]),
+                             qkv[:, heads + kv_heads:]), dim=1)
+        qkv = rotate_leading_heads(qkv, heads + kv_heads, cos, signed_sin)  # q and k together, one call a layer
+        q, k, v = qkv[:, :heads], qkv[:, heads:heads + kv_heads], qkv[:, heads + kv_heads:]
         out = attn.attend(self.layer_idx, q, k, v, self.scale)
         return self.o_proj(out.reshape(tokens, self.num_heads * self.head_dim))
 

@@ -38,6 +38,9 @@ class AttentionBackend(Protocol):
                scale: float) -> torch.Tensor: ...
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activations the compiled CPU kernels take
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -54,9 +57,11 @@ class RMSNorm(nn.Module):
 
     def add_and_norm(self, residual: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         """residual += delta (in place); returns this norm of the sum: a residual connection and the next
-        norm in one compiled pass where the CPU kernels serve (fp32 on CPU), else two eager steps."""
+        norm in one compiled pass where the CPU kernels serve (fp32 residual on CPU; the result then comes in
+        delta's dtype, bf16 after a weight-only linear, which the next one reads as it is), else two eager
+        steps in the residual's dtype."""
         ops = cpu_ops() if residual.device.type == "cpu" and residual.dtype == torch.float32 else None
-        if ops is not None and delta.dtype == torch.float32 and residual.is_contiguous():
+        if ops is not None and delta.dtype in _KERNEL_DTYPES and residual.is_contiguous():
             return ops.add_rms_norm(residual, delta.contiguous(), self.weight, self.eps)
         residual.add_(delta)
         return self(residual)
@@ -164,6 +169,16 @@ def apply_rotary_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Te
     return torch.addcmul(x * cos, swapped, signed_sin)
 
 
+def rotate_leading_heads(x: torch.Tensor, heads: int, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x [tokens, all heads, dim] with its first `heads` heads rotated (q and k of a fused qkv, v untouched):
+    in place by the compiled kernel where it serves (fp32 on CPU), else into a new tensor."""
+    ops = cpu_ops() if x.device.type == "cpu" and x.dtype == cos.dtype == torch.float32 else None
+    if ops is not None and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]:
+        ops.rotary_(x, cos, signed_sin, heads)
+        return x
+    return torch.cat((apply_rotary_signed(x[:, :heads], cos, signed_sin), x[:, heads:]), dim=1)
+
+
 def linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
     """A Linear whose tensors are allocated only when the checkpoint is loaded (meta device until then)."""
     return nn.Linear(in_features, out_features, bias=bias, device="meta")
@@ -206,7 +221,7 @@ class SwiGLU(nn.Module):
         if self.gate_up_proj is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate_up = self.gate_up_proj(x)
-        ops = cpu_ops() if gate_up.device.type == "cpu" and gate_up.dtype == torch.float32 else None
+        ops = cpu_ops() if gate_up.device.type == "cpu" and gate_up.dtype in _KERNEL_DTYPES else None
         if ops is not None and gate_up.is_contiguous():
             return self.down_proj(ops.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)
