@@ -89,6 +89,7 @@ def test_paged_attention_reads_each_tokens_visible_context_from_the_blocks():
 
 @pytest.mark.parametrize("kernels", ["dense", "hybrid"])
 def test_generation_with_the_kernels_equals_the_pytorch_fallbacks(monkeypatch, kernels):
+    """The compiled kernels and the decode stack (whale/models/dense_stack.py) against the eager layers."""
     from whale import LLM, SamplingParams
 
     llm = LLM("default", dtype="float32" if kernels == "dense" else None, kernels=kernels,
@@ -96,6 +97,8 @@ def test_generation_with_the_kernels_equals_the_pytorch_fallbacks(monkeypatch, k
     prompts = ["The capital of France is", "Whales sing because"]  # a batch: both decode in the same steps
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     compiled = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    # hybrid: the decode steps (2 tokens each) ran the compiled layer stack, the prompts the Python layers
+    assert (llm.loaded.model._decode_stack is not None) == (kernels == "hybrid")
     for module in ("whale.models.layers", "whale.engine.paged_attention"):
         monkeypatch.setattr(f"{module}.cpu_ops", lambda: None)
     fallback = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
