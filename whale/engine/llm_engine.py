@@ -1,9 +1,9 @@
 """The engine loop: `add_request`, then `step()` = schedule -> one forward over the batch -> sample -> update.
 
 The scheduler (scheduler.py) picks each step's tokens under a token budget: decode tokens and prefill chunks
-of many requests, flattened into one ragged batch. The model reads and writes the paged KV cache
-(paged_attention.py) through the step's layout; finished and aborted requests release their blocks at once,
-which stay cached for prefix hits until evicted.
+of many requests, which the runner (runner.py) flattens into one ragged batch for one forward. The model reads
+and writes the paged KV cache (paged_attention.py) through the step's layout; finished and aborted requests
+release their blocks at once, which stay cached for prefix hits until evicted.
 """
 
 from __future__ import annotations
@@ -13,10 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from whale.engine.paged_attention import DEFAULT_KV_CACHE_BYTES, StepLayout, create_cache
+from whale.engine.paged_attention import DEFAULT_KV_CACHE_BYTES, create_cache
 from whale.engine.request import Request
+from whale.engine.runner import ModelRunner
 from whale.engine.sampler import sample_one
-from whale.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
+from whale.engine.scheduler import Scheduler, SchedulerConfig
 from whale.errors import InvalidRequestError
 from whale.models.loader import LoadedModel
 from whale.sampling_params import SamplingParams
@@ -44,6 +45,7 @@ class LLMEngine:
         self.cache = create_cache(loaded.model.kv_cache_spec(), loaded.dtype, loaded.device, c.num_kv_blocks,
                                   c.block_size, c.kv_cache_bytes, c.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens), self.cache.blocks)
+        self.runner = ModelRunner(loaded, self.cache)
         self.requests: dict[str, Request] = {}
         self._id_counter = itertools.count()
 
@@ -87,26 +89,6 @@ class LLMEngine:
             request.abort()
             self.scheduler.finish(request)
 
-    def _forward(self, batch: ScheduledBatch) -> torch.Tensor:
-        """One forward over the batch; returns the last hidden state of every scheduled request."""
-        ids, positions = [], []
-        for request, count in zip(batch.requests, batch.num_new_tokens, strict=True):
-            start = request.num_computed_tokens
-            ids.extend(request.all_token_ids[start:start + count])
-            positions.extend(range(start, start + count))
-        device = self.loaded.device
-        layout = StepLayout.build([self.cache.blocks.block_table(r.request_id) for r in batch.requests],
-                                  [r.num_computed_tokens for r in batch.requests], batch.num_new_tokens,
-                                  self.cache.block_size, device)
-        self.cache.set_layout(layout)
-        try:
-            hidden = self.loaded.model(torch.tensor(ids, device=device), torch.tensor(positions, device=device),
-                                       self.cache)
-        finally:
-            self.cache.set_layout(None)
-        last = torch.tensor(list(itertools.accumulate(batch.num_new_tokens)), device=device) - 1
-        return hidden[last]
-
     def _fail(self, request: Request, message: str) -> None:
         request.fail(message)
         self.requests.pop(request.request_id, None)
@@ -124,7 +106,7 @@ class LLMEngine:
         if not batch.requests:
             return []
         try:
-            hidden = self._forward(batch)
+            hidden = self.runner.execute(batch)
         except Exception as exc:  # noqa: BLE001 - a failed forward ends this batch's requests, not the engine
             for request in batch.requests:
                 self._fail(request, f"the model failed on this batch: {exc}")
@@ -138,7 +120,7 @@ class LLMEngine:
                 sampling_rows.append(row)
         if not sampling_rows:
             return []
-        logits = self.loaded.model.compute_logits(hidden[sampling_rows]).cpu()
+        logits = self.runner.logits(hidden[sampling_rows])
         produced = []
         for logits_row, row in zip(logits, sampling_rows, strict=True):
             request = batch.requests[row]

@@ -1,0 +1,41 @@
+"""One forward over a scheduled batch: every request's new tokens (prefill chunks and decode tokens alike) are
+flattened into one ragged batch, the paged cache is given the step's layout (where each token's K/V goes and
+which blocks make up its context), and the model runs once over all of them."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from whale.engine.paged_attention import PagedKVCache, StepLayout
+from whale.engine.scheduler import ScheduledBatch
+from whale.models.loader import LoadedModel
+
+
+class ModelRunner:
+    def __init__(self, loaded: LoadedModel, cache: PagedKVCache):
+        self.model, self.device, self.cache = loaded.model, loaded.device, cache
+
+    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
+        """The last hidden state of every scheduled request [requests, hidden]."""
+        ids, positions = [], []
+        for request, count in zip(batch.requests, batch.num_new_tokens, strict=True):
+            start = request.num_computed_tokens
+            ids.extend(request.all_token_ids[start:start + count])
+            positions.extend(range(start, start + count))
+        layout = StepLayout.build([self.cache.blocks.block_table(r.request_id) for r in batch.requests],
+                                  [r.num_computed_tokens for r in batch.requests], batch.num_new_tokens,
+                                  self.cache.block_size, self.device)
+        self.cache.set_layout(layout)
+        try:
+            hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
+                                self.cache)
+        finally:
+            self.cache.set_layout(None)
+        last = torch.tensor(list(itertools.accumulate(batch.num_new_tokens)), device=self.device) - 1
+        return hidden[last]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """fp32 logits on the CPU, where the sampler runs."""
+        return self.model.compute_logits(hidden).cpu()
