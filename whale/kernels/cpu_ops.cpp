@@ -104,6 +104,42 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
   return out;
 }
 
+// y = x W^T with W in llama.cpp's Q8_0 blocks as stored: int8 codes [N, K] and one fp32 scale per 32 weights
+// [N, K/32]. Reads a byte a weight (the fp16 copy of a vocabulary-sized output projection reads two) and
+// computes in fp32 from the exact block values. x [M, K] float32 -> [M, N] float32; meant for a few rows.
+torch::Tensor q8_0_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales) {
+  check_float(x, "x");
+  check_float(scales, "scales");
+  TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.is_contiguous(), "codes must be contiguous int8");
+  constexpr int64_t kBlock = 32;
+  const int64_t rows = x.size(0), k = x.size(1), n = codes.size(0), blocks = k / kBlock;
+  TORCH_CHECK(codes.size(1) == k && k % kBlock == 0 && scales.size(1) == blocks, "q8_0_linear: shapes differ");
+  auto out = torch::empty({rows, n}, x.options());
+  const float* xp = x.data_ptr<float>();
+  const int8_t* qp = codes.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int8_t* q = qp + j * k;
+      const float* scale = sp + j * blocks;
+      for (int64_t m = 0; m < rows; ++m) {
+        const float* xm = xp + m * k;
+        float lanes[kBlock] = {};  // one horizontal sum per row, not one per block
+        for (int64_t b = 0; b < blocks; ++b) {
+          const float s = scale[b];
+#pragma omp simd
+          for (int64_t i = 0; i < kBlock; ++i) lanes[i] += static_cast<float>(q[b * kBlock + i]) * (xm[b * kBlock + i] * s);
+        }
+        float total = 0.f;
+        for (int64_t i = 0; i < kBlock; ++i) total += lanes[i];
+        op[m * n + j] = total;
+      }
+    }
+  });
+  return out;
+}
+
 // Rotates the first `heads` heads of x [tokens, all heads, dim] in place (q and k of a fused qkv; v is left
 // alone): x * cos + swap_halves(x) * signed_sin, the tables [tokens, dim] with sin negated on the first half.
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor signed_sin, int64_t heads) {
@@ -277,5 +313,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &add_rms_norm, "residual += delta; rms_norm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary_", &rotary_, "rotate the leading heads in place");
+  m.def("q8_0_linear", &q8_0_linear, "x W^T from Q8_0 blocks");
   m.def("paged_attention", &paged_attention, "attention over paged K/V storage");
 }

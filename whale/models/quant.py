@@ -3,8 +3,9 @@
 Single-stream decode reads every weight once per token, so its speed is the bytes read. `Int4Linear` keeps
 llama.cpp's 4-bit blocks (Q4_0/Q4_1: 32 weights, a scale and a minimum) in the layout of PyTorch's
 `_weight_int4pack_mm_for_cpu`, which computes (q - 8) * scale + zero per group of 32; both block types map onto
-it without requantizing. `HalfLinear` stores other weights in fp16 (the tied embedding / lm_head). Both take
-bf16 activations, which is only fast on CPUs with AVX-512 bf16 (`whale.platform.cpu_weight_kernels` decides).
+it without requantizing. The output projection keeps its Q8_0 blocks too (`Q8Linear`, a compiled fp32 kernel),
+or is stored in fp16 (`HalfLinear`). The 4-bit and fp16 kernels take bf16 activations, which is only fast on
+CPUs with AVX-512 bf16 (`whale.platform.cpu_weight_kernels` decides).
 
 Those kernels read few bytes but redo their dequantisation for every row, so they lose to a bf16 GEMM once a
 step carries more than a few rows (batched decode, prefill). `RowSwitchLinear` keeps both for one weight and
@@ -18,18 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from whale.kernels import cpu_ops
 from whale.weights.gguf import GGUFTensor, hf_tensor_name, unpermute_rope_rows
 
 # Most rows each weight-only kernel takes before the packed bf16 GEMM is faster (bench/kernels.py on the Zen 4
-# dev box, 30 layers of SmolLM2's shapes: int4 7.6 ms vs bf16 9.5 ms at 4 rows, 13.6 vs 9.3 at 6; the 49152x576
-# lm_head in fp16 1.6 ms vs bf16 2.1 ms at 1 row, 2.9 vs 1.7 at 2).
+# dev box, 30 layers of SmolLM2's shapes: int4 7.4 ms vs bf16 10.8 ms at 4 rows, 12.4 vs 11.4 at 6; the 49152x576
+# lm_head: Q8_0 1.2 ms, fp16 1.6 ms, bf16 1.5 ms at 1 row; Q8_0 2.4, fp16 3.1, bf16 1.8 at 2 rows).
 INT4_MAX_ROWS = 4
-HALF_MAX_ROWS = 1
+OUTPUT_MAX_ROWS = 1  # the output projection's Q8Linear / HalfLinear
 
 GROUP_SIZE = 32  # weights per Q4_0/Q4_1 block
 PACK_ROWS = 64  # the CPU packing interleaves rows in tiles of 64: only whole tiles can be concatenated
 INT4_TYPES = ("Q4_0", "Q4_1")
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}  # fp16 scale (+ fp16 min for Q4_1) + 16 bytes of nibbles
+_Q8_0_BLOCK_BYTES = 34  # fp16 scale + 32 int8 codes
 
 
 def decode_q4_blocks(tensor: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -120,6 +123,37 @@ class HalfLinear(nn.Module):
         return F.linear(x.to(torch.float16), self.weight, self.bias).to(x.dtype)
 
 
+class Q8Linear(nn.Module):
+    """A linear over llama.cpp's Q8_0 blocks as stored (int8 codes, one scale per 32 weights), computed in fp32
+    by the compiled kernel: a byte a weight for the vocabulary-sized output projection, which is often Q8_0 or
+    tied to a Q8_0 embedding (1.2 ms vs 1.6 ms for its fp16 copy at one row, bench/kernels.py)."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("codes", codes)  # [N, K] int8
+        self.register_buffer("scales", scales)  # [N, K/32] fp32
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self.out_features = codes.shape[0]
+
+    @classmethod
+    def from_gguf(cls, tensor: GGUFTensor, bias: torch.Tensor | None = None) -> Q8Linear:
+        rows, cols = tensor.shape
+        blocks = np.ascontiguousarray(tensor.raw).reshape(rows, cols // GROUP_SIZE, _Q8_0_BLOCK_BYTES)
+        scales = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0]).float()
+        codes = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(rows, cols)
+        return cls(codes, scales, bias)
+
+    def dequantized(self) -> torch.Tensor:
+        return (self.codes.view(self.out_features, -1, GROUP_SIZE).float() * self.scales[..., None]).flatten(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = cpu_ops().q8_0_linear(x.reshape(-1, shape[-1]).float().contiguous(), self.codes, self.scales)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.to(x.dtype).view(*shape[:-1], self.out_features)
+
+
 class PackedBF16Linear(nn.Module):
     """A bf16 linear whose weight oneDNN reorders once into its GEMM's blocked layout (`F.linear` on a plain
     bf16 weight reorders it on every call: ~1.7x slower at 16 rows). Computes in bf16, returns x's dtype."""
@@ -154,14 +188,14 @@ class RowSwitchLinear(nn.Module):
 
 
 def add_gemm_kernels(model: nn.Module) -> int:
-    """Give every Int4Linear and HalfLinear of a loaded (and fused) model a packed bf16 twin for calls with
-    many rows; returns the bytes the twins take."""
+    """Give every Int4Linear, HalfLinear and Q8Linear of a loaded (and fused) model a packed bf16 twin for calls
+    with many rows; returns the bytes the twins take."""
     added = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, Int4Linear):
             max_rows = INT4_MAX_ROWS
-        elif isinstance(module, HalfLinear):
-            max_rows = HALF_MAX_ROWS
+        elif isinstance(module, (HalfLinear, Q8Linear)):
+            max_rows = OUTPUT_MAX_ROWS
         else:
             continue
         bias = None if module.bias is None else module.bias.detach()
@@ -173,18 +207,22 @@ def add_gemm_kernels(model: nn.Module) -> int:
 
 
 def gemm_twin_bytes(model: nn.Module) -> int:
-    """Bytes `add_gemm_kernels` would add: two per weight of every Int4Linear and HalfLinear."""
-    return sum(2 * m.out_features * m.packed.shape[1] * 2 if isinstance(m, Int4Linear) else 2 * m.weight.numel()
-               for m in model.modules() if isinstance(m, (Int4Linear, HalfLinear)))
+    """Bytes `add_gemm_kernels` would add: two per weight of every Int4Linear, HalfLinear and Q8Linear."""
+    sizes = {Int4Linear: lambda m: m.out_features * m.packed.shape[1] * 2, HalfLinear: lambda m: m.weight.numel(),
+             Q8Linear: lambda m: m.codes.numel()}
+    return sum(2 * sizes[type(m)](m) for m in model.modules() if type(m) in sizes)
 
 
 def quantize_gguf_linears(model: nn.Module, tensors: dict[str, GGUFTensor],
                           rope_heads: dict[str, int]) -> int:
     """Swap the loaded model's linears for weight-only kernels: every one the GGUF stores in 4-bit blocks becomes
-    an Int4Linear of those very blocks; the output projection (read every token, often 8-bit or tied to the
-    embedding) becomes fp16. `rope_heads`: module-name suffix -> heads whose rows llama.cpp permuted.
-    Returns how many linears became Int4Linear."""
+    an Int4Linear of those very blocks; the output projection (read every token, often Q8_0 or tied to a Q8_0
+    embedding) becomes a Q8Linear of its blocks where the compiled kernels are built, else fp16.
+    `rope_heads`: module-name suffix -> heads whose rows llama.cpp permuted. Returns how many linears became
+    Int4Linear."""
     sources = {hf_tensor_name(name): tensor for name, tensor in tensors.items()}
+    if "lm_head.weight" not in sources and getattr(model.config, "tie_word_embeddings", False):
+        sources["lm_head.weight"] = sources.get("model.embed_tokens.weight")
     swapped = 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
@@ -195,6 +233,8 @@ def quantize_gguf_linears(model: nn.Module, tensors: dict[str, GGUFTensor],
             heads = next((h for suffix, h in rope_heads.items() if name.endswith(suffix)), None)
             replacement: nn.Module = Int4Linear.from_gguf(tensor, bias, heads)
             swapped += 1
+        elif name == "lm_head" and tensor is not None and tensor.ggml_type == "Q8_0" and cpu_ops() is not None:
+            replacement = Q8Linear.from_gguf(tensor, bias)
         elif name == "lm_head":
             replacement = HalfLinear(module.weight.detach(), bias)
         else:
