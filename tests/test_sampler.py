@@ -23,6 +23,21 @@ def test_greedy_takes_the_argmax():
     assert sample_one(LOGITS.clone(), SamplingState(SamplingParams(temperature=0), [])).token_id == 4
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_single_nan_logit_fails_the_request(temperature):
+    poisoned = LOGITS.clone()
+    poisoned[2] = float("nan")
+    with pytest.raises(FloatingPointError, match="NaN"):
+        sample_one(poisoned, SamplingState(SamplingParams(temperature=temperature, seed=0), []))
+
+
+def test_sampling_leaves_the_callers_logits_alone():
+    logits = LOGITS.clone()
+    params = SamplingParams(temperature=1.0, seed=0, repetition_penalty=1.5, presence_penalty=0.5)
+    sample_one(logits, SamplingState(params, [0, 4], [4]), suppress=[1])
+    assert torch.equal(logits, LOGITS)
+
+
 def test_top_k_one_is_greedy_and_top_k_two_keeps_two_tokens():
     assert set(_draws(SamplingParams(temperature=1.0, top_k=1, seed=0), 50)) == {4}
     assert set(_draws(SamplingParams(temperature=1.0, top_k=2, seed=0))) == {0, 4}

@@ -3,6 +3,7 @@ seeded generators (a seed gives the same tokens whatever else is in the batch), 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -69,16 +70,20 @@ def sample_one(logits: torch.Tensor, state: SamplingState, suppress: list[int] |
     """logits: [vocab] float32 for one request. `suppress`: token ids not allowed now (EOS before min_tokens)."""
     p = state.params
     raw_logprobs = logits.log_softmax(-1) if p.logprobs is not None else None
-    logits = apply_penalties(logits.clone(), state)
+    penalised = p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+    if penalised or suppress or p.logits_processors:  # they write into the logits: work on a copy
+        logits = apply_penalties(logits.clone(), state)
     for processor in p.logits_processors:
         logits = processor(state.output_token_ids, logits)
-    if torch.isnan(logits).any():
-        raise FloatingPointError("the logits hold NaN")
     if suppress:
         logits[suppress] = float("-inf")
-    if p.greedy:
+    if p.greedy:  # argmax picks a NaN if there is one: checking the winner checks them all
         token = int(logits.argmax())
+        if math.isnan(logits[token]):
+            raise FloatingPointError("the logits hold NaN")
     else:
+        if torch.isnan(logits).any():
+            raise FloatingPointError("the logits hold NaN")
         probs = _filter(logits / p.temperature, p).softmax(-1)
         token = int(torch.multinomial(probs, 1, generator=state.generator))
     if raw_logprobs is None:
