@@ -87,19 +87,35 @@ def test_paged_attention_reads_each_tokens_visible_context_from_the_blocks():
             assert torch.allclose(out[t, h].double(), probs @ values[:, kv], atol=1e-5)
 
 
-@pytest.mark.parametrize("kernels", ["dense", "hybrid"])
-def test_generation_with_the_kernels_equals_the_pytorch_fallbacks(monkeypatch, kernels):
-    """The compiled kernels and the decode stack (whale/models/dense_stack.py) against the eager layers."""
+PROMPTS = ["The capital of France is", "Whales sing because", "def fibonacci(n):", "Once upon a time",
+           "The three primary colours are", "My favourite food is"]
+
+
+GREEDY_12 = dict(temperature=0, max_tokens=12, ignore_eos=True)
+
+
+def test_fp32_generation_with_the_kernels_equals_the_pytorch_fallbacks(monkeypatch):
     from whale import LLM, SamplingParams
 
-    llm = LLM("default", dtype="float32" if kernels == "dense" else None, kernels=kernels,
-              enable_prefix_caching=False)
-    prompts = ["The capital of France is", "Whales sing because"]  # a batch: both decode in the same steps
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    compiled = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-    # hybrid: the decode steps (2 tokens each) ran the compiled layer stack, the prompts the Python layers
-    assert (llm.loaded.model._decode_stack is not None) == (kernels == "hybrid")
+    llm = LLM("default", dtype="float32", enable_prefix_caching=False)
+    compiled = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SamplingParams(**GREEDY_12))]
     for module in ("whale.models.layers", "whale.engine.paged_attention"):
         monkeypatch.setattr(f"{module}.cpu_ops", lambda: None)
-    fallback = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    fallback = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SamplingParams(**GREEDY_12))]
     assert compiled == fallback
+
+
+@pytest.mark.parametrize("batch", [2, 6])
+def test_the_compiled_layer_stack_equals_the_python_layers(batch):
+    """whale/models/dense_stack.py against the Python layer loop over the same kernels: decode steps of 2 tokens
+    run the stack's int4 side, steps of 6 its bf16 GEMM side (the hybrid kernels' switch)."""
+    from whale import LLM, SamplingParams
+
+    llm = LLM("default", kernels="hybrid", enable_prefix_caching=False)
+    params = SamplingParams(**GREEDY_12)
+    stacked = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:batch], params)]
+    model = llm.loaded.model
+    assert model._decode_stack is not None and model._decode_stack.serves(batch)
+    model._decode_stack = None  # the Python layers from here on
+    layered = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:batch], params)]
+    assert stacked == layered

@@ -4,6 +4,7 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 
 #include <algorithm>
 #include <cmath>
@@ -255,20 +256,32 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   return out;
 }
 
-// A dense decoder's layers (Llama / Qwen2-style, no q/k norm) with 4-bit weight-only linears, run for a few
-// tokens at a time in one call: what the Python layer loop does, minus ~150 us of interpreter and dispatch
-// overhead per layer, which at batch 1 cost as much as the matmuls themselves.
+// mkldnn::_linear_pointwise on a weight oneDNN reordered once (quant.PackedBF16Linear), through the dispatcher:
+// the op is registered by torch's mkldnn library, not exposed as an ATen function.
+torch::Tensor packed_bf16_linear(const torch::Tensor& x, const torch::Tensor& packed) {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  torch::jit::Stack stack{x, packed, c10::IValue(), std::string("none"), c10::List<std::optional<c10::Scalar>>(),
+                          std::string("")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// A dense decoder's layers (Llama / Qwen2-style, no biases or q/k norm) with 4-bit weight-only linears, run for
+// a step in one call: what the Python layer loop does, minus ~150 us of interpreter and dispatch overhead per
+// layer, which at batch 1 cost as much as the matmuls themselves. Steps of more than `int4_max_rows` tokens use
+// each linear's packed bf16 twin (the hybrid kernels' GEMM side), which must then be given.
 class DenseDecodeStack {
  public:
   static constexpr int64_t kGroupSize = 32;  // weights per Q4_0/Q4_1 block (quant.GROUP_SIZE)
-  static constexpr int64_t kPerLayer = 10;   // tensors per layer in the constructor's list
+  static constexpr int64_t kPerLayer = 14;   // tensors per layer in the constructor's list
 
-  // per layer: qkv, o, gate_up, down as (packed, scale_zero) pairs, then post_attention_layernorm's weight and
-  // the following norm's (the next layer's input norm, or the final norm)
+  // per layer: qkv, o, gate_up, down as (int4 packed, scale_zero, packed bf16 twin or an empty tensor)
+  // triples, then post_attention_layernorm's weight and the following norm's (the next layer's input norm, or
+  // the final norm)
   DenseDecodeStack(std::vector<torch::Tensor> weights, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                   double eps, double scale)
+                   double eps, double scale, int64_t int4_max_rows)
       : weights_(std::move(weights)), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(eps),
-        scale_(scale) {
+        scale_(scale), int4_max_rows_(int4_max_rows) {
     TORCH_CHECK(weights_.size() % kPerLayer == 0, "DenseDecodeStack: ", kPerLayer, " tensors per layer");
   }
 
@@ -278,37 +291,44 @@ class DenseDecodeStack {
                         torch::Tensor k_stores, torch::Tensor v_stores, torch::Tensor slot_mapping,
                         torch::Tensor context_index, torch::Tensor token_seq, torch::Tensor token_len) const {
     const int64_t tokens = residual.size(0), q_heads = heads_ + kv_heads_;
+    const bool gemm = tokens > int4_max_rows_;
     torch::Tensor x = normed.to(torch::kBFloat16);
     const int64_t layers = static_cast<int64_t>(weights_.size()) / kPerLayer;
     for (int64_t layer = 0; layer < layers; ++layer) {
       const torch::Tensor* w = weights_.data() + layer * kPerLayer;
-      auto qkv = matmul(x, w[0], w[1]).to(torch::kFloat32).view({tokens, q_heads + kv_heads_, head_dim_});
+      auto qkv = linear(x, w, gemm).to(torch::kFloat32).view({tokens, q_heads + kv_heads_, head_dim_});
       rotary_(qkv, cos, signed_sin, q_heads);
       auto attention = paged_attention(qkv.narrow(1, 0, heads_), qkv.narrow(1, heads_, kv_heads_),
                                        qkv.narrow(1, q_heads, kv_heads_), k_stores.select(0, layer),
                                        v_stores.select(0, layer), slot_mapping, context_index, token_seq,
                                        token_len, scale_);
-      auto out = matmul(attention.view({tokens, heads_ * head_dim_}).to(torch::kBFloat16), w[2], w[3]);
-      x = add_rms_norm(residual, out, w[8], eps_);
-      auto act = silu_and_mul(matmul(x, w[4], w[5]));
-      x = add_rms_norm(residual, matmul(act, w[6], w[7]), w[9], eps_);
+      auto out = linear(attention.view({tokens, heads_ * head_dim_}).to(torch::kBFloat16), w + 3, gemm);
+      x = add_rms_norm(residual, out, w[12], eps_);
+      auto act = silu_and_mul(linear(x, w + 6, gemm));
+      x = add_rms_norm(residual, linear(act, w + 9, gemm), w[13], eps_);
     }
     return x;
   }
 
  private:
-  static torch::Tensor matmul(const torch::Tensor& x, const torch::Tensor& packed, const torch::Tensor& scale_zero) {
-    return at::_weight_int4pack_mm_for_cpu(x, packed, kGroupSize, scale_zero);
+  // w: (int4 packed, scale_zero, packed bf16 twin)
+  static torch::Tensor linear(const torch::Tensor& x, const torch::Tensor* w, bool gemm) {
+    if (gemm) {
+      TORCH_CHECK(w[2].defined() && w[2].numel() > 0, "DenseDecodeStack: no bf16 twin for a many-row step");
+      return packed_bf16_linear(x, w[2]);
+    }
+    return at::_weight_int4pack_mm_for_cpu(x, w[0], kGroupSize, w[1]);
   }
 
   std::vector<torch::Tensor> weights_;
   int64_t heads_, kv_heads_, head_dim_;
   double eps_, scale_;
+  int64_t int4_max_rows_;
 };
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<DenseDecodeStack>(m, "DenseDecodeStack")
-      .def(pybind11::init<std::vector<torch::Tensor>, int64_t, int64_t, int64_t, double, double>())
+      .def(pybind11::init<std::vector<torch::Tensor>, int64_t, int64_t, int64_t, double, double, int64_t>())
       .def("forward", &DenseDecodeStack::forward);
   m.def("add_rms_norm", &add_rms_norm, "residual += delta; rms_norm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");

@@ -10,7 +10,6 @@ import torch
 from torch import nn
 
 from whale.config import DenseConfig
-from whale.models.dense_stack import MAX_TOKENS as MAX_STACK_TOKENS
 from whale.models.dense_stack import build_decode_stack
 from whale.models.layers import (
     AttentionBackend,
@@ -140,7 +139,7 @@ class DenseForCausalLM(nn.Module):
 
     def _decode_stack_inputs(self, attn: AttentionBackend, residual: torch.Tensor) -> tuple | None:
         """The compiled stack's cache and layout inputs when it serves this step, else None."""
-        if residual.shape[0] > MAX_STACK_TOKENS or residual.dtype != torch.float32:
+        if residual.dtype != torch.float32:
             return None
         kernel_inputs = getattr(attn, "kernel_inputs", None)
         inputs = None if kernel_inputs is None else kernel_inputs()
@@ -148,7 +147,8 @@ class DenseForCausalLM(nn.Module):
             return None
         if not self._decode_stack_tried:
             self._decode_stack, self._decode_stack_tried = build_decode_stack(self), True
-        return None if self._decode_stack is None else inputs
+        stack = self._decode_stack
+        return inputs if stack is not None and stack.serves(residual.shape[0]) else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

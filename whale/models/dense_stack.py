@@ -1,44 +1,64 @@
 """The compiled decode path of dense models with 4-bit weights: every layer of a step in one C++ call
 (`DenseDecodeStack` in whale/kernels/cpu_ops.cpp) instead of a Python loop over ~25 eager ops a layer.
 
-It serves steps of a few tokens (decode; the weight-only kernels' side of the hybrid switch) on CPU when the
-attention backend is the paged cache with its compiled kernel, for Llama/Qwen2-shaped layers without biases or
-q/k norms whose linears are all Int4Linear. Anything else runs the Python layers, which compute the same thing
-(tests/test_cpu_kernels.py compares the two)."""
+It serves decode steps (a few new tokens per sequence: what the paged cache's compiled attention takes) on CPU,
+for Llama/Qwen2-shaped layers without biases or q/k norms whose linears are all 4-bit: Int4Linear for steps of
+up to INT4_MAX_ROWS tokens, and with the hybrid kernels' packed bf16 twins for bigger batches too. Anything else
+runs the Python layers, which compute the same thing (tests/test_cpu_kernels.py compares the two)."""
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from whale.kernels import cpu_ops
-from whale.models.quant import INT4_MAX_ROWS, Int4Linear, RowSwitchLinear
+from whale.models.quant import INT4_MAX_ROWS, Int4Linear, PackedBF16Linear, RowSwitchLinear
 
-MAX_TOKENS = INT4_MAX_ROWS  # above this the hybrid linears switch to the bf16 GEMM, which the stack lacks
-
-
-def _int4(linear: nn.Module) -> Int4Linear | None:
-    kernel = linear.small if isinstance(linear, RowSwitchLinear) else linear
-    return kernel if isinstance(kernel, Int4Linear) and kernel.bias is None else None
+NO_TWIN = torch.empty(0)
 
 
-def build_decode_stack(model: nn.Module):
+def _kernels(linear: nn.Module) -> tuple[Int4Linear, PackedBF16Linear | None] | None:
+    """(the 4-bit kernel, its packed bf16 twin if any) of a linear the stack can run, else None."""
+    small, large = (linear.small, linear.large) if isinstance(linear, RowSwitchLinear) else (linear, None)
+    if not isinstance(small, Int4Linear) or small.bias is not None or getattr(large, "bias", None) is not None:
+        return None
+    return small, large if isinstance(large, PackedBF16Linear) else None
+
+
+class DecodeStack:
+    """The compiled stack and the most tokens a step may carry through it (None: any number)."""
+
+    def __init__(self, compiled, max_tokens: int | None):
+        self.compiled, self.max_tokens = compiled, max_tokens
+
+    def serves(self, tokens: int) -> bool:
+        return self.max_tokens is None or tokens <= self.max_tokens
+
+    def forward(self, *inputs) -> torch.Tensor:
+        return self.compiled.forward(*inputs)
+
+
+def build_decode_stack(model: nn.Module) -> DecodeStack | None:
     """The compiled stack for a loaded, fused DenseForCausalLM, or None where it cannot serve the model."""
     ops, config = cpu_ops(), model.config
     if ops is None or config.qk_norm:
         return None
     layers = model.model.layers
-    weights = []
+    weights, every_twin = [], True
     for index, layer in enumerate(layers):
         attention, mlp = layer.self_attn, layer.mlp
         if attention.qkv_proj is None or mlp.gate_up_proj is None:
             return None
         for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj):
-            kernel = _int4(linear)
-            if kernel is None:
+            kernels = _kernels(linear)
+            if kernels is None:
                 return None
-            weights += [kernel.packed, kernel.scale_zero]
+            int4, twin = kernels
+            every_twin = every_twin and twin is not None
+            weights += [int4.packed, int4.scale_zero, NO_TWIN if twin is None else twin.packed]
         following = layers[index + 1].input_layernorm if index + 1 < len(layers) else model.model.norm
         weights += [layer.post_attention_layernorm.weight.detach(), following.weight.detach()]
     head = layers[0].self_attn
-    return ops.DenseDecodeStack(weights, head.num_heads, head.num_kv_heads, head.head_dim, config.rms_norm_eps,
-                                head.scale)
+    compiled = ops.DenseDecodeStack(weights, head.num_heads, head.num_kv_heads, head.head_dim, config.rms_norm_eps,
+                                    head.scale, INT4_MAX_ROWS)
+    return DecodeStack(compiled, None if every_twin else INT4_MAX_ROWS)

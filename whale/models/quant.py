@@ -53,7 +53,8 @@ def decode_q4_blocks(tensor: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, to
 
 
 class Int4Linear(nn.Module):
-    """y = x W^T (+ b) with W in packed 4-bit groups of 32; activations run in bf16, the output is cast back."""
+    """y = x W^T (+ b) with W in packed 4-bit groups of 32; activations run in bf16 and the output stays bf16
+    (the next kernel reads it as it is: the fused norm and SwiGLU take bf16, attention casts once)."""
 
     def __init__(self, packed: torch.Tensor, scale_zero: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -95,7 +96,7 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed,
-                                                          GROUP_SIZE, self.scale_zero).to(x.dtype)
+                                                          GROUP_SIZE, self.scale_zero)
         if self.bias is not None:
             out = out + self.bias
         return out.view(*shape[:-1], self.out_features)
@@ -156,7 +157,8 @@ class Q8Linear(nn.Module):
 
 class PackedBF16Linear(nn.Module):
     """A bf16 linear whose weight oneDNN reorders once into its GEMM's blocked layout (`F.linear` on a plain
-    bf16 weight reorders it on every call: ~1.7x slower at 16 rows). Computes in bf16, returns x's dtype."""
+    bf16 weight reorders it on every call: ~1.7x slower at 16 rows). Computes in bf16 and answers in bf16, as
+    Int4Linear does, so both sides of a RowSwitchLinear hand the same dtype on."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -168,7 +170,7 @@ class PackedBF16Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, shape[-1]).to(torch.bfloat16), self.packed, None,
-                                                 "none", [], "").to(x.dtype)
+                                                 "none", [], "")
         if self.bias is not None:
             out = out + self.bias
         return out.view(*shape[:-1], self.out_features)
