@@ -87,6 +87,17 @@ def test_paged_attention_reads_each_tokens_visible_context_from_the_blocks():
             assert torch.allclose(out[t, h].double(), probs @ values[:, kv], atol=1e-5)
 
 
+def test_paged_attention_refuses_a_layout_pointing_outside_the_storage():
+    store = torch.zeros(16, 1, 8)
+    q, k, v = torch.randn(1, 2, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8)
+    context = torch.tensor([[0, 1, 2, 3]])
+    for slot, length in ((16, 4), (3, 5)):  # a slot past the end; more context than the row holds
+        with pytest.raises(RuntimeError, match="out of range"):
+            cpu_ops().paged_attention(q, k, v, store, store.clone(), torch.tensor([slot]), context,
+                                      torch.tensor([0]), torch.tensor([length]), 1.0)
+    assert not store.any()  # nothing was written
+
+
 PROMPTS = ["The capital of France is", "Whales sing because", "def fibonacci(n):", "Once upon a time",
            "The three primary colours are", "My favourite food is"]
 

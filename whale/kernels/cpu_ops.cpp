@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 namespace {
@@ -23,8 +22,6 @@ void check_token_rows(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.dim() == 3 && t.stride(2) == 1 && t.stride(1) == t.size(2),
               name, " must be float32 [tokens, heads, dim] with contiguous heads");
 }
-
-}  // namespace
 
 // float32, or bfloat16 where the weight-only linears hand activations over in bf16
 void check_activation(const torch::Tensor& t, const char* name) {
@@ -51,6 +48,8 @@ void add_rms_norm_rows(float* r, const In* d, const float* w, Out* o, int64_t ro
   });
 }
 
+}  // namespace
+
 // residual += delta (in place, fp32), then return rms_norm(residual) * weight in delta's dtype: the two halves
 // of a decoder layer's residual connection and the next norm in one pass over the row. A bf16 delta (the
 // output of a weight-only linear) gives a bf16 result, which is what the next such linear reads: no casts.
@@ -73,6 +72,8 @@ torch::Tensor add_rms_norm(torch::Tensor residual, torch::Tensor delta, torch::T
   return out;
 }
 
+namespace {
+
 template <typename T>
 void silu_and_mul_rows(const T* in, T* o, int64_t rows, int64_t n) {
   at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
@@ -87,6 +88,8 @@ void silu_and_mul_rows(const T* in, T* o, int64_t rows, int64_t n) {
     }
   });
 }
+
+}  // namespace
 
 // [rows, 2 * n] (gate | up) -> [rows, n] silu(gate) * up in the input's dtype: SwiGLU's activation without two
 // temporaries.
@@ -190,9 +193,15 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   const int64_t group = heads / kv_heads, width = context_index.size(1), row = kv_heads * dim;
   TORCH_CHECK(heads % kv_heads == 0 && k_store.size(1) == kv_heads && k_store.size(2) == dim, "head shapes");
   const int64_t* slots = slot_mapping.data_ptr<int64_t>();
+  const int64_t* seq = token_seq.data_ptr<int64_t>();
+  const int64_t* lens = token_len.data_ptr<int64_t>();
   float* ks = k_store.data_ptr<float>();
   float* vs = v_store.data_ptr<float>();
-  for (int64_t t = 0; t < tokens; ++t) {
+  const int64_t capacity = k_store.size(0), sequences = context_index.size(0);
+  for (int64_t t = 0; t < tokens; ++t) {  // the layout is the engine's; a bad one must not write out of bounds
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < capacity && seq[t] >= 0 && seq[t] < sequences && lens[t] >= 1 &&
+                    lens[t] <= width,
+                "paged_attention: token ", t, " has a slot, sequence or context length out of range");
     std::memcpy(ks + slots[t] * row, k.data_ptr<float>() + t * k.stride(0), row * sizeof(float));
     std::memcpy(vs + slots[t] * row, v.data_ptr<float>() + t * v.stride(0), row * sizeof(float));
   }
@@ -201,8 +210,6 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   const int64_t q_stride = q.stride(0);
   float* op = out.data_ptr<float>();
   const int64_t* context = context_index.data_ptr<int64_t>();
-  const int64_t* seq = token_seq.data_ptr<int64_t>();
-  const int64_t* lens = token_len.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
   // A work item is one token (its K/V rows are read whole, 4 x kv_heads x dim bytes in a row) when there are
   // enough tokens to keep every thread busy, else one (token, kv head) pair.
@@ -258,6 +265,8 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
 
 // mkldnn::_linear_pointwise on a weight oneDNN reordered once (quant.PackedBF16Linear), through the dispatcher:
 // the op is registered by torch's mkldnn library, not exposed as an ATen function.
+namespace {
+
 torch::Tensor packed_bf16_linear(const torch::Tensor& x, const torch::Tensor& packed) {
   static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
   torch::jit::Stack stack{x, packed, c10::IValue(), std::string("none"), c10::List<std::optional<c10::Scalar>>(),
@@ -265,6 +274,8 @@ torch::Tensor packed_bf16_linear(const torch::Tensor& x, const torch::Tensor& pa
   op.callBoxed(&stack);
   return stack[0].toTensor();
 }
+
+}  // namespace
 
 // A dense decoder's layers (Llama / Qwen2-style, no biases or q/k norm) with 4-bit weight-only linears, run for
 // a step in one call: what the Python layer loop does, minus ~150 us of interpreter and dispatch overhead per
