@@ -14,10 +14,15 @@ def _whale(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 def test_generate_prints_the_greedy_completion(default_llm):
     from whale import SamplingParams
 
-    done = _whale("generate", "The capital of France is", "--max-tokens", "8")
-    assert done.returncode == 0, done.stderr
+    done = _whale("generate", "The capital of France is", "--max-tokens", "8", "--kernels", "dense")
+    assert done.returncode == 0, done.stderr  # dense fp32 kernels: the same weights and math as default_llm
     expected = default_llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))
     assert done.stdout == expected[0].outputs[0].text + "\n"
+
+
+def test_an_unknown_kernel_choice_is_refused_with_the_choices():
+    done = _whale("generate", "Hi", "--kernels", "int3")
+    assert done.returncode == 2 and "choose from 'auto', 'dense', 'int4', 'hybrid'" in done.stderr
 
 
 def test_chat_streams_replies_and_keeps_the_conversation():

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from whale.llm import LLM
     from whale.sampling_params import SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
     base = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(base)

@@ -5,12 +5,17 @@ from __future__ import annotations
 import argparse
 import sys
 
+from whale.platform import WEIGHT_KERNELS
+
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="default",
                         help="`default`, a .gguf file, a checkpoint directory or a Hugging Face hub id")
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--kernels", default="auto", choices=("auto", *WEIGHT_KERNELS),
+                        help="CPU linear kernels: auto picks hybrid on AVX-512-bf16 CPUs for 4-bit GGUFs, else "
+                             "dense; int4 keeps every step's rows independent of the batch (docs/performance.md)")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels)
     if args.chat:
         output = llm.chat([{"role": "user", "content": args.prompt}], params)
     else:

@@ -37,7 +37,8 @@ def run(args: argparse.Namespace) -> int:
     from whale.server.streaming import StreamTimings
 
     keys = tuple(args.api_key or ([os.environ["WHALE_API_KEY"]] if os.environ.get("WHALE_API_KEY") else []))
-    state = load_state(args.model, dtype=args.dtype, device=args.device, served_model_name=args.served_model_name,
+    state = load_state(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
+                       served_model_name=args.served_model_name,
                        chat_format=args.chat_format, engine_options={"max_num_seqs": args.max_num_seqs},
                        max_waiting=args.max_waiting, api_keys=keys,
                        max_concurrent_requests=args.max_concurrent_requests,

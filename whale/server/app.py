@@ -108,9 +108,9 @@ def build_state(loaded: Any, *, served_model_name: str | None = None, chat_forma
     return ServerState(front, served, **state_options)
 
 
-def load_state(reference: str, *, dtype: str | None = None, device: str | None = None,
+def load_state(reference: str, *, dtype: str | None = None, device: str | None = None, kernels: str = "auto",
                **options: Any) -> ServerState:
     """Load a model reference (`default`, a .gguf, a checkpoint directory, a hub id) and build its state."""
     from whale.models.loader import load_model
 
-    return build_state(lambda: load_model(reference, dtype=dtype, device=device), **options)
+    return build_state(lambda: load_model(reference, dtype=dtype, device=device, kernels=kernels), **options)
