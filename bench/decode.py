@@ -5,25 +5,16 @@ the rest (sampling, engine bookkeeping).
 
     .venv/bin/python bench/decode.py [--tokens 128] [--rounds 3] [--threads 2]
 
-llama-cpp-python is installed on first use (it compiles llama.cpp: a few minutes on 2 cores).
+llama-cpp-python runs from its own venv (bench/peers.py: built on first use under ~/.cache/whale-bench).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
-import sys
 import time
 
 PROMPT = "Write a short story about a whale who learns to sing."
-
-
-def ensure_llama_cpp() -> None:
-    if importlib.util.find_spec("llama_cpp") is None:
-        print("installing llama-cpp-python (compiles llama.cpp, a few minutes)...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "llama-cpp-python==0.3.36"], check=True)
 
 
 class ModelTimer:
@@ -59,27 +50,14 @@ def whale_decode(llm, timer: ModelTimer, prompt_ids: list[int], tokens: int) -> 
     return prefill, (tokens - 1) / elapsed, timer.seconds / elapsed
 
 
-def llama_cpp_decode(model, prompt_ids: list[int], tokens: int) -> tuple[float, float]:
-    model.reset()
-    start = time.perf_counter()
-    model.eval(prompt_ids)
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    for produced, _ in enumerate(model.generate(prompt_ids, temp=0.0, reset=False), start=1):
-        if produced >= tokens - 1:
-            break
-    return prefill, (tokens - 1) / (time.perf_counter() - start)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    ensure_llama_cpp()
-    import llama_cpp
     import torch
+    from peers import llama_cpp_decode
 
     from whale import LLM
     from whale.hub import default_gguf_path
@@ -94,17 +72,15 @@ def main() -> None:
     tokenizer = engines["fp32"].tokenizer
     prompt_ids = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]),
                                   add_special_tokens=False)
-    peer = llama_cpp.Llama(str(default_gguf_path()), n_threads=args.threads, n_threads_batch=args.threads,
-                           n_ctx=1024, verbose=False)
     for name, llm in engines.items():  # warm-up
         whale_decode(llm, timers[name], prompt_ids, 8)
-    llama_cpp_decode(peer, prompt_ids, 8)
     results: dict[str, list[tuple[float, float, float | None]]] = {f"whale ({name})": [] for name in engines}
     results["llama.cpp (Q4_1)"] = []
     for _ in range(args.rounds):  # alternate so every engine sees the same machine state
         for name, llm in engines.items():
             results[f"whale ({name})"].append(whale_decode(llm, timers[name], prompt_ids, args.tokens))
-        results["llama.cpp (Q4_1)"].append((*llama_cpp_decode(peer, prompt_ids, args.tokens), None))
+        results["llama.cpp (Q4_1)"].append(
+            (*llama_cpp_decode(default_gguf_path(), prompt_ids, args.tokens, args.threads), None))
     peer_rate = statistics.median(r for _, r, _ in results["llama.cpp (Q4_1)"])
     print(f"\nSingle-stream decode, {default_gguf_path().name}, {len(prompt_ids)}-token prompt, {args.tokens} tokens, "
           f"{args.threads} threads, median of {args.rounds}; CPU flags: avx512_bf16={'avx512_bf16' in cpu_flags()}")

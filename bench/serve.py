@@ -6,14 +6,13 @@ concurrency level, so neither runs while the other is measured.
     .venv/bin/python bench/serve.py [--clients 1 8 32] [--max-tokens 64] [--requests-per-client 2] [--threads 2]
 
 Tokens are counted as streamed content chunks on both servers (each sends about one token per chunk).
-llama-cpp-python is installed on first use (it compiles llama.cpp: a few minutes on 2 cores).
+llama-cpp-python runs from its own venv (bench/peers.py: built on first use under ~/.cache/whale-bench).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import socket
@@ -23,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 import httpx
+import peers
 
 PROMPT = "Write a long story about whale number {i}, who learns to sing."
 
@@ -52,13 +52,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ensure_llama_cpp_server() -> None:
-    if importlib.util.find_spec("llama_cpp") is None or importlib.util.find_spec("sse_starlette") is None:
-        print("installing llama-cpp-python[server] (compiles llama.cpp, a few minutes)...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "llama-cpp-python[server]==0.3.36"],
-                       check=True)
-
-
 def start_servers(threads: int, max_seqs: int) -> dict[str, tuple[subprocess.Popen, str]]:
     from whale.hub import default_gguf_path
 
@@ -67,11 +60,9 @@ def start_servers(threads: int, max_seqs: int) -> dict[str, tuple[subprocess.Pop
     whale = subprocess.Popen([sys.executable, "-m", "whale.cli", "serve", "--model", "default", "--port",
                               str(whale_port), "--max-num-seqs", str(max_seqs), "--log-level", "warning"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    llama = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf_path()),
-                              "--port", str(llama_port), "--n_threads", str(threads), "--n_ctx", "4096",
-                              # queue concurrent requests instead of cutting off the one being streamed
-                              "--model_alias", "deepseek-chat", "--interrupt_requests", "False"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # queue concurrent requests instead of cutting off the one being streamed
+    llama = peers.llama_cpp_server(default_gguf_path(), threads, llama_port, "--model_alias", "deepseek-chat",
+                                   "--interrupt_requests", "False", env=env)
     return {"whale": (whale, f"http://127.0.0.1:{whale_port}"),
             "llama.cpp": (llama, f"http://127.0.0.1:{llama_port}")}
 
@@ -154,7 +145,6 @@ def main() -> int:
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     args = parser.parse_args()
-    ensure_llama_cpp_server()
     servers = start_servers(args.threads, max(args.clients))
     results: list[LevelResult] = []
     try:

