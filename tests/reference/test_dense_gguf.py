@@ -45,7 +45,8 @@ def _llama3_rope_factors(config) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def write_dense_gguf(reference, path: Path, arch: str) -> None:
+def write_dense_gguf(reference, path: Path, arch: str, layer_type: str = "F32") -> None:
+    """`layer_type`: the ggml type of the layers' matrices (Q4_0 where a row splits into 32-weight blocks)."""
     config = reference.config
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(config.num_hidden_layers)
@@ -72,7 +73,12 @@ def write_dense_gguf(reference, path: Path, arch: str) -> None:
             if arch == "llama" and module in ("self_attn.q_proj", "self_attn.k_proj"):
                 heads = config.num_attention_heads if "q_proj" in module else config.num_key_value_heads
                 value = _permute(value, heads)
-            writer.add_tensor(f"blk.{layer}.{_NAMES[module]}.{kind}", value)
+            if layer_type != "F32" and value.ndim == 2 and value.shape[1] % 32 == 0:
+                quant_type = gguf.GGMLQuantizationType[layer_type]
+                writer.add_tensor(f"blk.{layer}.{_NAMES[module]}.{kind}", gguf.quants.quantize(value, quant_type),
+                                  raw_dtype=quant_type)
+            else:
+                writer.add_tensor(f"blk.{layer}.{_NAMES[module]}.{kind}", value)
         else:
             short = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
                      "lm_head.weight": "output.weight"}[name]
@@ -101,3 +107,25 @@ def test_gguf_written_like_llama_cpp_loads_with_the_same_logits(tmp_path, kind, 
     ours = torch.tensor([step[token] for step, token in zip(out.logprobs, out.token_ids, strict=True)])
     theirs = ref_logprobs.gather(1, torch.tensor(out.token_ids)[:, None])[:, 0]
     assert (ours - theirs).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("kernels", ["int4", "hybrid"])
+def test_a_4bit_gguf_with_layers_the_int4_kernel_cannot_take(tmp_path, kernels):
+    """The tiny model's k/v (32 rows) and gate/up (96 rows) do not tile into the int4 packing's 64-row groups,
+    so they stay in another kernel beside the 4-bit q/o/down: a mixed model, as llama.cpp's mixes are. It must
+    generate for one sequence and for a batch, close to the same file computed in fp32."""
+    _, reference = tiny_dense_checkpoint("llama", tmp_path / "hf")
+    path = tmp_path / "q4.gguf"
+    write_dense_gguf(reference, path, "llama", layer_type="Q4_0")
+    exact, quantized = LLM(str(path), dtype="float32"), LLM(str(path), kernels=kernels)
+    assert quantized.loaded.kernels == kernels
+    generator = torch.Generator().manual_seed(4)
+    prompts = [{"prompt_token_ids": torch.randint(3, VOCAB, (n,), generator=generator).tolist()} for n in (9, 14)]
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=1)
+    for batch in (prompts[:1], prompts):
+        ours, theirs = quantized.generate(batch, params), exact.generate(batch, params)
+        for a, b in zip(ours, theirs, strict=True):
+            assert a.outputs[0].finish_reason == "length"
+            # the first token's logprob: same 4-bit weights, bf16 activations against fp32
+            first, token = a.outputs[0].logprobs[0], b.outputs[0].token_ids[0]
+            assert abs(first.get(token, -100.0) - b.outputs[0].logprobs[0][token]) < 0.1

@@ -103,9 +103,10 @@ class Int4Linear(nn.Module):
 
 
 class HalfLinear(nn.Module):
-    """A linear whose weight is stored in fp16 (half the bytes of fp32); computes in fp16, returns fp32.
-    Used for the output projection, whose input is normalised (no fp16 overflow); rounding a Q8_0 weight to
-    fp16 changes it by at most 2^-11 of its value, far below the block's own quantisation step."""
+    """A linear whose weight is stored in fp16 (half the bytes of fp32); computes in fp16 and answers in the
+    input's dtype, fp32 or bf16. Used for an output projection in neither 4-bit nor Q8_0 blocks, and for the
+    linears of a 4-bit model that the int4 kernel cannot take; rounding a Q8_0 / K-quant weight to fp16 changes
+    it by at most 2^-11 of its value, far below the block's own quantisation step."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
@@ -203,8 +204,7 @@ def add_gemm_kernels(model: nn.Module) -> int:
         bias = None if module.bias is None else module.bias.detach()
         large = PackedBF16Linear(module.dequantized(), bias)
         added += large.packed.numel() * 2
-        parent, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent), attribute, RowSwitchLinear(module, large, max_rows))
+        _replace(model, name, RowSwitchLinear(module, large, max_rows))
     return added
 
 
@@ -219,7 +219,8 @@ def quantize_gguf_linears(model: nn.Module, tensors: dict[str, GGUFTensor],
                           rope_heads: dict[str, int]) -> int:
     """Swap the loaded model's linears for weight-only kernels: every one the GGUF stores in 4-bit blocks becomes
     an Int4Linear of those very blocks; the output projection (read every token, often Q8_0 or tied to a Q8_0
-    embedding) becomes a Q8Linear of its blocks where the compiled kernels are built, else fp16.
+    embedding) becomes a Q8Linear of its blocks where the compiled kernels are built, else fp16; in a model with
+    4-bit linears, the linears stored otherwise (a mixed-type GGUF, rows the packing cannot tile) become fp16.
     `rope_heads`: module-name suffix -> heads whose rows llama.cpp permuted. Returns how many linears became
     Int4Linear."""
     sources = {hf_tensor_name(name): tensor for name, tensor in tensors.items()}
@@ -241,6 +242,15 @@ def quantize_gguf_linears(model: nn.Module, tensors: dict[str, GGUFTensor],
             replacement = HalfLinear(module.weight.detach(), bias)
         else:
             continue
-        parent, _, attribute = name.rpartition(".")
-        setattr(model.get_submodule(parent), attribute, replacement)
+        _replace(model, name, replacement)
+    if swapped:  # linears left dense would receive the bf16 activations the 4-bit ones hand on: fp16 takes both
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear):
+                bias = None if module.bias is None else module.bias.detach()
+                _replace(model, name, HalfLinear(module.weight.detach(), bias))
     return swapped
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, attribute = name.rpartition(".")
+    setattr(model.get_submodule(parent), attribute, module)
