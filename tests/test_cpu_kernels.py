@@ -114,19 +114,3 @@ def test_fp32_generation_with_the_kernels_equals_the_pytorch_fallbacks(monkeypat
         monkeypatch.setattr(f"{module}.cpu_ops", lambda: None)
     fallback = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, SamplingParams(**GREEDY_12))]
     assert compiled == fallback
-
-
-@pytest.mark.parametrize("batch", [2, 6])
-def test_the_compiled_layer_stack_equals_the_python_layers(batch):
-    """whale/models/dense_stack.py against the Python layer loop over the same kernels: decode steps of 2 tokens
-    run the stack's int4 side, steps of 6 its bf16 GEMM side (the hybrid kernels' switch)."""
-    from whale import LLM, SamplingParams
-
-    llm = LLM("default", kernels="hybrid", enable_prefix_caching=False)
-    params = SamplingParams(**GREEDY_12)
-    stacked = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:batch], params)]
-    model = llm.loaded.model
-    assert model._decode_stack is not None and model._decode_stack.serves(batch)
-    model._decode_stack = None  # the Python layers from here on
-    layered = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:batch], params)]
-    assert stacked == layered

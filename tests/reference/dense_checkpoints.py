@@ -30,14 +30,14 @@ def write_tokenizer(directory: Path) -> None:
     backend.save(str(directory / "tokenizer.json"))
 
 
-def tiny_dense_checkpoint(kind: str, directory: Path, seed: int = 0) -> tuple[Path, torch.nn.Module]:
+def tiny_dense_checkpoint(kind: str, directory: Path, seed: int = 0, **sizes: int) -> tuple[Path, torch.nn.Module]:
     """Write a 2-layer model of `kind` (llama, llama3, qwen2, qwen3) as sharded safetensors; return the
-    directory and transformers' own model as the reference."""
+    directory and transformers' own model as the reference. `sizes` override config fields (hidden_size, ...)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  bos_token_id=1, eos_token_id=2)
+                  bos_token_id=1, eos_token_id=2) | sizes
     if kind == "llama":
         config, cls = LlamaConfig(**common), LlamaForCausalLM
     elif kind == "llama3":

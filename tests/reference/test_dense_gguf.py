@@ -129,3 +129,29 @@ def test_a_4bit_gguf_with_layers_the_int4_kernel_cannot_take(tmp_path, kernels):
             # the first token's logprob: same 4-bit weights, bf16 activations against fp32
             first, token = a.outputs[0].logprobs[0], b.outputs[0].token_ids[0]
             assert abs(first.get(token, -100.0) - b.outputs[0].logprobs[0][token]) < 0.1
+
+
+# every linear's rows tile the int4 packing (64-row groups) and split into 32-weight blocks: fully 4-bit
+FULLY_4BIT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
+
+
+@pytest.mark.parametrize("batch", [2, 6])
+def test_the_compiled_layer_stack_equals_the_python_layers(tmp_path, batch):
+    """whale/models/dense_stack.py against the Python layer loop over the same kernels, on a fully 4-bit Q4_0
+    model: decode steps of 2 tokens run the stack's int4 side, steps of 6 its bf16 GEMM side (the hybrid
+    kernels' switch). Bit-identical, so the greedy tokens and their logprobs are equal."""
+    _, reference = tiny_dense_checkpoint("llama", tmp_path / "hf", **FULLY_4BIT)
+    path = tmp_path / "q4.gguf"
+    write_dense_gguf(reference, path, "llama", layer_type="Q4_0")
+    llm = LLM(str(path), kernels="hybrid", enable_prefix_caching=False)
+    generator = torch.Generator().manual_seed(5)
+    prompts = [{"prompt_token_ids": torch.randint(3, VOCAB, (n,), generator=generator).tolist()}
+               for n in range(3, 3 + batch)]  # 3 to 8 tokens: the prompts go through the paged kernel too
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+    stacked = [o.outputs[0] for o in llm.generate(prompts, params)]
+    model = llm.loaded.model
+    assert model._decode_stack is not None and model._decode_stack.serves(batch)
+    model._decode_stack = None  # the Python layers from here on
+    layered = [o.outputs[0] for o in llm.generate(prompts, params)]
+    assert [o.token_ids for o in stacked] == [o.token_ids for o in layered]
+    assert [o.logprobs for o in stacked] == [o.logprobs for o in layered]
