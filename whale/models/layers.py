@@ -41,6 +41,11 @@ class AttentionBackend(Protocol):
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activations the compiled CPU kernels take
 
 
+def _kernels_for(x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = _KERNEL_DTYPES):
+    """The compiled CPU kernels when they serve `x` (on the CPU, in one of `dtypes`, built), else None."""
+    return cpu_ops() if x.device.type == "cpu" and x.dtype in dtypes else None
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -60,7 +65,7 @@ class RMSNorm(nn.Module):
         norm in one compiled pass where the CPU kernels serve (fp32 residual on CPU; the result then comes in
         delta's dtype, bf16 after a weight-only linear, which the next one reads as it is), else two eager
         steps in the residual's dtype."""
-        ops = cpu_ops() if residual.device.type == "cpu" and residual.dtype == torch.float32 else None
+        ops = _kernels_for(residual, (torch.float32,))
         if ops is not None and delta.dtype in _KERNEL_DTYPES and residual.is_contiguous():
             return ops.add_rms_norm(residual, delta.contiguous(), self.weight, self.eps)
         residual.add_(delta)
@@ -172,8 +177,8 @@ def apply_rotary_signed(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Te
 def rotate_leading_heads(x: torch.Tensor, heads: int, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x [tokens, all heads, dim] with its first `heads` heads rotated (q and k of a fused qkv, v untouched):
     in place by the compiled kernel where it serves (fp32 on CPU), else into a new tensor."""
-    ops = cpu_ops() if x.device.type == "cpu" and x.dtype == cos.dtype == torch.float32 else None
-    if ops is not None and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]:
+    ops = _kernels_for(x, (torch.float32,))
+    if ops is not None and cos.dtype == torch.float32 and x.stride(-1) == 1 and x.stride(-2) == x.shape[-1]:
         ops.rotary_(x, cos, signed_sin, heads)
         return x
     return torch.cat((apply_rotary_signed(x[:, :heads], cos, signed_sin), x[:, heads:]), dim=1)
@@ -221,7 +226,7 @@ class SwiGLU(nn.Module):
         if self.gate_up_proj is None:
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         gate_up = self.gate_up_proj(x)
-        ops = cpu_ops() if gate_up.device.type == "cpu" and gate_up.dtype in _KERNEL_DTYPES else None
+        ops = _kernels_for(gate_up)
         if ops is not None and gate_up.is_contiguous():
             return self.down_proj(ops.silu_and_mul(gate_up))
         gate, up = gate_up.chunk(2, dim=-1)

@@ -26,7 +26,7 @@ from whale.weights.gguf import GGUFTensor, hf_tensor_name, unpermute_rope_rows
 # dev box, 30 layers of SmolLM2's shapes: int4 7.4 ms vs bf16 10.8 ms at 4 rows, 12.4 vs 11.4 at 6; the 49152x576
 # lm_head: Q8_0 1.2 ms, fp16 1.6 ms, bf16 1.5 ms at 1 row; Q8_0 2.4, fp16 3.1, bf16 1.8 at 2 rows).
 INT4_MAX_ROWS = 4
-OUTPUT_MAX_ROWS = 1  # the output projection's Q8Linear / HalfLinear
+OUTPUT_MAX_ROWS = 1  # Q8Linear / HalfLinear: the output projection (and a mixed model's fp16 leftovers)
 
 GROUP_SIZE = 32  # weights per Q4_0/Q4_1 block
 PACK_ROWS = 64  # the CPU packing interleaves rows in tiles of 64: only whole tiles can be concatenated
@@ -190,10 +190,9 @@ class RowSwitchLinear(nn.Module):
         return self.small(x) if rows <= self.max_small_rows else self.large(x)
 
 
-def add_gemm_kernels(model: nn.Module) -> int:
+def add_gemm_kernels(model: nn.Module) -> None:
     """Give every Int4Linear, HalfLinear and Q8Linear of a loaded (and fused) model a packed bf16 twin for calls
-    with many rows; returns the bytes the twins take."""
-    added = 0
+    with many rows (`gemm_twin_bytes` says what they cost)."""
     for name, module in list(model.named_modules()):
         if isinstance(module, Int4Linear):
             max_rows = INT4_MAX_ROWS
@@ -203,9 +202,7 @@ def add_gemm_kernels(model: nn.Module) -> int:
             continue
         bias = None if module.bias is None else module.bias.detach()
         large = PackedBF16Linear(module.dequantized(), bias)
-        added += large.packed.numel() * 2
         _replace(model, name, RowSwitchLinear(module, large, max_rows))
-    return added
 
 
 def gemm_twin_bytes(model: nn.Module) -> int:
