@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from server_harness import FAST_TIMINGS, running_server
 
 from whale.chat import detect_variant
 from whale.engine.async_engine import StreamDelta
 from whale.sampling_params import SamplingParams
 from whale.server.served_model import ServedModel
+from whale.server.state import ServerState
 from whale.tokenizer import Tokenizer
 
 
@@ -41,6 +45,18 @@ class ScriptedEngine:
 
     def prompt_text(self, index: int = -1) -> str:
         return self.tokenizer.decode(self.requests[index][0])
+
+    def params(self, index: int = -1) -> SamplingParams:
+        """The SamplingParams the server built for a request (the last one by default)."""
+        return self.requests[index][1]
+
+
+@contextmanager
+def scripted_server(served: ServedModel) -> Iterator[tuple[ScriptedEngine, str]]:
+    """The real server on `served`, with a ScriptedEngine in place of the model; yields (engine, base URL)."""
+    engine = ScriptedEngine(served.tokenizer)
+    with running_server(ServerState(engine, served, timings=FAST_TIMINGS)) as url:
+        yield engine, url
 
 
 def deepseek_v32_served(max_model_len: int = 4096) -> ServedModel:

@@ -9,11 +9,10 @@ import json
 import httpx
 import openai
 import pytest
-from scripted_engine import ScriptedEngine
-from server_harness import FAST_TIMINGS, running_server, serving, write_tiny_deepseek
+from scripted_engine import scripted_server
+from server_harness import serving, write_tiny_deepseek
 
 from whale.chat import render_fim
-from whale.server.state import ServerState
 
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather of a city",
@@ -56,9 +55,13 @@ def test_fim_on_beta_completions(tiny, client):
     assert reply.object == "text_completion" and reply.usage.prompt_tokens == len(expected)
     assert reply.choices[0].finish_reason in ("stop", "length")
     streamed = list(client.completions.create(model="deepseek-chat", prompt="def add(a, b):\n", max_tokens=4,
-                                              temperature=0, stream=True, logprobs=2))
-    assert streamed[-1].choices[0].finish_reason in ("stop", "length")
-    assert all(len(c.choices[0].logprobs.tokens) == 1 for c in streamed if c.choices[0].logprobs)
+                                              temperature=0, stream=True, logprobs=2,
+                                              stream_options={"include_usage": True}))
+    *chunks, usage = streamed
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and usage.choices == []
+    logprobs = [c.choices[0].logprobs for c in chunks]  # every chunk carries its token's logprob and 2 others
+    assert all(lp is not None and len(lp.tokens) == 1 and len(lp.top_logprobs[0]) == 2 for lp in logprobs)
+    assert len(logprobs) == usage.usage.completion_tokens
 
 
 def test_fim_is_refused_in_thinking_mode(tiny):
@@ -67,34 +70,19 @@ def test_fim_is_refused_in_thinking_mode(tiny):
 
 
 def test_reasoner_alias_turns_thinking_on_and_reports_reasoning_tokens(client):
-    reply = client.chat.completions.create(model="deepseek-reasoner", messages=ASK, max_tokens=8)
+    reply = client.chat.completions.create(model="deepseek-reasoner", messages=ASK, max_tokens=8, seed=0)
     message = reply.choices[0].message
-    assert isinstance(message.model_extra["reasoning_content"], str)
+    assert message.model_extra["reasoning_content"]  # the random model's words land in the reasoning
     details = reply.usage.completion_tokens_details
-    assert 0 <= details.reasoning_tokens <= reply.usage.completion_tokens
+    assert 0 < details.reasoning_tokens <= reply.usage.completion_tokens
     chunks = list(client.chat.completions.create(model="deepseek-chat", messages=ASK, max_tokens=4, stream=True,
                                                  extra_body={"thinking": {"type": "enabled"}}))
     assert chunks[0].choices[0].delta.model_extra["reasoning_content"] == ""
 
 
-def test_thinking_refuses_logprobs_and_ignores_sampling_knobs(tiny, client):
+def test_thinking_refuses_logprobs(client):
     with pytest.raises(openai.BadRequestError, match="thinking mode"):
         client.chat.completions.create(model="deepseek-reasoner", messages=ASK, logprobs=True)
-    reply = client.chat.completions.create(model="deepseek-reasoner", messages=ASK, max_tokens=2, temperature=0.0,
-                                           presence_penalty=2)
-    assert reply.choices[0].finish_reason in ("stop", "length")
-
-
-def test_tools_prefix_completion_and_tool_choice_on_the_real_model(client):
-    reply = client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[WEATHER_TOOL], max_tokens=4,
-                                           tool_choice="auto")
-    assert reply.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    prefix = [*ASK, {"role": "assistant", "content": "```python\n", "prefix": True}]
-    reply = client.chat.completions.create(model="deepseek-chat", messages=prefix, max_tokens=4, stop=["```"])
-    assert reply.choices[0].message.content is not None
-    with pytest.raises(openai.UnprocessableEntityError, match="not in 'tools'"):
-        client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[WEATHER_TOOL],
-                                       tool_choice={"type": "function", "function": {"name": "nope"}})
 
 
 def test_an_answer_inside_the_tool_loop_without_its_reasoning_is_refused(client):
@@ -107,9 +95,54 @@ def test_an_answer_inside_the_tool_loop_without_its_reasoning_is_refused(client)
 @pytest.fixture(scope="module")
 def scripted(tiny):
     """The real server and served model, with the ScriptedEngine double in place of the random model."""
-    engine = ScriptedEngine(tiny[0].served.tokenizer)
-    with running_server(ServerState(engine, tiny[0].served, timings=FAST_TIMINGS)) as url:
+    with scripted_server(tiny[0].served) as (engine, url):
         yield engine, openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+
+
+KNOBS = dict(temperature=0.0, top_p=0.5, presence_penalty=2, frequency_penalty=1)
+
+
+def test_thinking_mode_ignores_the_sampling_knobs(scripted):
+    engine, client = scripted
+    engine.output = "Sum.</think>4"
+    client.chat.completions.create(model="deepseek-chat", messages=ASK, max_tokens=2, **KNOBS)
+    params = engine.params()  # chat mode honours them
+    assert (params.temperature, params.top_p, params.presence_penalty, params.frequency_penalty) == (0, 0.5, 2, 1)
+    client.chat.completions.create(model="deepseek-reasoner", messages=ASK, max_tokens=2, seed=3, **KNOBS)
+    params = engine.params()  # thinking mode: the model's defaults (V3.2: 1.0 / 0.95), no penalties, as DeepSeek
+    assert (params.temperature, params.top_p, params.presence_penalty, params.frequency_penalty) == (1, 0.95, 0, 0)
+    assert (params.seed, params.max_tokens) == (3, 2)
+
+
+def test_fim_prompt_and_sampling_fields_reach_the_engine(scripted):
+    engine, client = scripted
+    engine.output = "    return a + b"
+    reply = client.completions.create(model="deepseek-chat", prompt="def add(a, b):\n", suffix="\n\nprint(add(1, 2))",
+                                      max_tokens=6, temperature=0.2, top_p=0.5, presence_penalty=1,
+                                      frequency_penalty=0.5, seed=5, stop=["\n\n"], logprobs=2)
+    assert reply.choices[0].text == "    return a + b"
+    assert engine.prompt_text() == "<｜fim▁begin｜>def add(a, b):\n<｜fim▁hole｜>\n\nprint(add(1, 2))<｜fim▁end｜>"
+    params = engine.params()
+    assert (params.temperature, params.top_p, params.presence_penalty, params.frequency_penalty) == (0.2, 0.5, 1, 0.5)
+    assert (params.seed, params.max_tokens, params.stop_strings, params.logprobs) == (5, 6, ("\n\n",), 2)
+
+
+def test_tools_tool_choice_and_prefix_reach_the_prompt(scripted):
+    engine, client = scripted
+    engine.output = "x = 1\n"
+    client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[WEATHER_TOOL], tool_choice="auto")
+    with_tools = engine.prompt_text()
+    assert "## Tools" in with_tools and '"name": "get_weather"' in with_tools
+    assert with_tools.endswith("<｜User｜>What is 2 + 2?<｜Assistant｜></think>")
+    client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[WEATHER_TOOL], tool_choice="none")
+    assert engine.prompt_text() == "<｜begin▁of▁sentence｜><｜User｜>What is 2 + 2?<｜Assistant｜></think>"
+    prefix = [*ASK, {"role": "assistant", "content": "```python\n", "prefix": True}]
+    reply = client.chat.completions.create(model="deepseek-chat", messages=prefix, stop=["```"])
+    assert engine.prompt_text().endswith("<｜Assistant｜></think>```python\n")  # continued, not closed
+    assert engine.params().stop_strings == ("```",) and reply.choices[0].message.content == "x = 1\n"
+    with pytest.raises(openai.UnprocessableEntityError, match="not in 'tools'"):
+        client.chat.completions.create(model="deepseek-chat", messages=ASK, tools=[WEATHER_TOOL],
+                                       tool_choice={"type": "function", "function": {"name": "nope"}})
 
 
 def test_reasoning_reaches_reasoning_content(scripted):
@@ -169,3 +202,6 @@ def test_json_mode_answer(scripted):
     reply = client.chat.completions.create(model="deepseek-chat", response_format={"type": "json_object"},
                                            messages=[{"role": "user", "content": "2+2 as json"}])
     assert json.loads(reply.choices[0].message.content) == {"answer": 4}
+    # the instruction whale adds as the system prompt (the chat format's system text comes right after BOS)
+    assert engine.prompt_text() == ("<｜begin▁of▁sentence｜>Reply with one valid JSON object and nothing else."
+                                    "<｜User｜>2+2 as json<｜Assistant｜></think>")

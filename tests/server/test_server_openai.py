@@ -9,9 +9,13 @@ import json
 import httpx
 import openai
 import pytest
+from scripted_engine import scripted_server
 from server_harness import DEFAULT_OPTIONS, serving
 
+from whale.server.served_model import served_model_from_loaded
+
 HELLO = [{"role": "user", "content": "Say hello."}]
+JSON_INSTRUCTION = "Reply with one valid JSON object and nothing else."
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +27,15 @@ def default_url(default_llm):
 @pytest.fixture(scope="module")
 def client(default_url) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{default_url}/v1", api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def scripted(default_llm):
+    """The default model's served model behind the real server, with the ScriptedEngine in place of the model:
+    what the server hands the engine (prompt, SamplingParams) for each request."""
+    served = served_model_from_loaded(default_llm.loaded, default_llm.engine.max_model_len)
+    with scripted_server(served) as (engine, url):
+        yield engine, openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
 
 
 def test_models_lists_the_served_model_and_the_deepseek_aliases(client):
@@ -89,6 +102,18 @@ def test_multi_turn_conversation_and_stop_sequences(client):
     assert stop not in stopped.choices[0].message.content
 
 
+def test_the_whole_conversation_reaches_the_engine_in_the_models_chat_template(scripted):
+    engine, client = scripted
+    engine.output = "Hello again!"
+    messages = [*HELLO, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Again."}]
+    reply = client.chat.completions.create(model="deepseek-chat", messages=messages, max_tokens=12)
+    assert reply.choices[0].message.content == "Hello again!"
+    assert engine.prompt_text() == (
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+        "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+        "<|im_start|>user\nAgain.<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_logprobs_with_top_alternatives(client):
     reply = client.chat.completions.create(model="deepseek-chat", messages=HELLO, max_tokens=4, temperature=0,
                                            logprobs=True, top_logprobs=3)
@@ -100,18 +125,47 @@ def test_logprobs_with_top_alternatives(client):
         assert bytes(entry.bytes).decode(errors="replace") == entry.token
 
 
-def test_sampling_fields_penalties_and_seed(client):
+def test_sampling_fields_reach_the_engine(scripted):
+    engine, client = scripted
+    engine.output = "Hello!"
+    client.chat.completions.create(model="deepseek-chat", messages=HELLO, max_tokens=10, temperature=1.3,
+                                   top_p=0.9, presence_penalty=0.5, frequency_penalty=-0.25, seed=7, stop=["\n\n"],
+                                   logprobs=True, top_logprobs=3)
+    params = engine.params()
+    assert (params.temperature, params.top_p, params.presence_penalty, params.frequency_penalty) == (
+        1.3, 0.9, 0.5, -0.25)
+    assert (params.seed, params.max_tokens, params.stop_strings, params.logprobs) == (7, 10, ("\n\n",), 3)
+    client.chat.completions.create(model="deepseek-chat", messages=HELLO)  # the defaults of the DeepSeek API
+    params = engine.params()
+    assert (params.temperature, params.top_p, params.presence_penalty, params.frequency_penalty) == (
+        1.0, 1.0, 0.0, 0.0)
+    assert (params.seed, params.stop_strings, params.logprobs) == (None, (), None)
+
+
+def test_a_seed_makes_sampling_repeatable_on_the_real_engine(client):
     kwargs = dict(model="deepseek-chat", messages=HELLO, max_tokens=10, temperature=1.3, top_p=0.9,
-                  presence_penalty=0.5, frequency_penalty=0.5, seed=7)
-    first = client.chat.completions.create(**kwargs).choices[0].message.content
-    assert client.chat.completions.create(**kwargs).choices[0].message.content == first
+                  presence_penalty=0.5, frequency_penalty=0.5)
+    first = client.chat.completions.create(**kwargs, seed=7).choices[0].message.content
+    assert client.chat.completions.create(**kwargs, seed=7).choices[0].message.content == first
+    assert client.chat.completions.create(**kwargs, seed=8).choices[0].message.content != first
 
 
-def test_json_mode_is_accepted(client):
-    reply = client.chat.completions.create(
-        model="deepseek-chat", max_tokens=16, temperature=0, response_format={"type": "json_object"},
-        messages=[{"role": "user", "content": "Give a json object with a key 'a'."}])
-    assert reply.choices[0].message.content is not None
+def test_json_mode_adds_the_json_instruction_to_the_system_prompt(scripted):
+    engine, client = scripted
+    engine.output = '{"a": 1}'
+    ask = [{"role": "user", "content": "Give a json object with a key 'a'."}]
+    reply = client.chat.completions.create(model="deepseek-chat", max_tokens=16, messages=ask,
+                                           response_format={"type": "json_object"})
+    assert json.loads(reply.choices[0].message.content) == {"a": 1}
+    assert f"<|im_start|>system\n{JSON_INSTRUCTION}<|im_end|>" in engine.prompt_text()
+    terse = [{"role": "system", "content": "Be terse."}, *ask]
+    client.chat.completions.create(model="deepseek-chat", max_tokens=16, messages=terse,
+                                   response_format={"type": "json_object"})
+    assert f"<|im_start|>system\nBe terse.\n\n{JSON_INSTRUCTION}<|im_end|>" in engine.prompt_text()
+    client.chat.completions.create(model="deepseek-chat", max_tokens=16, messages=terse,
+                                   response_format={"type": "text"})
+    assert "<|im_start|>system\nBe terse.<|im_end|>" in engine.prompt_text()
+    assert JSON_INSTRUCTION not in engine.prompt_text()
 
 
 def test_every_route_prefix_serves_chat_and_models(default_url):
