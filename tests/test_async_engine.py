@@ -49,16 +49,20 @@ def test_cancelling_a_stream_aborts_the_request_and_frees_its_blocks(default_llm
     ids = default_llm.tokenizer.encode(PROMPTS[0])
 
     async def main():
-        stream = engine.generate(ids, SamplingParams(temperature=0, max_tokens=500, ignore_eos=True))
-        received = [await anext(stream) for _ in range(3)]
+        stream = engine.generate(ids, SamplingParams(temperature=0, max_tokens=500, ignore_eos=True), "cancelled")
+        for _ in range(3):
+            await anext(stream)
+        request = engine.engine.requests["cancelled"]  # running on the engine thread
         await stream.aclose()  # what a disconnecting client does
-        return received
+        return request
 
-    assert len(asyncio.run(main())) == 3
+    request = asyncio.run(main())
     deadline = time.monotonic() + 10
     while engine.engine.has_unfinished() and time.monotonic() < deadline:
         time.sleep(0.01)
     assert not engine.engine.has_unfinished()
+    # aborted, not run to its 500 tokens (which a fast machine does within the deadline above)
+    assert request.finish_reason == "abort" and len(request.output_token_ids) < 500
     assert blocks.num_free_blocks == blocks.num_blocks
 
 
