@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from whale import LLM, SamplingParams
 from whale.errors import ModelNotFoundError
 from whale.hub import HUB_ALLOW_PATTERNS, resolve_model
 
@@ -84,11 +85,15 @@ def _whale(args: list[str], cache: Path) -> subprocess.CompletedProcess:
 def test_hub_id_loads_from_the_cache_offline_and_generates(tmp_path):
     directory, _ = tiny_dense_checkpoint("qwen2", tmp_path / "src")
     _hub_cache(tmp_path / "hub", "acme/tiny-qwen", directory)
-    done = _whale(["generate", "t5 t7 t9", "--model", "acme/tiny-qwen", "--max-tokens", "4"], tmp_path / "hub")
+    done = _whale(["generate", "t5 t7 t9", "--model", "acme/tiny-qwen", "--max-tokens", "4", "--dtype", "float32"],
+                  tmp_path / "hub")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip(), "a completion was printed"
+    # the hub id resolved to the cached snapshot: the same completion as the checkpoint directory itself
+    local = LLM(str(directory), dtype="float32").generate("t5 t7 t9", SamplingParams(temperature=0, max_tokens=4))
+    assert local[0].outputs[0].text.strip() and done.stdout == local[0].outputs[0].text + "\n"
     listed = _whale(["models"], tmp_path / "hub")
-    assert "acme/tiny-qwen" in listed.stdout and "qwen2" in listed.stdout
+    rows = [line.split() for line in listed.stdout.splitlines() if line.startswith("acme/tiny-qwen ")]
+    assert rows == [["acme/tiny-qwen", "qwen2", "Hugging", "Face", "cache"]]
 
 
 def test_unknown_hub_id_offline_is_a_clear_error_not_a_traceback(tmp_path):
