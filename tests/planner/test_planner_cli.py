@@ -28,10 +28,10 @@ def test_json_has_the_contract_fields(capsys):
     code, out, _ = run(capsys, "deepseek-r1", "--gpu", "h200", "--context", "128k", "--concurrency", "4",
                        "--json")
     data = json.loads(out)
-    assert code == 0 and data["fits"] is True
-    for key in ("total_params", "active_params", "weights_bytes", "kv_cache_bytes_per_token", "gpus_needed",
-                "fits", "launch"):
-        assert key in data
+    assert code == 0 and data["fits"] is True and data["dtype"] == "fp8"
+    # R1's card: 671B parameters, 37B activated; ~673 GB of FP8 weights with their block scales
+    assert abs(data["total_params"] / 671e9 - 1) < 0.005 and abs(data["active_params"] / 36.7e9 - 1) < 0.005
+    assert 670e9 < data["weights_bytes"] < 675e9
     assert data["context"] == 128 * 1024 and data["concurrency"] == 4
     assert data["kv_cache_bytes_per_token"] == 61 * 576 * 2
     assert data["gpus_needed"] == 8

@@ -7,7 +7,7 @@ import pytest
 from whale.errors import InvalidRequestError
 from whale.planner.catalog import CATALOG
 from whale.planner.gpus import GPUS
-from whale.planner.memory import CUDA_GRAPH_BYTES, activation_bytes
+from whale.planner.memory import CUDA_GRAPH_BYTES
 from whale.planner.parallelism import Layout, layout_problems
 from whale.planner.plan import PlanRequest, make_plan
 
@@ -45,7 +45,9 @@ def test_per_gpu_budget_adds_up():
     plan = make_plan(PlanRequest(V3, GPUS["H200"], "fp8", context=163840, concurrency=1))
     b, gpu = plan.chosen.budget, GPUS["H200"]
     assert b.reserved == round(gpu.memory_bytes * 0.10)
-    assert b.activations == activation_bytes(V3, 8)
+    # an 8192-token prefill chunk in bf16: 4 x hidden of residual and attention buffers plus the gate/up outputs of
+    # the widest MLP (dense 18432 = 9 experts x 2048) split over 8 ranks; and fp32 logits of 256 sequences
+    assert b.activations == 8192 * (4 * 7168 + 2 * 18432 // 8) * 2 + 256 * 129280 * 4
     assert b.kv_pool == gpu.memory_bytes - b.reserved - b.weights - b.activations - CUDA_GRAPH_BYTES
     assert b.kv_sequence_bytes == 163840 * 61 * 576 * 2  # the latent is replicated on every TP rank
     assert b.max_sequences == b.kv_pool // b.kv_sequence_bytes
@@ -84,9 +86,12 @@ def test_distill_on_one_gpu_offers_whale_and_llama_cpp():
 def test_decode_roofline_single_stream():
     spec = CATALOG["r1-distill-llama-8b"]
     plan = make_plan(PlanRequest(spec, GPUS["H100"], "bf16", context=1024))
-    b, w = plan.chosen.budget, plan.chosen.weights
-    # one token reads every weight but the embedding table, plus one sequence of KV, at 3.35 TB/s
-    expected = 3.35e12 / (w.other + b.kv_sequence_bytes)
+    hidden, layers, q, kv, ffn, vocab = 4096, 32, 32 * 128, 8 * 128, 14336, 128256
+    layer = 2 * q * hidden + 2 * kv * hidden + 3 * hidden * ffn + 2 * hidden
+    read = (layers * layer + vocab * hidden + hidden) * 2  # bf16: every weight but the embedding table
+    kv_sequence = 1024 * layers * 2 * kv * 2
+    # one token reads those weights plus one sequence of KV, at 3.35 TB/s
+    expected = 3.35e12 / (read + kv_sequence)
     assert math.isclose(plan.decode.single_stream_tps, expected)
     assert 180 < plan.decode.single_stream_tps < 240
 
