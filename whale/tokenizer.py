@@ -16,6 +16,10 @@ from tokenizers import Tokenizer as BackendTokenizer
 from whale.chat.jinja import render_chat_template
 from whale.errors import ModelLoadError, UnsupportedModelError
 
+# The backend's `encode` holds the GIL for its whole run (~0.9 s for a 2 MB prompt), which would stall the
+# server's event loop even from a worker thread; `encode_batch` runs the same pipeline with the GIL released.
+GIL_FREE_ENCODE_CHARS = 4096
+
 # llama.cpp's `tokenizer.ggml.pre` names -> the split regexes that come before byte-level BPE.
 _GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -68,7 +72,10 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         # The backend's post-processor adds BOS for HF tokenizers that want it; GGUF ones carry a flag.
-        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) > GIL_FREE_ENCODE_CHARS:  # the same pipeline, without holding the GIL (see the constant)
+            ids = self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+        else:
+            ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
         if (add_special_tokens and self.add_bos_token and self.bos_token_id is not None
                 and (not ids or ids[0] != self.bos_token_id)):
             ids = [self.bos_token_id, *ids]

@@ -21,7 +21,7 @@ from whale.server.state import ServerState
 from whale.server.streaming import StreamTimings
 
 TINY_NAME = "DeepSeek-V3.2-tiny"  # the name makes whale detect the v3.2 chat format (both thinking modes)
-FAST_TIMINGS = StreamTimings(keepalive_s=0.3, poll_s=0.05)
+FAST_TIMINGS = StreamTimings(keepalive_s=0.3, first_wait_s=0.05)
 
 
 @contextmanager

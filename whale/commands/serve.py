@@ -24,6 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="requests queued beyond max-num-seqs before new ones get a 503")
     parser.add_argument("--max-concurrent-requests", type=int, default=None,
                         help="generation requests in flight beyond this get an immediate 429")
+    parser.add_argument("--max-request-bytes", type=int, default=None,
+                        help="request bodies over this get a 413 (default: 32 bytes per token of context, "
+                             "at least 2 MiB)")
     parser.add_argument("--keepalive", type=float, default=10.0,
                         help="seconds a waiting request stays silent before keep-alives are sent")
     parser.add_argument("--log-level", default="info")
@@ -42,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
                        chat_format=args.chat_format, engine_options={"max_num_seqs": args.max_num_seqs},
                        max_waiting=args.max_waiting, api_keys=keys,
                        max_concurrent_requests=args.max_concurrent_requests,
+                       max_request_bytes=args.max_request_bytes,
                        timings=StreamTimings(keepalive_s=args.keepalive))
     print(f"whale serve: {state.served.name} ({state.served.variant.name} chat format, context "
           f"{state.served.max_model_len}) on http://{args.host}:{args.port}"

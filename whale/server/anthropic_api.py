@@ -4,19 +4,29 @@ thinking / text / tool_use blocks, or as Anthropic's stream events."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response, StreamingResponse
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from whale.chat import ChatDelta, parse_output
-from whale.server.errors import APIError
+from whale.server.asgi import client_gone
 from whale.server.openai_api import Generation
-from whale.server.protocol import ChatCompletionRequest, WireModel
+from whale.server.openapi import AnthropicMessageResponse, generation_responses
+from whale.server.protocol import (
+    MAX_TOOLS,
+    ChatCompletionRequest,
+    WireModel,
+    check_function_name,
+    check_stop,
+    unsupported,
+)
 from whale.server.served_model import CHAT_ALIAS, CHAT_MAX_TOKENS, REASONER_ALIAS, THINKING_MAX_TOKENS
 from whale.server.state import ServerState, start_generation
 from whale.server.streaming import SSE_KEEPALIVE, Collected, collect_response, sse_deltas
@@ -24,14 +34,59 @@ from whale.server.streaming import SSE_KEEPALIVE, Collected, collect_response, s
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
 
 
+class TextBlock(WireModel):
+    type: Literal["text"]
+    text: str
+
+
+class ToolUseBlock(WireModel):
+    type: Literal["tool_use"]
+    id: str
+    name: str
+    input: dict[str, Any] = Field(default_factory=dict)
+
+
+class ToolResultBlock(WireModel):
+    type: Literal["tool_result"]
+    tool_use_id: str = Field(min_length=1)
+    content: str | list[TextBlock] | None = None
+    is_error: bool | None = None
+
+
+class ThinkingBlock(WireModel):
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+
+
+class RedactedThinkingBlock(WireModel):
+    type: Literal["redacted_thinking"]
+    data: str = ""
+
+
+ContentBlock = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
+                         Field(discriminator="type")]
+BLOCK_TYPES = ("text", "tool_use", "tool_result", "thinking", "redacted_thinking")
+
+
 class AnthropicMessage(WireModel):
     role: Literal["user", "assistant"]
-    content: str | list[dict[str, Any]]
+    content: str | list[ContentBlock]
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _known_blocks(cls, value: Any) -> Any:
+        for block in value if isinstance(value, list) else ():
+            kind = block.get("type") if isinstance(block, dict) else None
+            if isinstance(kind, str) and kind not in BLOCK_TYPES:
+                raise unsupported(f"content blocks of type {kind!r} are not supported: this server's models read "
+                                  f"text; send blocks of type {', '.join(map(repr, BLOCK_TYPES))}")
+        return value
 
 
 class AnthropicThinking(WireModel):
     type: Literal["enabled", "disabled"]
-    budget_tokens: int | None = None  # accepted and ignored, as DeepSeek's endpoint does
+    budget_tokens: int | None = Field(default=None, ge=1)  # accepted and ignored, as DeepSeek's endpoint does
 
 
 class AnthropicTool(WireModel):
@@ -39,65 +94,87 @@ class AnthropicTool(WireModel):
     description: str | None = None
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
 
+    @field_validator("name")
+    @classmethod
+    def _name_rule(cls, value: str) -> str:
+        return check_function_name(value)
+
+
+class AnthropicToolChoice(WireModel):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None
+
 
 class MessagesRequest(WireModel):
     model: str
     max_tokens: int = Field(ge=1)
     messages: list[AnthropicMessage] = Field(min_length=1)
-    system: str | list[dict[str, Any]] | None = None
+    system: str | list[TextBlock] | None = None
     stop_sequences: list[str] | None = None
     stream: bool = False
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = None  # ignored
+    top_k: int | None = Field(default=None, ge=0)  # ignored
     thinking: AnthropicThinking | None = None
-    tools: list[AnthropicTool] | None = None
-    tool_choice: dict[str, Any] | None = None
+    tools: list[AnthropicTool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: AnthropicToolChoice | None = None
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _stop_count(cls, value: list[str] | None) -> list[str] | None:
+        return check_stop(value)
+
+    @model_validator(mode="after")
+    def _tool_choice_fits(self) -> MessagesRequest:
+        choice = self.tool_choice
+        if choice is None or choice.type in ("auto", "none"):
+            return self
+        names = [tool.name for tool in self.tools or ()]
+        if not names:
+            raise ValueError(f"'tool_choice' of type {choice.type!r} needs 'tools'")
+        if choice.type == "tool" and choice.name not in names:
+            raise ValueError(f"'tool_choice' names tool {choice.name!r}, which is not in 'tools' "
+                             f"({', '.join(map(repr, names))})")
+        return self
 
 
-def _text_of(content: str | list[dict[str, Any]]) -> str:
-    if isinstance(content, str):
-        return content
-    return "".join(block.get("text", "") for block in content if block.get("type") == "text")
+def _text_of(content: str | list[Any] | None) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    return "".join(block.text for block in content if isinstance(block, TextBlock))
 
 
-def _user_messages(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _user_messages(content: str | list[Any]) -> list[dict[str, Any]]:
     """A user turn: tool_result blocks become `tool` messages, the text after them one user message."""
     if isinstance(content, str):
         return [{"role": "user", "content": content}]
-    out: list[dict[str, Any]] = []
-    for block in content:
-        kind = block.get("type")
-        if kind == "tool_result":
-            result = block.get("content", "")
-            out.append({"role": "tool", "tool_call_id": block.get("tool_use_id", ""),
-                        "content": result if isinstance(result, str) else _text_of(result)})
-        elif kind not in ("text", None):
-            raise APIError(400, f"content block type {kind!r} is not supported: send text, tool_use, tool_result "
-                                "or thinking blocks", param="messages")
+    out: list[dict[str, Any]] = [{"role": "tool", "tool_call_id": block.tool_use_id, "content": _text_of(block.content)}
+                                 for block in content if isinstance(block, ToolResultBlock)]
     text = _text_of(content)
     if text or not out:
         out.append({"role": "user", "content": text})
     return out
 
 
-def _assistant_message(content: str | list[dict[str, Any]]) -> dict[str, Any]:
+def _assistant_message(content: str | list[Any]) -> dict[str, Any]:
     if isinstance(content, str):
         return {"role": "assistant", "content": content}
     message: dict[str, Any] = {"role": "assistant", "content": _text_of(content)}
-    thinking = "".join(b.get("thinking", "") for b in content if b.get("type") == "thinking")
+    thinking = "".join(block.thinking for block in content if isinstance(block, ThinkingBlock))
     if thinking:
         message["reasoning_content"] = thinking
-    calls = [{"id": b.get("id", ""), "type": "function",
-              "function": {"name": b.get("name", ""), "arguments": json.dumps(b.get("input") or {})}}
-             for b in content if b.get("type") == "tool_use"]
+    calls = [{"id": block.id, "type": "function",
+              "function": {"name": block.name, "arguments": json.dumps(block.input)}}
+             for block in content if isinstance(block, ToolUseBlock)]
     if calls:
         message["tool_calls"] = calls
     return message
 
 
 def to_chat_request(body: MessagesRequest, served_ids: list[str]) -> ChatCompletionRequest:
-    """The equivalent OpenAI-shape request; unknown model names map to deepseek-chat, as DeepSeek's route does."""
+    """The equivalent OpenAI-shape request; unknown model names map to deepseek-chat, as DeepSeek's route does.
+    What the OpenAI shape still refuses (a message order it does not take) is a 4xx, never a server error."""
     messages: list[dict[str, Any]] = []
     if body.system:
         messages.append({"role": "system", "content": _text_of(body.system)})
@@ -106,10 +183,10 @@ def to_chat_request(body: MessagesRequest, served_ids: list[str]) -> ChatComplet
             messages.extend(_user_messages(message.content))
         else:
             messages.append(_assistant_message(message.content))
-    choice = (body.tool_choice or {}).get("type")
-    tool_choice: Any = {"auto": "auto", "any": "required", "none": "none"}.get(choice or "", None)
+    choice = body.tool_choice.type if body.tool_choice else None
+    tool_choice: Any = {"auto": "auto", "any": "required", "none": "none"}.get(choice or "")
     if choice == "tool":
-        tool_choice = {"type": "function", "function": {"name": body.tool_choice.get("name", "")}}
+        tool_choice = {"type": "function", "function": {"name": body.tool_choice.name}}
     tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                "parameters": t.input_schema}} for t in body.tools or ()]
     model = body.model if body.model in served_ids else CHAT_ALIAS
@@ -117,11 +194,14 @@ def to_chat_request(body: MessagesRequest, served_ids: list[str]) -> ChatComplet
     # Anthropic clients ask for large budgets (32K is common): capped at the mode's maximum (and, in
     # prepare_chat, at what the context leaves) instead of refused
     ceiling = (THINKING_MAX_TOKENS if thinking else CHAT_MAX_TOKENS)[1]
-    return ChatCompletionRequest.model_validate({
-        "model": model, "messages": messages, "max_tokens": min(body.max_tokens, ceiling),
-        "stop": body.stop_sequences, "temperature": body.temperature, "top_p": body.top_p,
-        "tools": tools or None, "tool_choice": tool_choice,
-        "thinking": body.thinking.model_dump(include={"type"}) if body.thinking else None})
+    try:
+        return ChatCompletionRequest.model_validate({
+            "model": model, "messages": messages, "max_tokens": min(body.max_tokens, ceiling),
+            "stop": body.stop_sequences, "temperature": body.temperature, "top_p": body.top_p,
+            "tools": tools or None, "tool_choice": tool_choice,
+            "thinking": {"type": body.thinking.type} if body.thinking else None})
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors()) from exc
 
 
 def _stop(collected: Collected, called: bool) -> tuple[str, str | None]:
@@ -233,9 +313,9 @@ async def message_events(gen: Generation, deltas: AsyncIterator[Any]) -> AsyncIt
 async def messages(body: MessagesRequest, request: Request) -> Response:
     state: ServerState = request.app.state.whale
     chat = to_chat_request(body, state.served.model_ids)
-    gen = Generation(state, state.served.prepare_chat(chat, clamp_max_tokens=True), "message")
+    gen = Generation(state, await asyncio.to_thread(state.served.prepare_chat, chat, clamp_max_tokens=True), "message")
     gen.id = "msg_" + uuid.uuid4().hex
-    stream, first = await start_generation(state, gen.prepared, gen.id)
+    stream, first = await start_generation(state, gen.prepared, gen.id, client_gone(request.scope))
     if not body.stream:
         return await collect_response(request, stream, state.timings, lambda c: message_body(gen, c), first)
     return StreamingResponse(message_events(gen, sse_deltas(stream, state.timings, first)),
@@ -244,5 +324,6 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
 
 def build_router() -> APIRouter:
     router = APIRouter()
-    router.add_api_route("/anthropic/v1/messages", messages, methods=["POST"], summary="Anthropic Messages")
+    router.add_api_route("/anthropic/v1/messages", messages, methods=["POST"], summary="Anthropic Messages",
+                         response_model=None, responses=generation_responses(AnthropicMessageResponse, anthropic=True))
     return router

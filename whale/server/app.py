@@ -7,59 +7,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from whale.server import anthropic_api, openai_api
-from whale.server.auth import api_key_dependency
-from whale.server.errors import error_body, install_error_handlers
+from whale.server.asgi import APIKeyGuard, BodySizeLimit, DisconnectWatch, RequestAccounting
+from whale.server.errors import install_error_handlers
+from whale.server.openapi import Health, error_responses
 from whale.server.served_model import served_model_from_loaded
 from whale.server.state import ServerState
 from whale.server.streaming import StreamTimings
-
-GENERATION_PATHS = ("/chat/completions", "/completions", "/messages")
-
-
-class RequestAccounting:
-    """Counts requests by route and status for /metrics, and turns away generation requests beyond the
-    server's concurrency limit with an immediate 429 (as the DeepSeek API does when its limit is reached)."""
-
-    def __init__(self, app: ASGIApp, state: ServerState, known_paths: set[str]):
-        self.app = app
-        self.state = state
-        self.known_paths = known_paths
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path: str = scope["path"]
-        route = path if path in self.known_paths else "other"
-        metrics = self.state.metrics
-        generation = scope["method"] == "POST" and path.endswith(GENERATION_PATHS)
-        limit = self.state.max_concurrent_requests
-        if generation and limit is not None and metrics.in_flight >= limit:
-            body = error_body(429, f"Rate Limit Reached: {metrics.in_flight} requests are in flight, the "
-                                   f"limit of this server ({limit}); retry after a brief wait",
-                              anthropic=path.startswith("/anthropic"))
-            await JSONResponse(body, status_code=429, headers={"Retry-After": "1"})(scope, receive, send)
-            metrics.record_request(route, 429)
-            return
-        status = 500
-
-        async def send_with_status(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        metrics.in_flight += generation
-        try:
-            await self.app(scope, receive, send_with_status)
-        finally:
-            metrics.in_flight -= generation
-            metrics.record_request(route, status)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -67,26 +24,31 @@ def create_app(state: ServerState) -> FastAPI:
                   description="DeepSeek-API-compatible server (OpenAI and Anthropic shapes)")
     app.state.whale = state
     install_error_handlers(app)
-    auth = [Depends(api_key_dependency(state.api_keys))]
     routers = [openai_api.build_router(), anthropic_api.build_router()]
     for router in routers:
-        app.include_router(router, dependencies=auth)
+        app.include_router(router)
 
-    @app.get("/health", summary="Liveness (no API key needed)")
+    @app.get("/health", summary="Liveness (no API key needed)", response_model=Health)
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": state.served.name}
 
-    @app.get("/metrics", dependencies=auth, summary="Prometheus metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
+             responses=error_responses(401))
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
-    @app.get("/openapi.json", dependencies=auth, include_in_schema=False)
+    @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> JSONResponse:
         return JSONResponse(request.app.openapi())
 
     # metric labels only for the routes the server has, so stray paths cannot grow the series without bound
     known = {route.path for router in routers for route in router.routes} | {"/health", "/metrics", "/openapi.json"}
-    app.add_middleware(RequestAccounting, state=state, known_paths=known)
+    # the last added runs first: accounting sees every answer, a missing key wins over a body's size
+    app.add_middleware(DisconnectWatch)
+    app.add_middleware(BodySizeLimit, max_bytes=state.max_request_bytes)
+    app.add_middleware(APIKeyGuard, keys=state.api_keys)
+    app.add_middleware(RequestAccounting, metrics=state.metrics, known_paths=known,
+                       limit=state.max_concurrent_requests)
     return app
 
 

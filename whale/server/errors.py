@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from whale.errors import WhaleError
+from whale.server.protocol import UNSUPPORTED
 
 log = logging.getLogger("whale.server")
 
@@ -23,7 +24,9 @@ ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error", 40
                    500: "api_error", 503: "overloaded_error"}
 # pydantic error types that mean "the body is not the right shape" (400) rather than "a value is out of
 # range" (422), following the DeepSeek table's Invalid Format / Invalid Parameters split.
-_FORMAT_ERRORS = ("missing", "json_invalid", "model_type", "model_attributes_type", "dict_type", "list_type")
+# An input the server cannot take (an image part, n > 1) is a 400 too.
+_FORMAT_ERRORS = ("missing", "json_invalid", "model_type", "model_attributes_type", "dict_type", "list_type",
+                  UNSUPPORTED)
 
 
 class APIError(Exception):

@@ -3,6 +3,7 @@ and `/beta` prefixes, as one JSON body or as SSE chunks the way the official API
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -13,6 +14,8 @@ from fastapi.responses import Response, StreamingResponse
 
 from whale.chat import ChatDelta, parse_output
 from whale.engine.async_engine import StreamDelta
+from whale.server.asgi import client_gone
+from whale.server.openapi import ChatCompletion, Completion, ModelList, error_responses, generation_responses
 from whale.server.protocol import ChatCompletionRequest, CompletionRequest
 from whale.server.served_model import PreparedRequest
 from whale.server.state import ServerState, start_generation
@@ -155,7 +158,7 @@ async def chat_events(gen: Generation, deltas: AsyncIterator[Any], include_usage
 async def respond(request: Request, state: ServerState, gen: Generation, stream: bool, include_usage: bool,
                   body_builder: Any, events: Any) -> Response:
     """Start the request on the engine; answer with one body or an SSE stream."""
-    engine_stream, first = await start_generation(state, gen.prepared, gen.id)
+    engine_stream, first = await start_generation(state, gen.prepared, gen.id, client_gone(request.scope))
     if not stream:
         return await collect_response(request, engine_stream, state.timings, lambda c: body_builder(gen, c), first)
     deltas = sse_deltas(engine_stream, state.timings, first)
@@ -165,7 +168,7 @@ async def respond(request: Request, state: ServerState, gen: Generation, stream:
 
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state: ServerState = request.app.state.whale
-    gen = Generation(state, state.served.prepare_chat(body), "chat.completion")
+    gen = Generation(state, await asyncio.to_thread(state.served.prepare_chat, body), "chat.completion")
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await respond(request, state, gen, bool(body.stream), include_usage, chat_body, chat_events)
 
@@ -233,7 +236,7 @@ async def completion_events(gen: Generation, deltas: AsyncIterator[Any], include
 
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state: ServerState = request.app.state.whale
-    gen = Generation(state, state.served.prepare_fim(body), "text_completion")
+    gen = Generation(state, await asyncio.to_thread(state.served.prepare_fim, body), "text_completion")
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return await respond(request, state, gen, bool(body.stream), include_usage, completion_body,
                          completion_events)
@@ -252,9 +255,12 @@ def build_router() -> APIRouter:
     router = APIRouter()
     for prefix in PREFIXES:
         router.add_api_route(f"{prefix}/chat/completions", chat_completions, methods=["POST"],
-                             include_in_schema=prefix == "", summary="Create a chat completion")
+                             include_in_schema=prefix == "", summary="Create a chat completion",
+                             response_model=None, responses=generation_responses(ChatCompletion))
         router.add_api_route(f"{prefix}/completions", completions, methods=["POST"],
-                             include_in_schema=prefix == "", summary="Create a FIM / text completion")
+                             include_in_schema=prefix == "", summary="Create a FIM / text completion",
+                             response_model=None, responses=generation_responses(Completion))
         router.add_api_route(f"{prefix}/models", list_models, methods=["GET"], include_in_schema=prefix == "",
-                             summary="List models")
+                             summary="List models", response_model=None,
+                             responses={200: {"model": ModelList}, **error_responses(401)})
     return router

@@ -1,5 +1,7 @@
 """The wire format of the DeepSeek API (OpenAI shape): request bodies as pydantic models with the documented
-defaults and limits. A body that is not the right shape is a 400; a value out of range is a 422 (errors.py)."""
+defaults and limits, in strict types (no "12" or true where a number is due). A body that is not the right
+shape is a 400, as is an input the server cannot take (`unsupported`); a value out of range is a 422
+(errors.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 16
 MAX_TOOLS = 128
@@ -14,9 +17,38 @@ MAX_TOP_LOGPROBS = 20
 _FUNCTION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
+UNSUPPORTED = "unsupported"  # the pydantic error type of an input the server cannot take (a 400)
+
+
+def unsupported(message: str) -> PydanticCustomError:
+    return PydanticCustomError(UNSUPPORTED, message)
+
+
+def check_function_name(name: str) -> str:
+    if not _FUNCTION_NAME.match(name):
+        raise ValueError(f"function name {name!r} must be 1-64 characters of a-z, A-Z, 0-9, '_' or '-'")
+    return name
+
+
 class WireModel(BaseModel):
-    # Clients send fields the DeepSeek API ignores (user, n=1, seed, ...): accept and drop them, as it does.
-    model_config = ConfigDict(extra="ignore")
+    # Clients send fields the DeepSeek API ignores (user, logit_bias, ...): accept and drop them, as it does.
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+class ContentPart(WireModel):
+    """An OpenAI content part; only text reaches a text model, anything else is refused rather than dropped."""
+
+    type: str
+    text: str | None = None
+
+    @model_validator(mode="after")
+    def _text_only(self) -> ContentPart:
+        if self.type != "text":
+            raise unsupported(f"content parts of type {self.type!r} are not supported: this server's models read "
+                              "text only; send {'type': 'text', 'text': ...} parts or a string")
+        if self.text is None:
+            raise ValueError("a 'text' content part needs 'text'")
+        return self
 
 
 class FunctionCall(WireModel):
@@ -33,7 +65,7 @@ class ToolCall(WireModel):
 class ChatMessage(WireModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     # a string, or OpenAI content parts ([{"type": "text", "text": ...}]) which are joined as text
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
@@ -54,7 +86,7 @@ class ChatMessage(WireModel):
         """The plain dict the chat layer renders; content parts are joined into one string."""
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
-            message["content"] = "".join(str(p.get("text", "")) for p in self.content if p.get("type") == "text")
+            message["content"] = "".join(part.text or "" for part in self.content)
         return message
 
 
@@ -67,9 +99,7 @@ class FunctionDefinition(WireModel):
     @field_validator("name")
     @classmethod
     def _name_rule(cls, value: str) -> str:
-        if not _FUNCTION_NAME.match(value):
-            raise ValueError(f"function name {value!r} must be 1-64 characters of a-z, A-Z, 0-9, '_' or '-'")
-        return value
+        return check_function_name(value)
 
 
 class Tool(WireModel):
@@ -77,9 +107,13 @@ class Tool(WireModel):
     function: FunctionDefinition
 
 
+class ToolChoiceFunction(WireModel):
+    name: str
+
+
 class NamedToolChoice(WireModel):
     type: Literal["function"] = "function"
-    function: dict[str, str]
+    function: ToolChoiceFunction
 
 
 class ResponseFormat(WireModel):
@@ -97,10 +131,17 @@ class Thinking(WireModel):
 StopField = str | list[str] | None
 
 
-def _check_stop(stop: StopField) -> StopField:
+def check_stop(stop: StopField) -> StopField:
     if isinstance(stop, list) and len(stop) > MAX_STOP_SEQUENCES:
         raise ValueError(f"'stop' has {len(stop)} sequences; at most {MAX_STOP_SEQUENCES} are allowed")
     return stop
+
+
+def _check_n(n: int | None) -> int | None:
+    if n is not None and n > 1:
+        raise unsupported(f"'n' is {n}: this server returns one choice per request; send n=1 (or leave it out) "
+                          "and make separate requests for more choices")
+    return n
 
 
 class ChatCompletionRequest(WireModel):
@@ -121,11 +162,17 @@ class ChatCompletionRequest(WireModel):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     seed: int | None = None  # not in the DeepSeek reference; honoured because a self-hosted server can
+    n: int | None = Field(default=None, ge=1)
 
     @field_validator("stop")
     @classmethod
     def _stop_count(cls, value: StopField) -> StopField:
-        return _check_stop(value)
+        return check_stop(value)
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        return _check_n(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> ChatCompletionRequest:
@@ -135,7 +182,7 @@ class ChatCompletionRequest(WireModel):
             raise ValueError("'stream_options' is only valid with 'stream': true")
         if isinstance(self.tool_choice, NamedToolChoice):
             names = {t.function.name for t in self.tools or ()}
-            wanted = self.tool_choice.function.get("name")
+            wanted = self.tool_choice.function.name
             if wanted not in names:
                 raise ValueError(f"'tool_choice' names function {wanted!r}, which is not in 'tools'")
         elif self.tool_choice == "required" and not self.tools:
@@ -167,11 +214,17 @@ class CompletionRequest(WireModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = None
+    n: int | None = Field(default=None, ge=1)
 
     @field_validator("stop")
     @classmethod
     def _stop_count(cls, value: StopField) -> StopField:
-        return _check_stop(value)
+        return check_stop(value)
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        return _check_n(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> CompletionRequest:

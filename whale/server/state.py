@@ -12,6 +12,10 @@ from whale.server.metrics import Metrics, engine_gauges
 from whale.server.served_model import PreparedRequest, ServedModel
 from whale.server.streaming import EngineStream, StreamTimings, first_delta
 
+# A request body may carry this many bytes per token of context (JSON-escaped text runs ~4-10 bytes a token),
+# and never less than MIN_REQUEST_BYTES (tools, long system prompts on a small model).
+REQUEST_BYTES_PER_TOKEN, MIN_REQUEST_BYTES = 32, 2 << 20
+
 
 @dataclass
 class ServerState:
@@ -21,20 +25,23 @@ class ServerState:
     served: ServedModel
     api_keys: tuple[str, ...] = ()
     max_concurrent_requests: int | None = None  # generation requests beyond this get a 429 at once
+    max_request_bytes: int | None = None  # bodies over this get a 413; None: from the context length
     timings: StreamTimings = field(default_factory=StreamTimings)
     system_fingerprint: str = "fp_whale"
     metrics: Metrics | None = None
     background: set[asyncio.Task] = field(default_factory=set)
 
     def __post_init__(self) -> None:
+        if self.max_request_bytes is None:
+            self.max_request_bytes = max(MIN_REQUEST_BYTES, REQUEST_BYTES_PER_TOKEN * self.served.max_model_len)
         if self.metrics is None:
             self.metrics = Metrics(lambda: engine_gauges(self.engine))
 
 
-async def start_generation(state: ServerState, prepared: PreparedRequest,
-                           request_id: str) -> tuple[EngineStream, StreamDelta | None]:
+async def start_generation(state: ServerState, prepared: PreparedRequest, request_id: str,
+                           gone: asyncio.Event | None) -> tuple[EngineStream, StreamDelta | None]:
     """Submit the request; engine refusals raise here (mapped to their status). Returns the stream and its
-    first delta if it came within the short first wait."""
+    first delta if it came within the short first wait. `gone` is set when the client disconnects."""
     deltas = state.engine.generate(prepared.prompt_ids, prepared.params, request_id)
-    stream = EngineStream(deltas, state.background)
+    stream = EngineStream(deltas, state.background, gone)
     return stream, await first_delta(stream, state.timings)

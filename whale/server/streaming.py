@@ -1,6 +1,6 @@
 """Between the engine and the HTTP response: wait for deltas without blocking the loop, send keep-alives while a
 request waits (SSE `: keep-alive` comments when streaming, blank lines before a JSON body otherwise), and abort
-the request the moment its client goes away."""
+the request the moment its client goes away (asgi.ClientWatch tells, streaming or not)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from whale.engine.async_engine import StreamDelta
 from whale.errors import RequestFailedError
+from whale.server.asgi import ClientDisconnected
 from whale.server.errors import error_body, is_anthropic, status_of
 
 SSE_KEEPALIVE = ": keep-alive\n\n"
@@ -25,7 +26,7 @@ RESOURCE_FINISH = "insufficient_system_resource"  # DeepSeek's finish_reason whe
 @dataclass(frozen=True)
 class StreamTimings:
     keepalive_s: float = 10.0  # how long a request may wait silently before the first keep-alive
-    poll_s: float = 0.25  # how often a waiting non-streaming request checks whether its client left
+    first_wait_s: float = 0.25  # how long to wait for a refusal from the engine before committing to a 200
 
 
 @dataclass
@@ -54,20 +55,27 @@ class Collected:
 
 
 class EngineStream:
-    """One engine request read delta by delta with timeouts. `close()` is synchronous so that it still aborts
-    the request from code that is being cancelled (a disconnect cancels the response task)."""
+    """One engine request read delta by delta with timeouts, until its client goes away (`gone`). `close()` is
+    synchronous so that it still aborts the request from code that is being cancelled."""
 
-    def __init__(self, deltas: AsyncIterator[StreamDelta], background: set[asyncio.Task]):
+    def __init__(self, deltas: AsyncIterator[StreamDelta], background: set[asyncio.Task],
+                 gone: asyncio.Event | None = None):
         self._deltas = deltas
         self._pending: asyncio.Task | None = None
         self._background = background  # strong references to close tasks, owned by the app
+        self._gone = asyncio.ensure_future(gone.wait()) if gone is not None else None
         self.closed = False
 
     async def next(self, timeout: float | None) -> StreamDelta | None:
-        """The next delta; None when `timeout` passed first (the read stays pending for the next call)."""
+        """The next delta; None when `timeout` passed first (the read stays pending for the next call).
+        Raises ClientDisconnected, having aborted the request, when the client left first."""
         if self._pending is None:
             self._pending = asyncio.ensure_future(anext(self._deltas))
-        done, _ = await asyncio.wait({self._pending}, timeout=timeout)
+        waiting = {self._pending} if self._gone is None else {self._pending, self._gone}
+        done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if self._gone is not None and self._gone in done:
+            self.close()
+            raise ClientDisconnected
         if not done:
             return None
         task, self._pending = self._pending, None
@@ -78,6 +86,8 @@ class EngineStream:
         if self.closed:
             return
         self.closed = True
+        if self._gone is not None:
+            self._gone.cancel()
         if self._pending is not None and not self._pending.done():
             self._pending.cancel()  # the generator's own cleanup sends the abort
         else:
@@ -90,21 +100,16 @@ async def collect_response(request: Request, stream: EngineStream, timings: Stre
                            build: Callable[[Collected], dict[str, Any]], first: StreamDelta | None) -> Response:
     """Non-streaming: the JSON body once the request ends. If it is still waiting after `keepalive_s`, the
     response switches to a body that starts with blank lines (clients' JSON parsers skip them)."""
-    loop = asyncio.get_running_loop()
-    start = loop.time()
+    deadline = asyncio.get_running_loop().time() + timings.keepalive_s
     collected = Collected([first] if first is not None else [])
     handed_off = False
     try:
         while not (collected.deltas and collected.deltas[-1].finished):
-            delta = await stream.next(timings.poll_s)
+            delta = await stream.next(max(0.0, deadline - asyncio.get_running_loop().time()))
             if delta is None:
-                if await request.is_disconnected():
-                    return Response(status_code=499)  # nobody to answer; `finally` aborts the request
-                if loop.time() - start >= timings.keepalive_s:
-                    handed_off = True
-                    return StreamingResponse(_keepalive_body(request, stream, timings, build, collected),
-                                             media_type="application/json")
-                continue
+                handed_off = True
+                return StreamingResponse(_keepalive_body(request, stream, timings, build, collected),
+                                         media_type="application/json")
             collected.deltas.append(delta)
         return JSONResponse(build(collected))
     except RequestFailedError:
@@ -170,7 +175,7 @@ async def first_delta(stream: EngineStream, timings: StreamTimings) -> StreamDel
     """Wait briefly for the first delta before committing to a 200: refusals (a full engine, a prompt the
     engine will not take) arrive at once and still get their own status code."""
     try:
-        return await stream.next(min(timings.keepalive_s, timings.poll_s))
+        return await stream.next(min(timings.keepalive_s, timings.first_wait_s))
     except BaseException:
         stream.close()
         raise
