@@ -50,6 +50,16 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert set(_draws(SamplingParams(temperature=1.0, top_p=0.5, seed=1), 50)) == {4}
 
 
+def test_a_top_p_below_float32s_range_keeps_the_top_token():
+    """5e-324 is a valid top_p (> 0) that float32 reads as 0: the most likely token must still stay."""
+    assert set(_draws(SamplingParams(temperature=1.0, top_p=5e-324, seed=1), 50)) == {4}
+
+
+def test_a_temperature_too_small_to_divide_by_is_the_argmax():
+    huge = torch.tensor([80.0, 79.0, -50.0])  # / 1e-37 overflows float32 to inf for two tokens
+    assert set(_draws(SamplingParams(temperature=1e-37, seed=1), 20, huge)) == {0}
+
+
 def test_min_p_drops_tokens_below_a_fraction_of_the_best():
     probs = LOGITS.softmax(-1)
     kept = {i for i in range(5) if probs[i] >= 0.2 * probs.max()}

@@ -10,6 +10,7 @@ import torch
 from whale.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+GREEDY_TEMPERATURE = 1e-5  # as vLLM: sampling below it is the argmax, without the overflow
 
 
 @dataclass
@@ -58,4 +59,5 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0 or self.top_k == 1
+        # below GREEDY_TEMPERATURE, logits / temperature overflows to inf: such a temperature means the argmax
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1

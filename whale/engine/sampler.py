@@ -57,8 +57,10 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     if p.top_p < 1.0:
         sorted_logits, order = logits.sort(descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        # drop a token once the mass before it already reaches top_p (the first token always stays)
+        # drop a token once the mass before it already reaches top_p; the first token always stays (a top_p
+        # below float32's smallest number, such as 5e-324, compares as 0 and would drop it too)
         drop = (cumulative - sorted_logits.softmax(-1)) >= p.top_p
+        drop[0] = False
         logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
     if p.min_p > 0:
         probs = logits.softmax(-1)
