@@ -91,6 +91,28 @@ def test_a_failing_request_does_not_touch_the_others(default_llm, engine):
     assert engine.engine.cache.blocks.num_free_blocks == engine.engine.cache.blocks.num_blocks
 
 
+def test_a_request_the_engine_cannot_take_fails_alone_and_the_engine_thread_goes_on(default_llm, engine):
+    """A bug while taking a request (here: a seed torch cannot take, slipped past SamplingParams' own check)
+    used to end the engine thread, and every later request waited forever."""
+    unseedable = SamplingParams(temperature=1.0, seed=1, max_tokens=4)
+    unseedable.seed = 2**70
+    good = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    ids = default_llm.tokenizer.encode(PROMPTS[0])
+
+    async def main():
+        return await asyncio.gather(asyncio.wait_for(_collect(engine, ids, unseedable), 60), return_exceptions=True)
+
+    (failed,) = asyncio.run(main())
+    assert isinstance(failed, RequestFailedError) and "could not take this request" in str(failed)
+    deltas = asyncio.run(_collect(engine, ids, good))
+    assert [t for d in deltas for t in d.token_ids] == default_llm.generate(PROMPTS[0], good)[0].outputs[0].token_ids
+
+
+def test_a_seed_beyond_64_bits_is_refused_by_the_sampling_params():
+    with pytest.raises(InvalidRequestError, match="64-bit seed"):
+        SamplingParams(seed=2**64)
+
+
 def test_bad_and_excess_requests_are_refused_at_once(default_llm):
     front = AsyncEngine(LLMEngine(default_llm.loaded, EngineConfig(max_num_seqs=1)), max_waiting=0)
     ids = default_llm.tokenizer.encode(PROMPTS[0])

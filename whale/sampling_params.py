@@ -10,6 +10,7 @@ import torch
 from whale.errors import InvalidRequestError
 
 MAX_LOGPROBS = 20
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed takes
 GREEDY_TEMPERATURE = 1e-5  # as vLLM: sampling below it is the argmax, without the overflow
 
 
@@ -48,6 +49,8 @@ class SamplingParams:
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1"),
+            (self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+             f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}] (a 64-bit seed)"),
             (self.min_tokens >= 0, "min_tokens must be >= 0"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"logprobs must be between 0 and {MAX_LOGPROBS}"),

@@ -58,6 +58,8 @@ def serving(loaded, **options) -> Iterator[tuple[ServerState, str]]:
         state.engine.shutdown()
 
 
+# the API fuzz (bench/fuzz.py): 12 blocks of 16 = a 192-token context bounds every generation
+FUZZ_ENGINE = {"num_kv_blocks": 12}
 # a small KV cache (256 blocks of 16 = 4096 tokens) keeps the context short enough to overflow in a test
 DEFAULT_OPTIONS = {"engine_options": {"num_kv_blocks": 256, "max_num_seqs": 8}, "max_waiting": 8}
 

@@ -115,6 +115,8 @@ class AsyncEngine:
                 self.engine.add_request(prompt_ids, params, request_id=request_id)
             except WhaleError as exc:
                 self._deliver(request_id, exc)
+            except Exception as exc:  # noqa: BLE001 - a bug in taking one request must not stop the engine thread
+                self._deliver(request_id, RequestFailedError(f"the engine could not take this request: {exc}"))
         elif kind == "abort":
             self.engine.abort(command[1])
 

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from whale.server import anthropic_api, openai_api
 from whale.server.asgi import APIKeyGuard, BodySizeLimit, DisconnectWatch, RequestAccounting
 from whale.server.errors import install_error_handlers
-from whale.server.openapi import Health, error_responses
+from whale.server.openapi import Health, error_responses, served_document
 from whale.server.served_model import served_model_from_loaded
 from whale.server.state import ServerState
 from whale.server.streaming import StreamTimings
@@ -39,7 +39,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> JSONResponse:
-        return JSONResponse(request.app.openapi())
+        return JSONResponse(served_document(request.app, state.served.model_ids))
 
     # metric labels only for the routes the server has, so stray paths cannot grow the series without bound
     known = {route.path for router in routers for route in router.routes} | {"/health", "/metrics", "/openapi.json"}

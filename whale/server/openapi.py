@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from fastapi import FastAPI
 from pydantic import BaseModel
 
 
@@ -179,3 +180,13 @@ def generation_responses(body: type[BaseModel], anthropic: bool = False) -> dict
     ok = {"model": body, "description": "The whole response; with `stream: true`, server-sent events",
           "content": {"text/event-stream": {"schema": {"type": "string"}}}}
     return {200: ok, **error_responses(400, 401, 413, 422, 429, 500, 503, anthropic=anthropic)}
+
+
+def served_document(app: FastAPI, model_ids: list[str]) -> dict[str, Any]:
+    """The app's OpenAPI document with `model` narrowed to the names this server answers to on the OpenAI
+    routes (the Anthropic route maps any other name to deepseek-chat, so it stays a free string)."""
+    document = app.openapi()
+    schemas = document["components"]["schemas"]
+    for name in ("ChatCompletionRequest", "CompletionRequest"):
+        schemas[name]["properties"]["model"]["enum"] = list(model_ids)
+    return document

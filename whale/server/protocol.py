@@ -11,6 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from whale.sampling_params import SEED_MAX, SEED_MIN
+
 MAX_STOP_SEQUENCES = 16
 MAX_TOOLS = 128
 MAX_TOP_LOGPROBS = 20
@@ -161,7 +163,8 @@ class ChatCompletionRequest(WireModel):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
-    seed: int | None = None  # not in the DeepSeek reference; honoured because a self-hosted server can
+    # not in the DeepSeek reference; honoured because a self-hosted server can
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     n: int | None = Field(default=None, ge=1)
 
     @field_validator("stop")
@@ -213,7 +216,7 @@ class CompletionRequest(WireModel):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     n: int | None = Field(default=None, ge=1)
 
     @field_validator("stop")
