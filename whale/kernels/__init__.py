@@ -35,12 +35,15 @@ def _build_name() -> str:
 
 
 def build_directory() -> Path:
-    """Where this Python and torch build the kernels (torch's own default lacks the torch version)."""
+    """Where this Python and this torch installation build the kernels. The build file names the torch headers
+    by path, so two environments sharing a directory would rebuild it each time the other had loaded it."""
     import torch
     from torch.utils.cpp_extension import get_default_build_root
 
     root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
-    return root / f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}" / _build_name()
+    installation = hashlib.sha256(str(Path(torch.__file__).resolve()).encode()).hexdigest()[:8]
+    environment = f"py{sys.version_info.major}{sys.version_info.minor}_torch{torch.__version__}_{installation}"
+    return root / environment / _build_name()
 
 
 @functools.cache
