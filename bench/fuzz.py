@@ -109,8 +109,10 @@ def fuzz_operation(operation, mode: GenerationMode, base_url: str, headers: dict
     return run
 
 
-def run_fuzz(base_url: str, examples: int = 2000, seed: int = 0, headers: dict[str, str] | None = None) -> FuzzReport:
-    """`headers`: sent with every request (the API key of a server that wants one)."""
+def run_fuzz(base_url: str, examples: int = 2000, seed: int = 0, headers: dict[str, str] | None = None,
+             progress: bool = False) -> FuzzReport:
+    """`headers`: sent with every request (the API key of a server that wants one); `progress`: a line on
+    stderr as each operation and mode is done."""
     start = time.monotonic()
     headers = headers or {}
     schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json", headers=headers)
@@ -119,6 +121,9 @@ def run_fuzz(base_url: str, examples: int = 2000, seed: int = 0, headers: dict[s
         operation = result.ok()
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
             runs.append(fuzz_operation(operation, mode, base_url, headers, examples, seed))
+            if progress:
+                print(f"{runs[-1].label} ({mode.value}): {runs[-1].cases} cases, {time.monotonic() - start:.0f} s",
+                      file=sys.stderr, flush=True)
     return FuzzReport(runs, time.monotonic() - start)
 
 
@@ -131,7 +136,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.url:
         headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-        report = run_fuzz(args.url, args.examples, args.seed, headers)
+        report = run_fuzz(args.url, args.examples, args.seed, headers, progress=True)
     else:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "server"))
         from server_harness import FUZZ_ENGINE, serving, write_tiny_deepseek
@@ -141,7 +146,7 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as directory:
             model = load_model(str(write_tiny_deepseek(Path(directory))), dtype="float32")
             with serving(model, engine_options=FUZZ_ENGINE) as (_, url):
-                report = run_fuzz(url, args.examples, args.seed)
+                report = run_fuzz(url, args.examples, args.seed, progress=True)
     print(report.render())
     return 1 if report.failures else 0
 
