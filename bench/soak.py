@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import functools
 import json
+import math
 import random
 import re
 import secrets
@@ -754,6 +755,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
+def _ms(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.0f}"
+
+
 def shortened(value: Any, limit: int = 80) -> Any:
     """A request body for a report: long strings cut, with their length."""
     if isinstance(value, bytes):
@@ -836,11 +841,11 @@ class SoakReport:
             answers = " ".join(f"{label}x{n}" for label, n in sorted(labels.items()))
             expects = "/".join(sorted({o.case.expect for o in outcomes})) if kind in KINDS else ""
             latency = [o.latency_s * 1e3 for o in outcomes]
-            cells = " | ".join(f"{percentile(latency, q):.0f}" for q in (50, 90, 99, 100))
+            cells = " | ".join(_ms(percentile(latency, q)) for q in (50, 90, 99, 100))
             out.append(f"| {kind} | {expects} | {len(outcomes)} | {answers} | "
                        f"{sum(1 for o in outcomes if o.problem)} | {cells} |")
         out += ["", "| requests done | s | RSS MiB | p50 ms | p90 ms |", "|---:|---:|---:|---:|---:|"]
-        out += [f"| {r.done} | {r.seconds:.0f} | {r.rss_mib:.0f} | {r.p50_ms:.0f} | {r.p90_ms:.0f} |"
+        out += [f"| {r.done} | {r.seconds:.0f} | {r.rss_mib:.0f} | {_ms(r.p50_ms)} | {_ms(r.p90_ms)} |"
                 for r in self.trend]
         failing = [c for c in self.criteria if not c.passed]
         if failing:
@@ -920,7 +925,7 @@ def run_soak(requests: int = 2000, concurrency: int = 32, seed: int = 0, model: 
             trend.append(TrendRow(len(outcomes), time.monotonic() - mark, server.rss_kb() / 1024,
                                   percentile(window, 50), percentile(window, 90)))
             say(f"{len(outcomes)}/{requests} requests, {trend[-1].seconds:.0f} s, RSS {trend[-1].rss_mib:.0f} MiB, "
-                f"p50 {trend[-1].p50_ms:.0f} ms")
+                f"p50 {_ms(trend[-1].p50_ms)} ms")
 
         outcomes = asyncio.run(drive(server.base, server.key, cases, concurrency, time.monotonic() + time_limit_s,
                                      server.alive, sample))
@@ -942,8 +947,12 @@ def main() -> int:
                         "(default: 60 + 1 per request)")
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through WhaleServer.stop
-    report = run_soak(args.requests, args.concurrency, args.seed, args.model, args.time_limit,
-                      progress=lambda text: print(text, file=sys.stderr, flush=True))
+    try:
+        report = run_soak(args.requests, args.concurrency, args.seed, args.model, args.time_limit,
+                          progress=lambda text: print(text, file=sys.stderr, flush=True))
+    except KeyboardInterrupt:
+        print("soak: interrupted (the server is stopped)", file=sys.stderr)
+        return 130
     print(report.render())
     return 0 if report.passed else 1
 
