@@ -25,9 +25,10 @@ from whale.tokenizer import Tokenizer
 
 
 class ScriptedEngine:
-    def __init__(self, tokenizer, output: str = ""):
+    def __init__(self, tokenizer, output: str = "", token_delay_s: float = 0.0):
         self.tokenizer = tokenizer
         self.output = output
+        self.token_delay_s = token_delay_s  # a pause before each token, as a model's decode step
         self.requests: list[tuple[list[int], SamplingParams]] = []
 
     async def generate(self, prompt_ids: list[int], params: SamplingParams,
@@ -36,12 +37,12 @@ class ScriptedEngine:
         ids = self.tokenizer.encode(self.output, add_special_tokens=False)
         sent = ""
         for count in range(1, len(ids) + 1):
+            await asyncio.sleep(self.token_delay_s)
             text = self.tokenizer.decode(ids[:count])
             last = count == len(ids)
             yield StreamDelta(request_id, text[len(sent):], [ids[count - 1]], [], last, "stop" if last else None,
                               None, len(prompt_ids), count, 0)
             sent = text
-            await asyncio.sleep(0)
 
     def prompt_text(self, index: int = -1) -> str:
         return self.tokenizer.decode(self.requests[index][0])

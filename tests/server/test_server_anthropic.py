@@ -114,3 +114,15 @@ def test_tool_use_round_trip(scripted):
     assert follow_up.content[0].text == "It is sunny." and follow_up.stop_reason == "end_turn"
     prompt = engine.prompt_text()  # the call is replayed in DSML, the result as a function result
     assert 'name="get_weather"' in prompt and ">Paris<" in prompt and "<result>sunny, 21C</result>" in prompt
+
+
+def test_count_tokens_is_the_prompt_a_message_would_have(client):
+    system = "You are terse."
+    counted = client.messages.count_tokens(model="deepseek-chat", messages=ASK, system=system).input_tokens
+    reply = client.messages.create(model="deepseek-chat", max_tokens=1, messages=ASK, system=system)
+    assert counted == reply.usage.input_tokens + reply.usage.cache_read_input_tokens
+    longer = client.messages.count_tokens(model="deepseek-chat", system=system,
+                                          messages=[{"role": "user", "content": "Say hello, twice over."}])
+    assert longer.input_tokens > counted
+    with pytest.raises(anthropic.UnprocessableEntityError, match="messages"):
+        client.messages.count_tokens(model="deepseek-chat", messages=[])

@@ -4,6 +4,7 @@ next to a healthy one. Disconnects: test_disconnects.py."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -72,7 +73,12 @@ def test_a_prompt_longer_than_the_context_gets_a_400_with_both_numbers(default_u
     message = _error(_chat(default_url, messages=[{"role": "user", "content": "whale " * (limit + 100)}]), 400)
     assert f"maximum context length is {limit} tokens" in message
     assert "in the messages, 0 in the completion" in message
-    assert "in the completion" in _error(_chat(default_url, max_tokens=limit), 400)
+    too_many = _error(_chat(default_url, max_tokens=limit), 400)
+    room = int(re.search(r"set max_tokens to at most (\d+)", too_many).group(1))
+    assert room < limit and f"({limit - room} in the messages, {limit} in the completion)" in too_many
+    body = {"model": "deepseek-chat", "messages": HELLO, "max_tokens": room, "stream": True}
+    with httpx.stream("POST", f"{default_url}/chat/completions", json=body, timeout=30) as reply:
+        assert reply.status_code == 200  # the largest that fits is taken (the stream is left at once)
 
 
 def test_a_capability_the_model_lacks_is_a_400(default_url):
@@ -100,16 +106,21 @@ def auth_url(default_state):
         yield url
 
 
-def test_api_keys_guard_every_route_but_health(auth_url):
+def test_api_keys_guard_every_route_but_health_and_metrics(auth_url, default_state):
     assert "no API key" in _error(httpx.get(f"{auth_url}/models"), 401)
     assert "invalid" in _error(httpx.get(f"{auth_url}/models", headers={"Authorization": "Bearer nope"}), 401)
     assert httpx.get(f"{auth_url}/models", headers={"Authorization": "Bearer sk-two"}).status_code == 200
     assert httpx.get(f"{auth_url}/models", headers={"x-api-key": "sk-one"}).status_code == 200
-    assert httpx.get(f"{auth_url}/metrics").status_code == 401
     assert httpx.get(f"{auth_url}/openapi.json").status_code == 401
     assert httpx.get(f"{auth_url}/health").status_code == 200
+    assert httpx.get(f"{auth_url}/metrics").status_code == 200  # a Prometheus scraper has no key
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=auth_url, api_key="wrong", max_retries=0).models.list()
+    protected = ServerState(default_state.engine, default_state.served, api_keys=("sk-one",), protect_metrics=True,
+                            timings=FAST_TIMINGS)
+    with running_server(protected) as url:
+        assert "no API key" in _error(httpx.get(f"{url}/metrics"), 401)
+        assert httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer sk-one"}).status_code == 200
 
 
 def _wait_until(condition, timeout: float = 10.0) -> bool:

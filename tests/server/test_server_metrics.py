@@ -1,13 +1,22 @@
-"""/metrics in the Prometheus text format: request counts by route and status, TTFT, tokens, queue depth,
-KV-cache usage and prefix-cache hits, after real traffic."""
+"""/metrics in the Prometheus text format (prometheus-client): request counts by route and status, per-token
+timings recorded as tokens arrive (streaming or not, every route), tokens, queue depth, KV-cache usage and
+prefix-cache hits, after real traffic."""
 
 from __future__ import annotations
 
 import re
 
+import anthropic
 import httpx
+import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from scripted_engine import scripted_server
 from server_harness import DEFAULT_OPTIONS, serving
+
+from whale.server.served_model import served_model_from_loaded
+
+TOKEN_DELAY_S = 0.05
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +39,9 @@ def test_metrics_after_traffic(default_url):
     response = httpx.get(f"{default_url}/metrics")
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text
+    families = {family.name for family in text_string_to_metric_families(text)}  # the format parses
+    assert {"whale_requests", "whale_time_to_first_token_seconds", "whale_inter_token_latency_seconds",
+            "whale_decode_tokens_per_second", "whale_kv_cache_usage_ratio"} <= families
     assert _value(text, 'whale_requests_total{route="/v1/chat/completions",status="200"}') == 2
     assert _value(text, 'whale_requests_total{route="/v1/chat/completions",status="422"}') == 1
     assert _value(text, "whale_time_to_first_token_seconds_count") == 2
@@ -38,4 +50,41 @@ def test_metrics_after_traffic(default_url):
     assert _value(text, "whale_engine_queue_depth") == 0
     assert _value(text, "whale_kv_cache_blocks_total") == 256
     assert 0 <= _value(text, "whale_kv_cache_usage_ratio") <= 1
-    assert "# TYPE whale_decode_tokens_per_second histogram" in text
+    # the 135M model decodes at most a few hundred tokens/s here: no sample may claim more than 1,000
+    assert _value(text, 'whale_decode_tokens_per_second_bucket{le="1000.0"}') == _value(
+        text, "whale_decode_tokens_per_second_count") == 2
+
+
+@pytest.fixture(scope="module")
+def paced(default_llm):
+    """The real server with a test double in place of the model that writes one token every TOKEN_DELAY_S, so
+    the timings /metrics reports can be checked against a known pace."""
+    served = served_model_from_loaded(default_llm.loaded, default_llm.engine.max_model_len)
+    with scripted_server(served) as (engine, url):
+        engine.output = "one two three four five six seven eight nine ten"
+        engine.token_delay_s = TOKEN_DELAY_S
+        yield engine, url
+
+
+def test_timings_are_per_token_as_they_happen_on_every_route(paced):
+    engine, url = paced
+    tokens = len(engine.tokenizer.encode(engine.output, add_special_tokens=False))
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    hello = [{"role": "user", "content": "Count."}]
+    client.chat.completions.create(model="deepseek-chat", messages=hello)  # one JSON body at the end
+    list(client.chat.completions.create(model="deepseek-chat", messages=hello, stream=True))
+    anthropic.Anthropic(base_url=f"{url}/anthropic", api_key="unused", max_retries=0).messages.create(
+        model="deepseek-chat", max_tokens=64, messages=hello)
+    text = httpx.get(f"{url}/metrics").text
+    requests = 3
+    assert _value(text, "whale_time_to_first_token_seconds_count") == requests
+    # the first token comes after one pause, not after the whole reply (tokens x pause)
+    assert _value(text, "whale_time_to_first_token_seconds_sum") / requests < tokens * TOKEN_DELAY_S / 2
+    assert _value(text, "whale_inter_token_latency_seconds_count") == requests * (tokens - 1)
+    gap = _value(text, "whale_inter_token_latency_seconds_sum") / (requests * (tokens - 1))
+    assert 0.8 * TOKEN_DELAY_S <= gap < 3 * TOKEN_DELAY_S
+    rate = _value(text, "whale_decode_tokens_per_second_sum") / requests
+    assert 1 / (3 * TOKEN_DELAY_S) < rate <= 1.25 / TOKEN_DELAY_S
+    latency = _value(text, "whale_request_latency_seconds_sum") / requests
+    assert latency >= tokens * TOKEN_DELAY_S
+    assert _value(text, "whale_generation_tokens_total") == requests * tokens

@@ -201,3 +201,23 @@ def test_health_and_openapi(default_url):
     assert httpx.get(f"{default_url}/health").json()["status"] == "ok"
     paths = httpx.get(f"{default_url}/openapi.json").json()["paths"]
     assert {"/chat/completions", "/completions", "/models"} <= set(paths)
+
+
+def test_max_completion_tokens_is_the_length_limit(scripted):
+    engine, client = scripted
+    engine.output = "Hello!"
+    client.chat.completions.create(model="deepseek-chat", messages=HELLO, max_completion_tokens=7)
+    assert engine.params().max_tokens == 7
+    client.chat.completions.create(model="deepseek-chat", messages=HELLO, max_completion_tokens=7, max_tokens=7)
+    assert engine.params().max_tokens == 7
+    with pytest.raises(openai.UnprocessableEntityError, match="max_completion_tokens"):
+        client.chat.completions.create(model="deepseek-chat", messages=HELLO, max_completion_tokens=7,
+                                       max_tokens=9)
+
+
+def test_models_retrieve_answers_each_served_name_and_404_otherwise(client):
+    for name in ("smollm2-135m-instruct", "deepseek-chat", "deepseek-reasoner"):
+        card = client.models.retrieve(name)
+        assert (card.id, card.object) == (name, "model")
+    with pytest.raises(openai.NotFoundError, match="'deepseek-chat'"):
+        client.models.retrieve("gpt-4o")

@@ -74,6 +74,14 @@ def test_more_than_one_choice_is_refused_naming_n(url):
     assert one.status_code == 200 and len(one.json()["choices"]) == 1
 
 
+def test_reasoning_effort_takes_the_documented_values_only(url):
+    message = _openai_error(httpx.post(f"{url}/chat/completions", json={**CHAT, "reasoning_effort": "bogus"}), 422)
+    assert "reasoning_effort" in message and "'max'" in message
+    for effort in ("low", "medium", "high", "max", "xhigh"):
+        reply = httpx.post(f"{url}/chat/completions", json={**CHAT, "reasoning_effort": effort})
+        assert reply.status_code == 200, reply.text
+
+
 def test_an_image_part_is_refused_not_dropped(url):
     parts = [{"type": "text", "text": "What is in this picture?"},
              {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]

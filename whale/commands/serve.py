@@ -16,6 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--api-key", action="append", default=None,
                         help="accept only this key (repeatable; default: $WHALE_API_KEY, else no key needed)")
+    parser.add_argument("--protect-metrics", action="store_true",
+                        help="require the API key on /metrics too (default: open, for Prometheus scrapers)")
     parser.add_argument("--served-model-name", default=None,
                         help="the model id clients see besides deepseek-chat / deepseek-reasoner")
     parser.add_argument("--chat-format", default=None, help="override the detected chat format (see whale models)")
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     state = load_state(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
                        served_model_name=args.served_model_name,
                        chat_format=args.chat_format, engine_options={"max_num_seqs": args.max_num_seqs},
-                       max_waiting=args.max_waiting, api_keys=keys,
+                       max_waiting=args.max_waiting, api_keys=keys, protect_metrics=args.protect_metrics,
                        max_concurrent_requests=args.max_concurrent_requests,
                        max_request_bytes=args.max_request_bytes,
                        timings=StreamTimings(keepalive_s=args.keepalive))

@@ -16,9 +16,13 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from whale.chat import ChatDelta, parse_output
-from whale.server.asgi import client_gone
 from whale.server.openai_api import Generation
-from whale.server.openapi import AnthropicMessageResponse, generation_responses
+from whale.server.openapi import (
+    AnthropicMessageResponse,
+    AnthropicTokenCount,
+    error_responses,
+    generation_responses,
+)
 from whale.server.protocol import (
     MAX_TOOLS,
     ChatCompletionRequest,
@@ -106,27 +110,18 @@ class AnthropicToolChoice(WireModel):
     disable_parallel_tool_use: bool | None = None
 
 
-class MessagesRequest(WireModel):
+class CountTokensRequest(WireModel):
+    """/v1/messages/count_tokens: the prompt half of a Messages request."""
+
     model: str
-    max_tokens: int = Field(ge=1)
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
-    stop_sequences: list[str] | None = None
-    stream: bool = False
-    temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=0)  # ignored
     thinking: AnthropicThinking | None = None
     tools: list[AnthropicTool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: AnthropicToolChoice | None = None
 
-    @field_validator("stop_sequences")
-    @classmethod
-    def _stop_count(cls, value: list[str] | None) -> list[str] | None:
-        return check_stop(value)
-
     @model_validator(mode="after")
-    def _tool_choice_fits(self) -> MessagesRequest:
+    def _tool_choice_fits(self) -> CountTokensRequest:
         choice = self.tool_choice
         if choice is None or choice.type in ("auto", "none"):
             return self
@@ -137,6 +132,20 @@ class MessagesRequest(WireModel):
             raise ValueError(f"'tool_choice' names tool {choice.name!r}, which is not in 'tools' "
                              f"({', '.join(map(repr, names))})")
         return self
+
+
+class MessagesRequest(CountTokensRequest):
+    max_tokens: int = Field(ge=1)
+    stop_sequences: list[str] | None = None
+    stream: bool = False
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = Field(default=None, ge=0)  # ignored
+
+    @field_validator("stop_sequences")
+    @classmethod
+    def _stop_count(cls, value: list[str] | None) -> list[str] | None:
+        return check_stop(value)
 
 
 def _text_of(content: str | list[Any] | None) -> str:
@@ -172,7 +181,7 @@ def _assistant_message(content: str | list[Any]) -> dict[str, Any]:
     return message
 
 
-def to_chat_request(body: MessagesRequest, served_ids: list[str]) -> ChatCompletionRequest:
+def to_chat_request(body: CountTokensRequest, served_ids: list[str]) -> ChatCompletionRequest:
     """The equivalent OpenAI-shape request; unknown model names map to deepseek-chat, as DeepSeek's route does.
     What the OpenAI shape still refuses (a message order it does not take) is a 4xx, never a server error."""
     messages: list[dict[str, Any]] = []
@@ -194,11 +203,13 @@ def to_chat_request(body: MessagesRequest, served_ids: list[str]) -> ChatComplet
     # Anthropic clients ask for large budgets (32K is common): capped at the mode's maximum (and, in
     # prepare_chat, at what the context leaves) instead of refused
     ceiling = (THINKING_MAX_TOKENS if thinking else CHAT_MAX_TOKENS)[1]
+    generation = {}
+    if isinstance(body, MessagesRequest):
+        generation = {"max_tokens": min(body.max_tokens, ceiling), "stop": body.stop_sequences,
+                      "temperature": body.temperature, "top_p": body.top_p}
     try:
         return ChatCompletionRequest.model_validate({
-            "model": model, "messages": messages, "max_tokens": min(body.max_tokens, ceiling),
-            "stop": body.stop_sequences, "temperature": body.temperature, "top_p": body.top_p,
-            "tools": tools or None, "tool_choice": tool_choice,
+            "model": model, "messages": messages, **generation, "tools": tools or None, "tool_choice": tool_choice,
             "thinking": {"type": body.thinking.type} if body.thinking else None})
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
@@ -220,9 +231,6 @@ def _usage(collected: Collected) -> dict[str, int]:
 
 
 def message_body(gen: Generation, collected: Collected) -> dict[str, Any]:
-    for delta in collected.deltas:
-        gen.saw(delta)
-    gen.finished(collected)
     parsed = parse_output(gen.prepared.parser, collected.text)
     blocks: list[dict[str, Any]] = []
     if gen.prepared.thinking and parsed["reasoning_content"]:
@@ -295,7 +303,6 @@ async def message_events(gen: Generation, deltas: AsyncIterator[Any]) -> AsyncIt
         if isinstance(item, Exception):
             yield event("error", {"error": {"type": "api_error", "message": str(item)}})
             return
-        gen.saw(item)
         collected.deltas.append(item)
         piece = gen.prepared.parser.finish(item.text) if item.finished else gen.prepared.parser.feed(item.text)
         called = called or bool(piece.tool_calls)
@@ -303,7 +310,6 @@ async def message_events(gen: Generation, deltas: AsyncIterator[Any]) -> AsyncIt
             yield text
     for text in writer.close():
         yield text
-    gen.finished(collected)
     stop_reason, stop_sequence = _stop(collected, called)
     yield event("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
                                   "usage": _usage(collected)})
@@ -315,15 +321,25 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
     chat = to_chat_request(body, state.served.model_ids)
     gen = Generation(state, await asyncio.to_thread(state.served.prepare_chat, chat, clamp_max_tokens=True), "message")
     gen.id = "msg_" + uuid.uuid4().hex
-    stream, first = await start_generation(state, gen.prepared, gen.id, client_gone(request.scope))
+    stream, first = await start_generation(state, gen.prepared, gen.id, request.scope)
     if not body.stream:
         return await collect_response(request, stream, state.timings, lambda c: message_body(gen, c), first)
     return StreamingResponse(message_events(gen, sse_deltas(stream, state.timings, first)),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
+async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
+    state: ServerState = request.app.state.whale
+    chat = to_chat_request(body, state.served.model_ids)
+    return {"input_tokens": await asyncio.to_thread(state.served.prompt_tokens, chat)}
+
+
 def build_router() -> APIRouter:
     router = APIRouter()
+    router.add_api_route("/anthropic/v1/messages/count_tokens", count_tokens, methods=["POST"],
+                         summary="Anthropic token count of a Messages prompt", response_model=None,
+                         responses={200: {"model": AnthropicTokenCount}, **error_responses(400, 401, 413, 422,
+                                                                                            anthropic=True)})
     router.add_api_route("/anthropic/v1/messages", messages, methods=["POST"], summary="Anthropic Messages",
                          response_model=None, responses=generation_responses(AnthropicMessageResponse, anthropic=True))
     return router

@@ -8,7 +8,8 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from whale.server import anthropic_api, openai_api
 from whale.server.asgi import APIKeyGuard, BodySizeLimit, DisconnectWatch, RequestAccounting
@@ -32,10 +33,10 @@ def create_app(state: ServerState) -> FastAPI:
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": state.served.name}
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=PlainTextResponse,
-             responses=error_responses(401))
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
+    @app.get("/metrics", summary="Prometheus metrics (no API key needed unless the server protects it)",
+             response_class=PlainTextResponse, responses=error_responses(401))
+    async def metrics() -> Response:
+        return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> JSONResponse:
@@ -46,7 +47,8 @@ def create_app(state: ServerState) -> FastAPI:
     # the last added runs first: accounting sees every answer, a missing key wins over a body's size
     app.add_middleware(DisconnectWatch)
     app.add_middleware(BodySizeLimit, max_bytes=state.max_request_bytes)
-    app.add_middleware(APIKeyGuard, keys=state.api_keys)
+    open_paths = ("/health",) if state.protect_metrics else ("/health", "/metrics")
+    app.add_middleware(APIKeyGuard, keys=state.api_keys, open_paths=open_paths)
     app.add_middleware(RequestAccounting, metrics=state.metrics, known_paths=known,
                        limit=state.max_concurrent_requests)
     return app

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from collections.abc import Sequence
 
 from starlette.responses import JSONResponse
@@ -16,8 +17,8 @@ from whale.server.errors import error_body
 from whale.server.metrics import Metrics
 
 GENERATION_PATHS = ("/chat/completions", "/completions", "/messages")
-OPEN_PATHS = ("/health",)  # reachable without an API key
 WATCH_SCOPE_KEY = "whale.client_watch"
+ARRIVAL_SCOPE_KEY = "whale.arrival"
 
 
 def _is_anthropic(scope: Scope) -> bool:
@@ -44,6 +45,7 @@ class RequestAccounting:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope[ARRIVAL_SCOPE_KEY] = time.monotonic()
         path: str = scope["path"]
         route = path if path in self.known_paths else "other"
         metrics = self.metrics
@@ -80,15 +82,16 @@ def presented_key(scope: Scope) -> str | None:
 
 
 class APIKeyGuard:
-    """Refuses every request but /health without one of `keys`, before its body is read, so that a missing
-    key is the answer whatever else is wrong with the request."""
+    """Refuses every request but those to `open_paths` (/health; /metrics unless protected) without one of
+    `keys`, before its body is read, so that a missing key is the answer whatever else is wrong with it."""
 
-    def __init__(self, app: ASGIApp, keys: Sequence[str]):
+    def __init__(self, app: ASGIApp, keys: Sequence[str], open_paths: Sequence[str] = ("/health",)):
         self.app = app
         self.accepted = [k.encode() for k in keys if k]
+        self.open_paths = tuple(open_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.accepted or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.accepted or scope["path"] in self.open_paths:
             await self.app(scope, receive, send)
             return
         key = presented_key(scope)
@@ -210,3 +213,8 @@ def client_gone(scope: Scope) -> asyncio.Event | None:
     """The event set when the request's client disconnects (None outside DisconnectWatch)."""
     watch = scope.get(WATCH_SCOPE_KEY)
     return watch.gone if watch is not None else None
+
+
+def request_arrival(scope: Scope) -> float:
+    """When the request arrived (time.monotonic), as RequestAccounting stamped it; now outside it."""
+    return scope.get(ARRIVAL_SCOPE_KEY) or time.monotonic()

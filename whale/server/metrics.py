@@ -1,40 +1,24 @@
-"""Prometheus metrics in the text exposition format: requests by route and status, time to first token,
-generated tokens and per-request tokens/s, queue depth, KV-cache usage and prefix-cache hits."""
+"""Prometheus metrics (prometheus-client, one registry per server): requests by route and status; per generation,
+time to first token, the gap between tokens and the decode rate, each recorded as its tokens arrive from the
+engine, streaming or not; prompt, cached and generated tokens; and, read from the engine when /metrics is
+scraped, queue depth and KV-cache usage."""
 
 from __future__ import annotations
 
-import threading
-from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from whale.engine.async_engine import StreamDelta
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+INTER_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0)
-
-
-@dataclass
-class Histogram:
-    buckets: tuple[float, ...]
-    counts: list[int] = field(default_factory=list)
-    total: float = 0.0
-    samples: int = 0
-
-    def __post_init__(self) -> None:
-        self.counts = [0] * len(self.buckets)
-
-    def observe(self, value: float) -> None:
-        self.total += value
-        self.samples += 1
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-
-    def lines(self, name: str) -> list[str]:
-        out = [f'{name}_bucket{{le="{bound}"}} {count}' for bound, count in zip(self.buckets, self.counts,
-                                                                                strict=True)]
-        out += [f'{name}_bucket{{le="+Inf"}} {self.samples}', f"{name}_sum {self.total}",
-                f"{name}_count {self.samples}"]
-        return out
 
 
 @dataclass(frozen=True)
@@ -47,68 +31,97 @@ class EngineGauges:
     kv_blocks_total: int = 0
 
 
+class _ScrapeTimeGauges(Collector):
+    """Gauges read when /metrics is scraped: the engine's state and the HTTP requests in flight."""
+
+    def __init__(self, gauges: Callable[[], EngineGauges], in_flight: Callable[[], int]):
+        self._gauges = gauges
+        self._in_flight = in_flight
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauges = self._gauges()
+        usage = gauges.kv_blocks_used / gauges.kv_blocks_total if gauges.kv_blocks_total else 0.0
+        for name, help_text, value in (
+                ("whale_requests_in_flight", "HTTP generation requests being served now.", self._in_flight()),
+                ("whale_engine_running_requests", "Requests the engine is running.", gauges.running),
+                ("whale_engine_queue_depth", "Requests waiting for the engine.", gauges.waiting),
+                ("whale_kv_cache_blocks_used", "KV-cache blocks held by requests.", gauges.kv_blocks_used),
+                ("whale_kv_cache_blocks_total", "KV-cache blocks in all.", gauges.kv_blocks_total),
+                ("whale_kv_cache_usage_ratio", "Share of KV-cache blocks in use.", usage)):
+            yield GaugeMetricFamily(name, help_text, value=value)
+
+
 class Metrics:
-    """Counters and histograms of one server; `gauges` reads the engine's state when /metrics is scraped."""
+    """The metrics of one server. `in_flight` is kept by the request accounting (asgi.RequestAccounting)."""
 
     def __init__(self, gauges: Callable[[], EngineGauges]):
-        self._gauges = gauges
-        self._lock = threading.Lock()
-        self.requests: dict[tuple[str, int], int] = defaultdict(int)
+        self.registry = registry = CollectorRegistry()
         self.in_flight = 0
-        self.ttft = Histogram(TTFT_BUCKETS)
-        self.tokens_per_second = Histogram(RATE_BUCKETS)
-        self.prompt_tokens = 0
-        self.cached_prompt_tokens = 0
-        self.generation_tokens = 0
+        self.requests = Counter("whale_requests", "HTTP requests served, by route and status code.",
+                                ["route", "status"], registry=registry)
+        self.ttft = Histogram("whale_time_to_first_token_seconds", "From request arrival to its first token.",
+                              buckets=TTFT_BUCKETS, registry=registry)
+        self.inter_token = Histogram("whale_inter_token_latency_seconds",
+                                     "Time between consecutive tokens of a request, as they left the engine.",
+                                     buckets=INTER_TOKEN_BUCKETS, registry=registry)
+        self.latency = Histogram("whale_request_latency_seconds", "From request arrival to its last token.",
+                                 buckets=LATENCY_BUCKETS, registry=registry)
+        self.decode_rate = Histogram("whale_decode_tokens_per_second",
+                                     "Per-request decode rate, first token to last.", buckets=RATE_BUCKETS,
+                                     registry=registry)
+        self.prompt_tokens = Counter("whale_prompt_tokens", "Prompt tokens of started requests.",
+                                     registry=registry)
+        self.cached_prompt_tokens = Counter("whale_prompt_cache_hit_tokens",
+                                            "Prompt tokens served from the prefix cache.", registry=registry)
+        self.generation_tokens = Counter("whale_generation_tokens", "Tokens generated.", registry=registry)
+        registry.register(_ScrapeTimeGauges(gauges, lambda: self.in_flight))
 
     def record_request(self, route: str, status: int) -> None:
-        with self._lock:
-            self.requests[(route, status)] += 1
+        self.requests.labels(route=route, status=str(status)).inc()
 
-    def record_generation(self, ttft_s: float | None, decode_s: float, prompt: int, cached: int,
-                          completion: int) -> None:
-        with self._lock:
-            if ttft_s is not None:
-                self.ttft.observe(ttft_s)
-            if completion > 1 and decode_s > 0:
-                self.tokens_per_second.observe((completion - 1) / decode_s)
-            self.prompt_tokens += prompt
-            self.cached_prompt_tokens += cached
-            self.generation_tokens += completion
+    def timer(self, arrival: float) -> GenerationTimer:
+        return GenerationTimer(self, arrival)
 
-    def render(self) -> str:
-        gauges = self._gauges()
-        with self._lock:
-            lines = ["# HELP whale_requests_total HTTP requests served, by route and status code.",
-                     "# TYPE whale_requests_total counter"]
-            lines += [f'whale_requests_total{{route="{route}",status="{status}"}} {count}'
-                      for (route, status), count in sorted(self.requests.items())]
-            lines += _gauge("whale_requests_in_flight", "HTTP requests being served now.", self.in_flight)
-            lines += ["# HELP whale_time_to_first_token_seconds From request arrival to its first token.",
-                      "# TYPE whale_time_to_first_token_seconds histogram",
-                      *self.ttft.lines("whale_time_to_first_token_seconds"),
-                      "# HELP whale_decode_tokens_per_second Per-request decode rate after the first token.",
-                      "# TYPE whale_decode_tokens_per_second histogram",
-                      *self.tokens_per_second.lines("whale_decode_tokens_per_second")]
-            lines += _counter("whale_prompt_tokens_total", "Prompt tokens of finished requests.", self.prompt_tokens)
-            lines += _counter("whale_prompt_cache_hit_tokens_total", "Prompt tokens served from the prefix cache.",
-                              self.cached_prompt_tokens)
-            lines += _counter("whale_generation_tokens_total", "Tokens generated.", self.generation_tokens)
-        lines += _gauge("whale_engine_running_requests", "Requests the engine is running.", gauges.running)
-        lines += _gauge("whale_engine_queue_depth", "Requests waiting for the engine.", gauges.waiting)
-        lines += _gauge("whale_kv_cache_blocks_used", "KV-cache blocks held by requests.", gauges.kv_blocks_used)
-        lines += _gauge("whale_kv_cache_blocks_total", "KV-cache blocks in all.", gauges.kv_blocks_total)
-        usage = gauges.kv_blocks_used / gauges.kv_blocks_total if gauges.kv_blocks_total else 0.0
-        lines += _gauge("whale_kv_cache_usage_ratio", "Share of KV-cache blocks in use.", usage)
-        return "\n".join(lines) + "\n"
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
 
 
-def _gauge(name: str, help_text: str, value: float) -> list[str]:
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]
+class GenerationTimer:
+    """One generation's timings, fed every delta as it arrives from the engine (time.monotonic clock);
+    `finish` records the whole-request figures once, however the request ended."""
 
+    def __init__(self, metrics: Metrics, arrival: float):
+        self._metrics = metrics
+        self._arrival = arrival
+        self._first: float | None = None
+        self._last = arrival
+        self._tokens = 0
+        self._finished = False
 
-def _counter(name: str, help_text: str, value: float) -> list[str]:
-    return [f"# HELP {name} {help_text}", f"# TYPE {name} counter", f"{name} {value}"]
+    def saw(self, delta: StreamDelta) -> None:
+        count = len(delta.token_ids)
+        if not count:
+            return
+        now, metrics = time.monotonic(), self._metrics
+        if self._first is None:
+            self._first = now
+            metrics.ttft.observe(now - self._arrival)
+            metrics.prompt_tokens.inc(delta.prompt_tokens)
+            metrics.cached_prompt_tokens.inc(delta.cached_tokens)
+        else:  # tokens that arrive together (a stop string held back) share the gap
+            for _ in range(count):
+                metrics.inter_token.observe((now - self._last) / count)
+        metrics.generation_tokens.inc(count)
+        self._tokens += count
+        self._last = now
+
+    def finish(self) -> None:
+        if self._finished or self._first is None:
+            return
+        self._finished = True
+        self._metrics.latency.observe(self._last - self._arrival)
+        if self._tokens > 1 and self._last > self._first:
+            self._metrics.decode_rate.observe((self._tokens - 1) / (self._last - self._first))
 
 
 def engine_gauges(async_engine: object) -> EngineGauges:

@@ -14,10 +14,17 @@ from fastapi.responses import Response, StreamingResponse
 
 from whale.chat import ChatDelta, parse_output
 from whale.engine.async_engine import StreamDelta
-from whale.server.asgi import client_gone
-from whale.server.openapi import ChatCompletion, Completion, ModelList, error_responses, generation_responses
+from whale.server.errors import APIError
+from whale.server.openapi import (
+    ChatCompletion,
+    Completion,
+    ModelCard,
+    ModelList,
+    error_responses,
+    generation_responses,
+)
 from whale.server.protocol import ChatCompletionRequest, CompletionRequest
-from whale.server.served_model import PreparedRequest
+from whale.server.served_model import PreparedRequest, ServedModel
 from whale.server.state import ServerState, start_generation
 from whale.server.streaming import Collected, collect_response, sse, sse_deltas
 
@@ -40,23 +47,11 @@ class Generation:
         self.id = str(uuid.uuid4())
         self.created = int(time.time())
         self.kind = kind  # "chat.completion" or "text_completion"
-        self.arrival = time.monotonic()
-        self.first_token: float | None = None
 
     def header(self, chunk: bool) -> dict[str, Any]:
         suffix = ".chunk" if chunk and self.kind == "chat.completion" else ""
         return {"id": self.id, "object": self.kind + suffix, "created": self.created, "model": self.prepared.model,
                 "system_fingerprint": self.state.system_fingerprint}
-
-    def saw(self, delta: StreamDelta) -> None:
-        if self.first_token is None and delta.token_ids:
-            self.first_token = time.monotonic()
-
-    def finished(self, collected: Collected) -> None:
-        prompt, completion, cached = collected.usage_counts()
-        now = time.monotonic()
-        ttft = None if self.first_token is None else self.first_token - self.arrival
-        self.state.metrics.record_generation(ttft, now - (self.first_token or now), prompt, cached, completion)
 
     def logprob_entries(self, delta: StreamDelta) -> list[dict[str, Any]]:
         """OpenAI chat logprobs for the delta's tokens: token text, logprob, UTF-8 bytes, top alternatives."""
@@ -86,9 +81,6 @@ def _message(gen: Generation, collected: Collected) -> tuple[dict[str, Any], str
 
 
 def chat_body(gen: Generation, collected: Collected) -> dict[str, Any]:
-    for delta in collected.deltas:
-        gen.saw(delta)
-    gen.finished(collected)
     message, finish = _message(gen, collected)
     logprobs = None
     if gen.prepared.params.logprobs is not None:
@@ -136,7 +128,6 @@ async def chat_events(gen: Generation, deltas: AsyncIterator[Any], include_usage
             collected.failed = True
             piece = parser.finish()
         else:
-            gen.saw(item)
             collected.deltas.append(item)
             piece = parser.finish(item.text) if item.finished else parser.feed(item.text)
         called = called or bool(piece.tool_calls)
@@ -146,7 +137,6 @@ async def chat_events(gen: Generation, deltas: AsyncIterator[Any], include_usage
             yield _chunk(gen, _chat_delta_body(gen, piece), logprobs=logprobs)
     finish = collected.finish_reason
     yield _chunk(gen, {"content": ""}, "tool_calls" if called and finish == "stop" else finish)
-    gen.finished(collected)
     if include_usage:
         prompt, completion, cached = collected.usage_counts()
         reasoning_tokens = min(gen.state.served.count_tokens("".join(reasoning)), completion)
@@ -158,7 +148,7 @@ async def chat_events(gen: Generation, deltas: AsyncIterator[Any], include_usage
 async def respond(request: Request, state: ServerState, gen: Generation, stream: bool, include_usage: bool,
                   body_builder: Any, events: Any) -> Response:
     """Start the request on the engine; answer with one body or an SSE stream."""
-    engine_stream, first = await start_generation(state, gen.prepared, gen.id, client_gone(request.scope))
+    engine_stream, first = await start_generation(state, gen.prepared, gen.id, request.scope)
     if not stream:
         return await collect_response(request, engine_stream, state.timings, lambda c: body_builder(gen, c), first)
     deltas = sse_deltas(engine_stream, state.timings, first)
@@ -189,9 +179,6 @@ def _completion_logprobs(gen: Generation, deltas: list[StreamDelta], offset: int
 
 
 def completion_body(gen: Generation, collected: Collected) -> dict[str, Any]:
-    for delta in collected.deltas:
-        gen.saw(delta)
-    gen.finished(collected)
     echo = gen.prepared.echo_text
     logprobs = None
     if gen.prepared.params.logprobs is not None:
@@ -215,7 +202,6 @@ async def completion_events(gen: Generation, deltas: AsyncIterator[Any], include
         if isinstance(item, Exception):
             collected.failed = True
             break
-        gen.saw(item)
         collected.deltas.append(item)
         logprobs = None
         if gen.prepared.params.logprobs is not None:
@@ -228,7 +214,6 @@ async def completion_events(gen: Generation, deltas: AsyncIterator[Any], include
     if collected.failed:
         yield sse({**gen.header(chunk=True), "choices": [{"text": "", "index": 0, "logprobs": None,
                                                            "finish_reason": collected.finish_reason}]})
-    gen.finished(collected)
     if include_usage:
         yield sse({**gen.header(chunk=True), "choices": [], "usage": usage_body(*collected.usage_counts())})
     yield sse("[DONE]")
@@ -243,12 +228,22 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
 
 # -- models -----------------------------------------------------------------------------------------------
+def _model_card(served: ServedModel, name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": served.created,
+            "owned_by": "whale" if name == served.name else "deepseek"}
+
+
 async def list_models(request: Request) -> dict[str, Any]:
-    state: ServerState = request.app.state.whale
-    served = state.served
-    return {"object": "list", "data": [{"id": name, "object": "model", "created": served.created,
-                                        "owned_by": "whale" if name == served.name else "deepseek"}
-                                       for name in served.model_ids]}
+    served: ServedModel = request.app.state.whale.served
+    return {"object": "list", "data": [_model_card(served, name) for name in served.model_ids]}
+
+
+async def retrieve_model(model: str, request: Request) -> dict[str, Any]:
+    served: ServedModel = request.app.state.whale.served
+    if model not in served.model_ids:
+        raise APIError(404, f"The model {model!r} does not exist on this server; it serves "
+                            f"{', '.join(map(repr, served.model_ids))}", param="model")
+    return _model_card(served, model)
 
 
 def build_router() -> APIRouter:
@@ -263,4 +258,7 @@ def build_router() -> APIRouter:
         router.add_api_route(f"{prefix}/models", list_models, methods=["GET"], include_in_schema=prefix == "",
                              summary="List models", response_model=None,
                              responses={200: {"model": ModelList}, **error_responses(401)})
+        router.add_api_route(f"{prefix}/models/{{model}}", retrieve_model, methods=["GET"],
+                             include_in_schema=prefix == "", summary="Retrieve a model", response_model=None,
+                             responses={200: {"model": ModelCard}, **error_responses(401, 404, 422)})
     return router

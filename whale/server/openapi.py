@@ -154,6 +154,10 @@ class AnthropicMessageResponse(BaseModel):
     usage: AnthropicUsage
 
 
+class AnthropicTokenCount(BaseModel):
+    input_tokens: int
+
+
 class Health(BaseModel):
     status: Literal["ok"]
     model: str
@@ -162,6 +166,7 @@ class Health(BaseModel):
 _MEANINGS = {
     400: "Invalid format, or an input this model or server cannot take (the message says what to change)",
     401: "No API key, or a wrong one (only when the server was started with --api-key)",
+    404: "No such model on this server (GET /models/{model}): the message lists the ones it serves",
     413: "The request body is larger than the server accepts (--max-request-bytes)",
     422: "A value out of its valid range",
     429: "More requests in flight than the server's --max-concurrent-requests",
@@ -175,10 +180,15 @@ def error_responses(*statuses: int, anthropic: bool = False) -> dict[int | str, 
     return {status: {"model": model, "description": _MEANINGS[status]} for status in statuses}
 
 
+# one server-sent event: `data` a JSON chunk (or [DONE]); `event` names it on the Anthropic route
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"event": {"type": "string"}, "data": {"type": "string"}, "id": {"type": "string"}}}
+
+
 def generation_responses(body: type[BaseModel], anthropic: bool = False) -> dict[int | str, dict[str, Any]]:
     """A generation route: its JSON body, or an SSE stream when the request asks for one, and every error."""
     ok = {"model": body, "description": "The whole response; with `stream: true`, server-sent events",
-          "content": {"text/event-stream": {"schema": {"type": "string"}}}}
+          "content": {"text/event-stream": {"schema": SSE_EVENT}}}
     return {200: ok, **error_responses(400, 401, 413, 422, 429, 500, 503, anthropic=anthropic)}
 
 

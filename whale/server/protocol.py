@@ -122,6 +122,10 @@ class ResponseFormat(WireModel):
     type: Literal["text", "json_object"] = "text"
 
 
+# the DeepSeek API's efforts are high and max; it reads low and medium as high, xhigh as max (api.md §14)
+ReasoningEffort = Literal["low", "medium", "high", "max", "xhigh"]
+
+
 class StreamOptions(WireModel):
     include_usage: bool = False
 
@@ -153,6 +157,9 @@ class ChatCompletionRequest(WireModel):
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     max_tokens: int | None = Field(default=None, ge=1)
+    # the OpenAI SDK's current name for max_tokens (langchain-openai sends only this one)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    reasoning_effort: ReasoningEffort | None = None
     response_format: ResponseFormat | None = None
     stop: StopField = None
     stream: bool | None = False
@@ -193,6 +200,11 @@ class ChatCompletionRequest(WireModel):
         for message in self.messages[:-1]:
             if message.prefix:
                 raise ValueError("'prefix': true is only valid on the last message")
+        if self.max_completion_tokens is not None:
+            if self.max_tokens is not None and self.max_tokens != self.max_completion_tokens:
+                raise ValueError(f"'max_tokens' ({self.max_tokens}) and 'max_completion_tokens' "
+                                 f"({self.max_completion_tokens}) disagree: send one of them")
+            self.max_tokens = self.max_completion_tokens
         return self
 
     @property

@@ -72,21 +72,7 @@ class ServedModel:
     def prepare_chat(self, req: Any, clamp_max_tokens: bool = False) -> PreparedRequest:
         """`req` is a ChatCompletionRequest; capability problems and over-long prompts raise 400s.
         `clamp_max_tokens` fits a too-large max_tokens into the context instead of refusing (Anthropic route)."""
-        thinking = self.thinking_for(req.model)
-        if req.thinking is not None:
-            thinking = req.thinking.type == "enabled"
-        tools = [t.model_dump(exclude_none=True) for t in req.tools or ()] if req.tool_choice != "none" else []
-        thinking = check_request(self.variant, thinking=thinking, tools=tools, prefix=req.prefix,
-                                 config=self.config)
-        if thinking and (req.logprobs or req.top_logprobs is not None):
-            raise APIError(400, "logprobs and top_logprobs are not supported in thinking mode: remove them, or "
-                                "disable thinking (model 'deepseek-chat' or thinking {'type': 'disabled'})",
-                           param="logprobs")
-        messages = [m.as_template_dict() for m in req.messages]
-        if req.response_format is not None and req.response_format.type == "json_object":
-            messages = _with_json_instruction(messages)
-        prompt = render(self.variant, messages, tools=tools or None, thinking=thinking, prefix=req.prefix)
-        ids = encode_prompt(self.tokenizer, prompt)
+        thinking, tools, prompt, ids = self._chat_prompt(req)
         limits = THINKING_MAX_TOKENS if thinking else CHAT_MAX_TOKENS
         requested = req.max_tokens
         if clamp_max_tokens and requested is not None:
@@ -104,6 +90,29 @@ class ServedModel:
             logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         parser = make_output_parser(self.variant, prompt, thinking=thinking, tools=bool(tools))
         return PreparedRequest(req.model, ids, params, thinking, parser)
+
+    def prompt_tokens(self, req: Any) -> int:
+        """How many tokens the ChatCompletionRequest's prompt is, as the model would see it."""
+        return len(self._chat_prompt(req)[3])
+
+    def _chat_prompt(self, req: Any) -> tuple[bool, list[dict[str, Any]], str, list[int]]:
+        """(thinking, tools, prompt text, prompt ids) of a ChatCompletionRequest, refusing what the model
+        cannot do."""
+        thinking = self.thinking_for(req.model)
+        if req.thinking is not None:
+            thinking = req.thinking.type == "enabled"
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or ()] if req.tool_choice != "none" else []
+        thinking = check_request(self.variant, thinking=thinking, tools=tools, prefix=req.prefix,
+                                 config=self.config)
+        if thinking and (req.logprobs or req.top_logprobs is not None):
+            raise APIError(400, "logprobs and top_logprobs are not supported in thinking mode: remove them, or "
+                                "disable thinking (model 'deepseek-chat' or thinking {'type': 'disabled'})",
+                           param="logprobs")
+        messages = [m.as_template_dict() for m in req.messages]
+        if req.response_format is not None and req.response_format.type == "json_object":
+            messages = _with_json_instruction(messages)
+        prompt = render(self.variant, messages, tools=tools or None, thinking=thinking, prefix=req.prefix)
+        return thinking, tools, prompt, encode_prompt(self.tokenizer, prompt)
 
     # -- FIM ----------------------------------------------------------------------------------------------
     def prepare_fim(self, req: Any) -> PreparedRequest:
@@ -138,10 +147,13 @@ class ServedModel:
                            param="max_tokens")
         completion = requested or 0
         if prompt_tokens + completion > self.max_model_len or prompt_tokens >= self.max_model_len:
+            room = self.max_model_len - prompt_tokens
+            fix = (f"set max_tokens to at most {room}, or shorten the messages" if room > 0 and completion
+                   else "Please reduce the length of the messages")
             raise APIError(400, f"This model's maximum context length is {self.max_model_len} tokens. However, "
                                 f"you requested {prompt_tokens + completion} tokens ({prompt_tokens} in the "
-                                f"messages, {completion} in the completion). Please reduce the length of the "
-                                "messages or completion.", param="messages")
+                                f"messages, {completion} in the completion): {fix}.",
+                           param="max_tokens" if room > 0 and completion else "messages")
         return requested or min(default, self.max_model_len - prompt_tokens)
 
     def token_text(self, token_id: int) -> str:

@@ -7,7 +7,10 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
+from starlette.types import Scope
+
 from whale.engine.async_engine import StreamDelta
+from whale.server.asgi import client_gone, request_arrival
 from whale.server.metrics import Metrics, engine_gauges
 from whale.server.served_model import PreparedRequest, ServedModel
 from whale.server.streaming import EngineStream, StreamTimings, first_delta
@@ -26,6 +29,7 @@ class ServerState:
     api_keys: tuple[str, ...] = ()
     max_concurrent_requests: int | None = None  # generation requests beyond this get a 429 at once
     max_request_bytes: int | None = None  # bodies over this get a 413; None: from the context length
+    protect_metrics: bool = False  # /metrics needs the API key too (open by default, for scrapers)
     timings: StreamTimings = field(default_factory=StreamTimings)
     system_fingerprint: str = "fp_whale"
     metrics: Metrics | None = None
@@ -39,9 +43,11 @@ class ServerState:
 
 
 async def start_generation(state: ServerState, prepared: PreparedRequest, request_id: str,
-                           gone: asyncio.Event | None) -> tuple[EngineStream, StreamDelta | None]:
-    """Submit the request; engine refusals raise here (mapped to their status). Returns the stream and its
-    first delta if it came within the short first wait. `gone` is set when the client disconnects."""
+                           scope: Scope) -> tuple[EngineStream, StreamDelta | None]:
+    """Submit the request of the HTTP request `scope`; engine refusals raise here (mapped to their status).
+    Returns the stream, which stops when the client disconnects and times every token for /metrics, and its
+    first delta if it came within the short first wait."""
     deltas = state.engine.generate(prepared.prompt_ids, prepared.params, request_id)
-    stream = EngineStream(deltas, state.background, gone)
+    timer = state.metrics.timer(request_arrival(scope))
+    stream = EngineStream(deltas, state.background, client_gone(scope), timer)
     return stream, await first_delta(stream, state.timings)

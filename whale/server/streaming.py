@@ -17,6 +17,7 @@ from whale.engine.async_engine import StreamDelta
 from whale.errors import RequestFailedError
 from whale.server.asgi import ClientDisconnected
 from whale.server.errors import error_body, is_anthropic, status_of
+from whale.server.metrics import GenerationTimer
 
 SSE_KEEPALIVE = ": keep-alive\n\n"
 JSON_KEEPALIVE = "\n"
@@ -59,8 +60,9 @@ class EngineStream:
     synchronous so that it still aborts the request from code that is being cancelled."""
 
     def __init__(self, deltas: AsyncIterator[StreamDelta], background: set[asyncio.Task],
-                 gone: asyncio.Event | None = None):
+                 gone: asyncio.Event | None = None, timer: GenerationTimer | None = None):
         self._deltas = deltas
+        self._timer = timer  # told of every delta as it arrives, and of the end
         self._pending: asyncio.Task | None = None
         self._background = background  # strong references to close tasks, owned by the app
         self._gone = asyncio.ensure_future(gone.wait()) if gone is not None else None
@@ -79,13 +81,18 @@ class EngineStream:
         if not done:
             return None
         task, self._pending = self._pending, None
-        return task.result()
+        delta = task.result()
+        if self._timer is not None:
+            self._timer.saw(delta)
+        return delta
 
     def close(self) -> None:
         """Abort the request if it is still running (the engine frees its blocks at once)."""
         if self.closed:
             return
         self.closed = True
+        if self._timer is not None:
+            self._timer.finish()
         if self._gone is not None:
             self._gone.cancel()
         if self._pending is not None and not self._pending.done():
