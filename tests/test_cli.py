@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 
 def _whale(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "whale.cli", *args], input=stdin, capture_output=True, text=True,
@@ -61,3 +64,24 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
     done = _whale("generate", "hi", "--temperature", "-1")
     assert (done.returncode, done.stderr) == (2, "whale generate: error: temperature must be >= 0\n")
     assert _whale("no-such-command").returncode == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for torch builds without a GPU")
+def test_a_device_this_torch_cannot_use_is_one_line_saying_what_to_do():
+    done = _whale("generate", "hi", "--device", "cuda")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "sees no CUDA GPU; run on --device cpu, or install a CUDA build" in done.stderr
+    done = _whale("generate", "hi", "--device", "tpu")
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "unknown device 'tpu': use cpu, cuda or cuda:N" in done.stderr
+
+
+def test_version_and_a_summary_of_every_command():
+    from whale import __version__
+
+    done = _whale("--version")
+    assert done.returncode == 0 and done.stdout == f"whale {__version__}\n"
+    listing = _whale("--help").stdout
+    for name in ("generate", "chat", "models", "serve", "plan"):
+        line = next(line for line in listing.splitlines() if line.strip().startswith(name + " "))
+        assert "see `whale" not in line and len(line.split()) > 3

@@ -59,6 +59,26 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The device to run on (None: CUDA where torch has it, else the CPU), refusing one this torch cannot use
+    with what to do instead."""
+    if device is None:
+        return default_device()
+    try:
+        chosen = torch.device(device)
+    except RuntimeError:
+        raise InvalidRequestError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N") from None
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        raise InvalidRequestError(
+            f"device {str(device)!r}: this torch ({torch.__version__}, {build}) sees no CUDA GPU; run on "
+            "--device cpu, or install a CUDA build (e.g. TORCH_SPEC=\"torch==2.13.0 --index-url "
+            "https://download.pytorch.org/whl/cu128\" make install)")
+    if chosen.type not in ("cpu", "cuda"):
+        raise InvalidRequestError(f"device {str(device)!r} is not supported: use cpu, cuda or cuda:N")
+    return chosen
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
     """`auto`/None: bf16 on CUDA, fp32 on CPU (bf16 matmul is hundreds of times slower on AVX2-only CPUs)."""
     if isinstance(dtype, torch.dtype):

@@ -40,3 +40,17 @@ def test_whale_serve_starts_uvicorn_with_an_api_key_and_a_served_name():
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+def test_a_busy_port_is_reported_at_once_in_one_line():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "whale.cli", "serve", "--model", "default", "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"whale serve: error: cannot listen on 127.0.0.1:{port}: Address already in use")
+    assert done.stderr.count("\n") == 1
+    assert time.monotonic() - start < 15  # before the model loads (which takes longer than starting Python)

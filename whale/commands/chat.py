@@ -11,7 +11,7 @@ HELP = "Type a message; /reset starts over, /exit (or Ctrl-D) quits."
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("chat", help="chat with a model in the terminal, streaming")
+    parser = subparsers.add_parser("chat")
     add_model_options(parser)
     parser.add_argument("--max-tokens", type=int, default=512)
     parser.add_argument("--temperature", type=float, default=0.7)

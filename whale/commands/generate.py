@@ -19,7 +19,7 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("generate", help="complete a prompt and print the result")
+    parser = subparsers.add_parser("generate")
     parser.add_argument("prompt", help="the text to complete")
     add_model_options(parser)
     parser.add_argument("--max-tokens", type=int, default=64)

@@ -12,7 +12,7 @@ from whale.errors import ModelNotFoundError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("models", help="list the models whale can resolve here")
+    parser = subparsers.add_parser("models")
     parser.add_argument("--path", action="append", default=[], type=Path,
                         help="also list .gguf files and checkpoint directories in this folder (repeatable)")
     parser.set_defaults(func=run)

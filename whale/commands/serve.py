@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 from whale.commands.generate import add_model_options
+from whale.errors import InvalidRequestError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("serve", help="serve a model over the DeepSeek API (OpenAI / Anthropic shape)")
+    parser = subparsers.add_parser("serve")
     add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
@@ -35,6 +37,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """Bind the server's socket before the model loads, so a busy port is reported at once, not after it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise InvalidRequestError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port "
+                                  "(or stop what holds this one)") from None
+    return sock
+
+
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -42,18 +58,19 @@ def run(args: argparse.Namespace) -> int:
     from whale.server.streaming import StreamTimings
 
     keys = tuple(args.api_key or ([os.environ["WHALE_API_KEY"]] if os.environ.get("WHALE_API_KEY") else []))
-    state = load_state(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
-                       served_model_name=args.served_model_name,
-                       chat_format=args.chat_format, engine_options={"max_num_seqs": args.max_num_seqs},
-                       max_waiting=args.max_waiting, api_keys=keys, protect_metrics=args.protect_metrics,
-                       max_concurrent_requests=args.max_concurrent_requests,
-                       max_request_bytes=args.max_request_bytes,
-                       timings=StreamTimings(keepalive_s=args.keepalive))
-    print(f"whale serve: {state.served.name} ({state.served.variant.name} chat format, context "
-          f"{state.served.max_model_len}) on http://{args.host}:{args.port}"
-          f"{' (API key required)' if keys else ''}", file=sys.stderr)
-    try:
-        uvicorn.run(create_app(state), host=args.host, port=args.port, log_level=args.log_level)
-    finally:
-        state.engine.shutdown()
+    with listen(args.host, args.port) as sock:
+        state = load_state(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
+                           served_model_name=args.served_model_name,
+                           chat_format=args.chat_format, engine_options={"max_num_seqs": args.max_num_seqs},
+                           max_waiting=args.max_waiting, api_keys=keys, protect_metrics=args.protect_metrics,
+                           max_concurrent_requests=args.max_concurrent_requests,
+                           max_request_bytes=args.max_request_bytes,
+                           timings=StreamTimings(keepalive_s=args.keepalive))
+        print(f"whale serve: {state.served.name} ({state.served.variant.name} chat format, context "
+              f"{state.served.max_model_len}) on http://{args.host}:{args.port}"
+              f"{' (API key required)' if keys else ''}", file=sys.stderr)
+        try:
+            uvicorn.Server(uvicorn.Config(create_app(state), log_level=args.log_level)).run(sockets=[sock])
+        finally:
+            state.engine.shutdown()
     return 0

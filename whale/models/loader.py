@@ -17,7 +17,7 @@ from whale.errors import ModelLoadError
 from whale.hub import ModelFiles, resolve_model
 from whale.models import build_model
 from whale.models.quant import add_gemm_kernels, gemm_twin_bytes, quantize_gguf_linears
-from whale.platform import cpu_weight_kernels, default_device, physical_memory_bytes, resolve_dtype
+from whale.platform import cpu_weight_kernels, physical_memory_bytes, resolve_device, resolve_dtype
 from whale.tokenizer import Tokenizer
 from whale.weights import fp8
 from whale.weights import safetensors as st
@@ -90,7 +90,7 @@ def load_model(reference: str, dtype: str | torch.dtype | None = None,
     """Resolve `reference` and load it, computing in `dtype` (auto: fp32 on CPU, bf16 on CUDA). `kernels`
     (auto, dense, int4, hybrid) picks the linears' kernels; see `whale.platform.cpu_weight_kernels`."""
     files = resolve_model(reference)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     kernels = cpu_weight_kernels(kernels, dtype, device)
     torch_dtype = resolve_dtype(dtype, device)
     if files.format == "gguf":

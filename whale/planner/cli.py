@@ -27,7 +27,7 @@ def parse_tokens(text: str) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "plan", help="hardware, memory and launch commands for a DeepSeek model",
+        "plan",
         description="Count a model's parameters and KV cache from its config, find the smallest valid GPU layout "
                     "that holds it and the requested sequences, and print vLLM / SGLang launch commands.")
     parser.add_argument("model", help="catalog name (deepseek-v3, r1-distill-qwen-7b, ...), a config.json or "
