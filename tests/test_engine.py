@@ -119,3 +119,24 @@ def test_block_manager_chains_hashes_and_evicts_least_recently_freed():
     blocks.free("d")
     assert blocks.grow("e", 8)  # takes all four blocks: the cached ones are evicted
     assert blocks.allocate_prefix("f", prompt) == 0
+
+
+def test_a_repeated_greedy_chat_decodes_the_same_tokens_in_the_default_configuration():
+    """The server's defaults (kernels and dtype chosen for this CPU: on AVX-512 bf16 the hybrid int4/GEMM
+    linears). Prompts sharing a system prompt hit each other's cached blocks, so each second send computes only
+    its last tokens; before prompt steps took one path whatever their size, 2 of these 7 changed their reply."""
+    from whale import LLM
+
+    llm = LLM("default")
+    greedy = SamplingParams(temperature=0, max_tokens=24)
+    system = {"role": "system", "content": "You are a helpful, terse assistant. Answer briefly."}
+    asks = ["Say hello.", "What is the capital of France?", "Write a haiku about the sea.", "Count to five.",
+            "Name three colors.", "Explain gravity in one sentence.", "What is 2+2?"]
+    hits = []
+    for ask in asks:
+        messages = [system, {"role": "user", "content": ask}]
+        first, second = llm.chat(messages, greedy), llm.chat(messages, greedy)
+        hits.append((first.num_cached_tokens, second.num_cached_tokens))
+        assert second.outputs[0].token_ids == first.outputs[0].token_ids, ask
+    assert all(second >= 16 for _, second in hits)
+    assert any(second > first for first, second in hits)  # some second sends computed fewer prompt tokens

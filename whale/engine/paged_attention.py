@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from whale.engine.kv_cache import BlockManager
 from whale.errors import UnsupportedModelError
 from whale.kernels import cpu_ops
-from whale.models.layers import KVCacheSpec
+from whale.models.layers import KVCacheSpec, in_prompt_step
 
 # Steps whose sequences add at most this many tokens each (decode, short drafts) read K/V straight from the
 # blocks with the compiled kernel; longer chunks (prefill) gather the context once and run SDPA's tiled GEMMs.
@@ -163,7 +163,7 @@ class PagedKVCache:
     def _paged_kernel(self):
         """The compiled paged-attention kernel when it serves this step, else None."""
         if (self.device.type != "cpu" or self.dtype != torch.float32
-                or self.layout.max_new > KERNEL_MAX_NEW_TOKENS):
+                or self.layout.max_new > KERNEL_MAX_NEW_TOKENS or in_prompt_step()):
             return None
         ops = cpu_ops()
         return None if ops is None else ops.paged_attention
@@ -188,8 +188,30 @@ class PagedKVCache:
         values = self._write_and_gather("v", layer, v).transpose(1, 2)
         query = self._pad_tokens(q).transpose(1, 2)  # [B, Hq, Tn, D]
         mask = None if self.layout.max_new == 1 and self.layout.batch == 1 else self.layout.causal[:, None]
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+        if in_prompt_step():
+            out = self._position_tiled_sdpa(query, keys, values, scale)
+        else:
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         return self._unpad_tokens(out.transpose(1, 2))
+
+    def _position_tiled_sdpa(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                             scale: float) -> torch.Tensor:
+        """SDPA over query tiles cut at the cache's block boundaries (absolute positions), each against the
+        context its last row sees. SDPA's result for a row depends on which other rows and keys share its call;
+        with both fixed by position, a prompt token whose prefix came from the prefix cache (a whole number of
+        blocks) is computed exactly as it was without, whatever else the step holds."""
+        out = torch.empty_like(query)
+        size = self.block_size
+        for seq, (start, count) in enumerate(zip(self.layout.starts, self.layout.counts, strict=True)):
+            row = 0
+            while row < count:
+                end = min(count, row + size - (start + row) % size)
+                seen = start + end  # context positions the tile's last row sees
+                out[seq:seq + 1, :, row:end] = F.scaled_dot_product_attention(
+                    query[seq:seq + 1, :, row:end], keys[seq:seq + 1, :, :seen], values[seq:seq + 1, :, :seen],
+                    attn_mask=self.layout.causal[seq:seq + 1, None, row:end, :seen], scale=scale, enable_gqa=True)
+                row = end
+        return out
 
     def attend_latent(self, layer: int, q_latent: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
                       k_pe: torch.Tensor, scale: float, allowed: torch.Tensor | None = None) -> torch.Tensor:

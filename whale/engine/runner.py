@@ -9,7 +9,9 @@ import itertools
 import torch
 
 from whale.engine.paged_attention import PagedKVCache, StepLayout
+from whale.engine.request import Request
 from whale.engine.scheduler import ScheduledBatch
+from whale.models.layers import prompt_step
 from whale.models.loader import LoadedModel
 
 
@@ -28,9 +30,11 @@ class ModelRunner:
                                   [r.num_computed_tokens for r in batch.requests], batch.num_new_tokens,
                                   self.cache.block_size, self.device)
         self.cache.set_layout(layout)
+        decoding = all(_decoding(r, count) for r, count in zip(batch.requests, batch.num_new_tokens, strict=True))
         try:
-            hidden = self.model(torch.tensor(ids, device=self.device), torch.tensor(positions, device=self.device),
-                                self.cache)
+            with prompt_step(not decoding):
+                hidden = self.model(torch.tensor(ids, device=self.device),
+                                    torch.tensor(positions, device=self.device), self.cache)
         finally:
             self.cache.set_layout(None)
         last = torch.tensor(list(itertools.accumulate(batch.num_new_tokens)), device=self.device) - 1
@@ -39,3 +43,9 @@ class ModelRunner:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits on the CPU, where the sampler runs."""
         return self.model.compute_logits(hidden).cpu()
+
+
+def _decoding(request: Request, count: int) -> bool:
+    """Whether the request's new tokens are one decode token (its last sampled one), rather than prompt tokens
+    or tokens recomputed after a preemption."""
+    return count == 1 and bool(request.output_token_ids) and request.num_computed_tokens == request.num_tokens - 1

@@ -3,7 +3,10 @@ attention-backend interface through which a model reads and writes its KV cache.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -13,6 +16,24 @@ from torch import nn
 
 from whale.config import RopeConfig
 from whale.kernels import cpu_ops
+
+# Whether the step being run carries prompt tokens (or tokens recomputed after a preemption) rather than only
+# decode tokens. Such steps take one path whatever their size, so a prompt token is computed the same way
+# whether or not its prefix came from the prefix cache, and a repeated greedy request decodes the same tokens.
+_PROMPT_STEP = contextvars.ContextVar("whale_prompt_step", default=False)
+
+
+@contextlib.contextmanager
+def prompt_step(active: bool) -> Iterator[None]:
+    token = _PROMPT_STEP.set(active)
+    try:
+        yield
+    finally:
+        _PROMPT_STEP.reset(token)
+
+
+def in_prompt_step() -> bool:
+    return _PROMPT_STEP.get()
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from whale.kernels import cpu_ops
+from whale.models.layers import in_prompt_step
 from whale.weights.gguf import GGUFTensor, hf_tensor_name, unpermute_rope_rows
 
 # Most rows each weight-only kernel takes before the packed bf16 GEMM is faster (bench/kernels.py on the Zen 4
@@ -187,7 +188,7 @@ class RowSwitchLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        return self.small(x) if rows <= self.max_small_rows else self.large(x)
+        return self.small(x) if rows <= self.max_small_rows and not in_prompt_step() else self.large(x)
 
 
 def add_gemm_kernels(model: nn.Module) -> None:
