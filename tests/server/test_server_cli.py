@@ -16,11 +16,11 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_whale_serve_starts_uvicorn_with_an_api_key_and_a_served_name():
+def test_whale_serve_starts_uvicorn_with_its_options():
     port = _free_port()
     command = [sys.executable, "-m", "whale.cli", "serve", "--model", "default", "--host", "127.0.0.1",
                "--port", str(port), "--api-key", "sk-test", "--served-model-name", "tiny-chat",
-               "--log-level", "warning"]
+               "--max-model-len", "512", "--threads", "1", "--log-level", "warning"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -37,9 +37,14 @@ def test_whale_serve_starts_uvicorn_with_an_api_key_and_a_served_name():
         assert httpx.get(f"{url}/v1/models").status_code == 401
         models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-test"}).json()
         assert [m["id"] for m in models["data"]] == ["tiny-chat", "deepseek-chat", "deepseek-reasoner"]
+        long = {"model": "tiny-chat", "messages": [{"role": "user", "content": "whale " * 600}]}
+        refused = httpx.post(f"{url}/v1/chat/completions", json=long, headers={"Authorization": "Bearer sk-test"})
+        assert refused.status_code == 400 and "maximum context length is 512 tokens" in refused.text
     finally:
         process.terminate()
         process.wait(timeout=20)
+    banner = process.stdout.read().decode().splitlines()[0]
+    assert banner.startswith("whale serve: tiny-chat (") and "context 512, 1 thread)" in banner
 
 
 def test_a_busy_port_is_reported_at_once_in_one_line():

@@ -221,3 +221,20 @@ def test_models_retrieve_answers_each_served_name_and_404_otherwise(client):
         assert (card.id, card.object) == (name, "model")
     with pytest.raises(openai.NotFoundError, match="'deepseek-chat'"):
         client.models.retrieve("gpt-4o")
+
+
+def test_completions_take_every_openai_prompt_form_with_one_prompt(client, default_llm):
+    text = "The capital of France is"
+    ids = default_llm.tokenizer.encode(text)
+    greedy = dict(model="deepseek-chat", max_tokens=5, temperature=0)
+    expected = client.completions.create(prompt=text, **greedy).choices[0].text
+    for prompt in ([text], ids, [ids]):
+        assert client.completions.create(prompt=prompt, **greedy).choices[0].text == expected
+    echoed = client.completions.create(prompt=ids, echo=True, **greedy).choices[0].text
+    assert echoed == default_llm.tokenizer.decode(ids) + expected
+    with pytest.raises(openai.BadRequestError, match="holds 2 prompts"):
+        client.completions.create(prompt=[text, text], **greedy)
+    with pytest.raises(openai.BadRequestError, match="token ids must be in"):
+        client.completions.create(prompt=[10**9], **greedy)
+    with pytest.raises(openai.BadRequestError, match="'echo' with 'logprobs'"):
+        client.completions.create(prompt=text, echo=True, logprobs=2, **greedy)

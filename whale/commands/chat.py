@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from whale.commands.generate import add_model_options
+from whale.commands.generate import add_model_options, set_threads
 
 HELP = "Type a message; /reset starts over, /exit (or Ctrl-D) quits."
 
@@ -36,7 +36,9 @@ def run(args: argparse.Namespace) -> int:
     from whale.llm import LLM
     from whale.sampling_params import SamplingParams
 
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels)
+    set_threads(args.threads)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
+              max_model_len=args.max_model_len)
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
     base = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(base)

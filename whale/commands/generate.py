@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from whale.errors import InvalidRequestError
 from whale.platform import WEIGHT_KERNELS
 
 
@@ -16,6 +17,20 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kernels", default="auto", choices=("auto", *WEIGHT_KERNELS),
                         help="CPU linear kernels: auto picks hybrid on AVX-512-bf16 CPUs for 4-bit GGUFs, else "
                              "dense; int4 keeps every step's rows independent of the batch (docs/performance.md)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for the model's math (default: torch's, one per physical core)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="cap the context (prompt + reply) below the model's own, in tokens")
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply --threads (before the model loads: the kernels size their work by it)."""
+    if threads is not None:
+        import torch
+
+        if threads < 1:
+            raise InvalidRequestError(f"--threads {threads}: give at least 1")
+        torch.set_num_threads(threads)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -36,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
                             seed=args.seed)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels)
+    set_threads(args.threads)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
+              max_model_len=args.max_model_len)
     if args.chat:
         output = llm.chat([{"role": "user", "content": args.prompt}], params)
     else:

@@ -7,7 +7,7 @@ import os
 import socket
 import sys
 
-from whale.commands.generate import add_model_options
+from whale.commands.generate import add_model_options, set_threads
 from whale.errors import InvalidRequestError
 
 
@@ -52,6 +52,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     import uvicorn
 
     from whale.server.app import create_app, load_state
@@ -59,15 +60,19 @@ def run(args: argparse.Namespace) -> int:
 
     keys = tuple(args.api_key or ([os.environ["WHALE_API_KEY"]] if os.environ.get("WHALE_API_KEY") else []))
     with listen(args.host, args.port) as sock:
+        set_threads(args.threads)
         state = load_state(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
                            served_model_name=args.served_model_name,
-                           chat_format=args.chat_format, engine_options={"max_num_seqs": args.max_num_seqs},
+                           chat_format=args.chat_format, engine_options={"max_num_seqs": args.max_num_seqs,
+                                                           "max_model_len": args.max_model_len},
                            max_waiting=args.max_waiting, api_keys=keys, protect_metrics=args.protect_metrics,
                            max_concurrent_requests=args.max_concurrent_requests,
                            max_request_bytes=args.max_request_bytes,
                            timings=StreamTimings(keepalive_s=args.keepalive))
+        threads = torch.get_num_threads()
         print(f"whale serve: {state.served.name} ({state.served.variant.name} chat format, context "
-              f"{state.served.max_model_len}) on http://{args.host}:{args.port}"
+              f"{state.served.max_model_len}, {threads} thread{'s' if threads > 1 else ''}) on "
+              f"http://{args.host}:{args.port}"
               f"{' (API key required)' if keys else ''}", file=sys.stderr)
         try:
             uvicorn.Server(uvicorn.Config(create_app(state), log_level=args.log_level)).run(sockets=[sock])

@@ -31,6 +31,7 @@ class EngineConfig:
     kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES
     num_kv_blocks: int | None = None  # overrides kv_cache_bytes
     enable_prefix_caching: bool = True
+    max_model_len: int | None = None  # caps the context below the model's (None: the model's, or the cache's)
 
 
 class LLMEngine:
@@ -42,6 +43,10 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
         c = self.config
+        model_len = self.model_config.max_position_embeddings
+        if c.max_model_len is not None and not 1 < c.max_model_len <= model_len:
+            raise InvalidRequestError(f"max_model_len {c.max_model_len} must be in [2, {model_len}] (the model's "
+                                      "context)")
         self.cache = create_cache(loaded.model.kv_cache_spec(), loaded.dtype, loaded.device, c.num_kv_blocks,
                                   c.block_size, c.kv_cache_bytes, c.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens), self.cache.blocks)
@@ -51,8 +56,10 @@ class LLMEngine:
 
     @property
     def max_model_len(self) -> int:
-        """Longest sequence (prompt + completion) served: the model's context, or the whole KV cache if smaller."""
-        return min(self.model_config.max_position_embeddings, self.cache.num_tokens_capacity)
+        """Longest sequence (prompt + completion) served: the model's context, or the whole KV cache or the
+        configured cap if smaller."""
+        return min(self.model_config.max_position_embeddings, self.cache.num_tokens_capacity,
+                   self.config.max_model_len or self.model_config.max_position_embeddings)
 
     def check_prompt(self, prompt_token_ids: list[int]) -> None:
         """Refuse a prompt this engine can never serve; reads no mutable state, so any thread may call it."""

@@ -216,7 +216,8 @@ class CompletionRequest(WireModel):
     """FIM completion (Beta): `prompt` is the prefix, `suffix` what follows the hole."""
 
     model: str
-    prompt: str
+    # OpenAI's forms: a string, token ids, or a list of one of either (one prompt per request, as with `n`)
+    prompt: str | list[int] | list[str] | list[list[int]]
     suffix: str | None = None
     echo: bool | None = False
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -241,8 +242,25 @@ class CompletionRequest(WireModel):
     def _one_choice(cls, value: int | None) -> int | None:
         return _check_n(value)
 
+    @field_validator("prompt")
+    @classmethod
+    def _one_prompt(cls, value: str | list[Any]) -> str | list[int]:
+        if isinstance(value, list) and value and isinstance(value[0], str | list):
+            if len(value) > 1:
+                raise unsupported(f"'prompt' holds {len(value)} prompts: this server completes one prompt per "
+                                  "request; send each as its own request")
+            value = value[0]
+        if isinstance(value, list) and not value:
+            raise ValueError("'prompt' is empty: send a string or a list of token ids")
+        return value
+
     @model_validator(mode="after")
     def _consistent(self) -> CompletionRequest:
         if self.stream_options is not None and not self.stream:
             raise ValueError("'stream_options' is only valid with 'stream': true")
+        if isinstance(self.prompt, list) and self.suffix is not None:
+            raise ValueError("'suffix' needs a text 'prompt' (FIM is built from text): send the prompt as a string")
+        if self.echo and self.logprobs is not None:
+            raise unsupported("'echo' with 'logprobs' would need the prompt's logprobs, which this server does "
+                              "not compute: drop one of them")
         return self

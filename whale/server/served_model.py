@@ -122,13 +122,13 @@ class ServedModel:
         if thinking:
             raise APIError(400, "FIM completion is not available in thinking mode: use model 'deepseek-chat'",
                            param="model")
-        fim = req.suffix is not None or self.capabilities.fim
-        if fim:
+        if isinstance(req.prompt, list):  # token ids, sent as the model is to read them
+            ids, echo = list(req.prompt), self.tokenizer.decode(req.prompt)
+        elif req.suffix is not None or self.capabilities.fim:
             check_request(self.variant, fim=True, config=self.config)
-            prompt = render_fim(req.prompt, req.suffix or "")
+            ids, echo = encode_prompt(self.tokenizer, render_fim(req.prompt, req.suffix or "")), req.prompt
         else:
-            prompt = req.prompt
-        ids = encode_prompt(self.tokenizer, prompt) if fim else self.tokenizer.encode(prompt)
+            ids, echo = self.tokenizer.encode(req.prompt), req.prompt
         max_tokens = self._max_tokens(len(ids), req.max_tokens, FIM_MAX_TOKENS)
         sampling = self.capabilities.sampling
         params = SamplingParams(
@@ -136,7 +136,7 @@ class ServedModel:
             top_p=_first(req.top_p, sampling.top_p, 1.0), presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
             logprobs=req.logprobs)
-        return PreparedRequest(req.model, ids, params, echo_text=req.prompt if req.echo else "")
+        return PreparedRequest(req.model, ids, params, echo_text=echo if req.echo else "")
 
     def _max_tokens(self, prompt_tokens: int, requested: int | None, limits: tuple[int, int]) -> int:
         """The request's max_tokens within DeepSeek's limit, and a 400 with both numbers when the prompt
