@@ -4,7 +4,9 @@ prefix-cache hits, after real traffic."""
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 
 import anthropic
 import httpx
@@ -88,3 +90,20 @@ def test_timings_are_per_token_as_they_happen_on_every_route(paced):
     latency = _value(text, "whale_request_latency_seconds_sum") / requests
     assert latency >= tokens * TOKEN_DELAY_S
     assert _value(text, "whale_generation_tokens_total") == requests * tokens
+
+
+def test_a_log_line_per_request_like_llama_cpp(paced, caplog):
+    engine, url = paced
+    tokens = len(engine.tokenizer.encode(engine.output, add_special_tokens=False))
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    with caplog.at_level(logging.INFO, logger="whale.requests"):
+        reply = client.chat.completions.create(model="deepseek-chat", messages=[{"role": "user", "content": "Go."}])
+        deadline = time.monotonic() + 5
+        while not caplog.records and time.monotonic() < deadline:
+            time.sleep(0.02)
+    (record,) = caplog.records
+    line = record.getMessage()
+    prompt = reply.usage.prompt_tokens
+    assert line.startswith(f"{reply.id} /v1/chat/completions: {prompt} prompt tokens (0 cached), {tokens} generated")
+    rate = float(re.search(r"([\d.]+) tok/s, stop$", line).group(1))
+    assert 1 / (3 * TOKEN_DELAY_S) < rate <= 1.25 / TOKEN_DELAY_S

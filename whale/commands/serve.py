@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -33,7 +34,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "at least 2 MiB)")
     parser.add_argument("--keepalive", type=float, default=10.0,
                         help="seconds a waiting request stays silent before keep-alives are sent")
-    parser.add_argument("--log-level", default="info")
+    parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                        help="info: a line per request (tokens in and out, cache hits, first token, tok/s)")
     parser.set_defaults(func=run)
 
 
@@ -49,6 +51,15 @@ def listen(host: str, port: int) -> socket.socket:
         raise InvalidRequestError(f"cannot listen on {host}:{port}: {exc.strerror}; pick another --port "
                                   "(or stop what holds this one)") from None
     return sock
+
+
+def log_requests(level: str) -> None:
+    """whale's loggers (a line per request at INFO, errors) beside uvicorn's, in its format."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    logger = logging.getLogger("whale")
+    logger.addHandler(handler)
+    logger.setLevel(level.upper())
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
               f"{state.served.max_model_len}, {threads} thread{'s' if threads > 1 else ''}) on "
               f"http://{args.host}:{args.port}"
               f"{' (API key required)' if keys else ''}", file=sys.stderr)
+        log_requests(args.log_level)
         try:
             uvicorn.Server(uvicorn.Config(create_app(state), log_level=args.log_level)).run(sockets=[sock])
         finally:

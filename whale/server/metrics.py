@@ -5,6 +5,7 @@ scraped, queue depth and KV-cache usage."""
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60
 INTER_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0)
+request_log = logging.getLogger("whale.requests")  # a line per generation (`whale serve --log-level info`)
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,8 @@ class Metrics:
     def record_request(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()
 
-    def timer(self, arrival: float) -> GenerationTimer:
-        return GenerationTimer(self, arrival)
+    def timer(self, arrival: float, request_id: str = "", route: str = "") -> GenerationTimer:
+        return GenerationTimer(self, arrival, request_id, route)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -88,17 +90,23 @@ class Metrics:
 
 class GenerationTimer:
     """One generation's timings, fed every delta as it arrives from the engine (time.monotonic clock);
-    `finish` records the whole-request figures once, however the request ended."""
+    `finish` records the whole-request figures once, however the request ended, and logs the request's line
+    (logger `whale.requests`, INFO)."""
 
-    def __init__(self, metrics: Metrics, arrival: float):
+    def __init__(self, metrics: Metrics, arrival: float, request_id: str = "", route: str = ""):
         self._metrics = metrics
         self._arrival = arrival
+        self._request_id, self._route = request_id, route
         self._first: float | None = None
         self._last = arrival
         self._tokens = 0
+        self._prompt = self._cached = 0
+        self._finish_reason: str | None = None
         self._finished = False
 
     def saw(self, delta: StreamDelta) -> None:
+        if delta.finish_reason is not None:
+            self._finish_reason = delta.finish_reason
         count = len(delta.token_ids)
         if not count:
             return
@@ -108,6 +116,7 @@ class GenerationTimer:
             metrics.ttft.observe(now - self._arrival)
             metrics.prompt_tokens.inc(delta.prompt_tokens)
             metrics.cached_prompt_tokens.inc(delta.cached_tokens)
+            self._prompt, self._cached = delta.prompt_tokens, delta.cached_tokens
         else:  # tokens that arrive together (a stop string held back) share the gap
             for _ in range(count):
                 metrics.inter_token.observe((now - self._last) / count)
@@ -120,8 +129,14 @@ class GenerationTimer:
             return
         self._finished = True
         self._metrics.latency.observe(self._last - self._arrival)
+        rate = None
         if self._tokens > 1 and self._last > self._first:
-            self._metrics.decode_rate.observe((self._tokens - 1) / (self._last - self._first))
+            rate = (self._tokens - 1) / (self._last - self._first)
+            self._metrics.decode_rate.observe(rate)
+        request_log.info("%s %s: %d prompt tokens (%d cached), %d generated, first token %.0f ms, %s, %s",
+                         self._request_id, self._route, self._prompt, self._cached, self._tokens,
+                         (self._first - self._arrival) * 1e3, "-" if rate is None else f"{rate:.1f} tok/s",
+                         self._finish_reason or "client left")
 
 
 def engine_gauges(async_engine: object) -> EngineGauges:

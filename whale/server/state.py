@@ -48,6 +48,6 @@ async def start_generation(state: ServerState, prepared: PreparedRequest, reques
     Returns the stream, which stops when the client disconnects and times every token for /metrics, and its
     first delta if it came within the short first wait."""
     deltas = state.engine.generate(prepared.prompt_ids, prepared.params, request_id)
-    timer = state.metrics.timer(request_arrival(scope))
+    timer = state.metrics.timer(request_arrival(scope), request_id, scope["path"])
     stream = EngineStream(deltas, state.background, client_gone(scope), timer)
     return stream, await first_delta(stream, state.timings)
