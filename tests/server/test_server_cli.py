@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+import signal
 import socket
 import subprocess
 import sys
@@ -59,3 +62,42 @@ def test_a_busy_port_is_reported_at_once_in_one_line():
     assert done.stderr.startswith(f"whale serve: error: cannot listen on 127.0.0.1:{port}: Address already in use")
     assert done.stderr.count("\n") == 1
     assert time.monotonic() - start < 15  # before the model loads (which takes longer than starting Python)
+
+
+def test_ctrl_c_drains_then_ends_a_live_stream_with_its_final_chunk():
+    port = _free_port()
+    command = [sys.executable, "-m", "whale.cli", "serve", "--model", "default", "--port", str(port),
+               "--shutdown-timeout", "1", "--log-level", "warning"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stdout.read().decode()
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "whale serve did not come up within 60 s"
+            time.sleep(0.2)
+        body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Tell a long story."}],
+                "max_tokens": 4096, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as reply:
+            lines = reply.iter_lines()
+            events = [line for line in itertools.islice(lines, 20) if line.startswith("data: ")]
+            process.send_signal(signal.SIGINT)
+            stopped = time.monotonic()
+            events += [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        chunks = [json.loads(event[6:]) for event in events[:-1]]
+        finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        assert finishes[-1] == "insufficient_system_resource" and chunks[-1]["usage"]["completion_tokens"] < 4096
+        assert process.wait(timeout=20) == 130  # the shell's code for an interrupted command
+        assert time.monotonic() - stopped < 10  # the 1 s drain, then the stream ends and the server exits
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    output = process.stdout.read().decode()
+    assert "shutting down; requests in flight get 1 s to finish" in output and "Traceback" not in output

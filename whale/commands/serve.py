@@ -7,9 +7,16 @@ import logging
 import os
 import socket
 import sys
+import threading
+from types import FrameType
+from typing import Any
+
+import uvicorn
 
 from whale.commands.generate import add_model_options, set_threads
 from whale.errors import InvalidRequestError
+
+SHUTDOWN_MESSAGE = "the server is shutting down"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "at least 2 MiB)")
     parser.add_argument("--keepalive", type=float, default=10.0,
                         help="seconds a waiting request stays silent before keep-alives are sent")
+    parser.add_argument("--shutdown-timeout", type=float, default=10.0,
+                        help="on Ctrl-C / SIGTERM, seconds requests in flight get to finish before they are ended")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="info: a line per request (tokens in and out, cache hits, first token, tok/s)")
     parser.set_defaults(func=run)
@@ -53,6 +62,29 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, whose first Ctrl-C (or SIGTERM) lets requests in flight finish for `drain_s` seconds and
+    then ends them, each stream with its final chunk (finish_reason insufficient_system_resource) and `[DONE]`;
+    a second one ends them at once."""
+
+    def __init__(self, config: uvicorn.Config, engine: Any, drain_s: float):
+        super().__init__(config)
+        self.engine, self.drain_s = engine, drain_s
+        self.deadline: threading.Timer | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.deadline is None:
+            print(f"whale serve: shutting down; requests in flight get {self.drain_s:g} s to finish "
+                  "(Ctrl-C again ends them now)", file=sys.stderr)
+            self.deadline = threading.Timer(self.drain_s, self.engine.fail_all, (SHUTDOWN_MESSAGE,))
+            self.deadline.daemon = True
+            self.deadline.start()
+        else:
+            self.deadline.cancel()
+            self.engine.fail_all(SHUTDOWN_MESSAGE)
+        super().handle_exit(sig, frame)
+
+
 def log_requests(level: str) -> None:
     """whale's loggers (a line per request at INFO, errors) beside uvicorn's, in its format."""
     handler = logging.StreamHandler()
@@ -64,7 +96,6 @@ def log_requests(level: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    import uvicorn
 
     from whale.server.app import create_app, load_state
     from whale.server.streaming import StreamTimings
@@ -87,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
               f"{' (API key required)' if keys else ''}", file=sys.stderr)
         log_requests(args.log_level)
         try:
-            uvicorn.Server(uvicorn.Config(create_app(state), log_level=args.log_level)).run(sockets=[sock])
+            config = uvicorn.Config(create_app(state), log_level=args.log_level,
+                                    timeout_graceful_shutdown=args.shutdown_timeout + 5)
+            DrainingServer(config, state.engine, args.shutdown_timeout).run(sockets=[sock])
         finally:
             state.engine.shutdown()
     return 0

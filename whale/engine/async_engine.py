@@ -94,6 +94,11 @@ class AsyncEngine:
             if not finished:  # cancelled or closed early: free its blocks now
                 self._commands.put(("abort", request_id))
 
+    def fail_all(self, message: str) -> None:
+        """End every request in flight with a RequestFailedError(message) (a server draining on shutdown); the
+        streams end as any failed request does. Safe from any thread."""
+        self._commands.put(("fail_all", message))
+
     def shutdown(self) -> None:
         self._stopped = True
         self._commands.put(("stop",))
@@ -119,6 +124,8 @@ class AsyncEngine:
                 self._deliver(request_id, RequestFailedError(f"the engine could not take this request: {exc}"))
         elif kind == "abort":
             self.engine.abort(command[1])
+        elif kind == "fail_all":
+            self._fail_all(RequestFailedError(command[1]))
 
     def _delta(self, request: Request) -> StreamDelta | Exception | None:
         stream = self._streams.get(request.request_id)
@@ -160,14 +167,14 @@ class AsyncEngine:
             try:
                 produced = self.engine.step()
             except Exception as exc:  # noqa: BLE001 - a bug in one step must not leave every client hanging
-                self._fail_all(exc)
+                self._fail_all(RequestFailedError(f"the engine failed a step: {exc}"))
                 continue
             for request in produced:
                 delta = self._delta(request)
                 if delta is not None:
                     self._deliver(request.request_id, delta)
 
-    def _fail_all(self, exc: Exception) -> None:
+    def _fail_all(self, exc: RequestFailedError) -> None:
         for request_id in list(self.engine.requests):
             self.engine.abort(request_id)
-            self._deliver(request_id, RequestFailedError(f"the engine failed a step: {exc}"))
+            self._deliver(request_id, exc)
