@@ -19,6 +19,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _wait_ready(process: subprocess.Popen, url: str) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert process.poll() is None, process.stdout.read().decode()
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "whale serve did not come up within 60 s"
+        time.sleep(0.2)
+
+
 def test_whale_serve_starts_uvicorn_with_its_options():
     port = _free_port()
     command = [sys.executable, "-m", "whale.cli", "serve", "--model", "default", "--host", "127.0.0.1",
@@ -27,16 +40,7 @@ def test_whale_serve_starts_uvicorn_with_its_options():
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stdout.read().decode()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "whale serve did not come up within 60 s"
-            time.sleep(0.2)
+        _wait_ready(process, url)
         assert httpx.get(f"{url}/v1/models").status_code == 401
         models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-test"}).json()
         assert [m["id"] for m in models["data"]] == ["tiny-chat", "deepseek-chat", "deepseek-reasoner"]
@@ -71,16 +75,7 @@ def test_ctrl_c_drains_then_ends_a_live_stream_with_its_final_chunk():
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert process.poll() is None, process.stdout.read().decode()
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "whale serve did not come up within 60 s"
-            time.sleep(0.2)
+        _wait_ready(process, url)
         body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Tell a long story."}],
                 "max_tokens": 4096, "stream": True, "stream_options": {"include_usage": True}}
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as reply:
