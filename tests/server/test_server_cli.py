@@ -88,7 +88,8 @@ def test_ctrl_c_drains_then_ends_a_live_stream_with_its_final_chunk():
         chunks = [json.loads(event[6:]) for event in events[:-1]]
         finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
         assert finishes[-1] == "insufficient_system_resource" and chunks[-1]["usage"]["completion_tokens"] < 4096
-        assert process.wait(timeout=20) == 130  # the shell's code for an interrupted command
+        # 130 (interrupted) when uvicorn re-raises the captured SIGINT after its shutdown, 0 when it does not
+        assert process.wait(timeout=20) in (0, 130)
         assert time.monotonic() - stopped < 10  # the 1 s drain, then the stream ends and the server exits
     finally:
         if process.poll() is None:

@@ -192,3 +192,8 @@ def test_openapi_documents_every_status_and_the_real_error_body(url):
     assert "HTTPValidationError" not in doc["components"]["schemas"]
     max_tokens = doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]["max_tokens"]
     assert {"type": "integer", "minimum": 1} in max_tokens["anyOf"]
+
+
+def test_a_negative_token_id_prompt_is_refused(url):
+    fim = {"model": "deepseek-chat", "prompt": [-2011], "max_tokens": 2, "echo": True}
+    assert "greater than or equal to 0" in _openai_error(httpx.post(f"{url}/completions", json=fim), 400)

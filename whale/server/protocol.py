@@ -6,7 +6,7 @@ shape is a 400, as is an input the server cannot take (`unsupported`); a value o
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -135,6 +135,7 @@ class Thinking(WireModel):
 
 
 StopField = str | list[str] | None
+TokenId = Annotated[int, Field(ge=0)]
 
 
 def check_stop(stop: StopField) -> StopField:
@@ -217,7 +218,7 @@ class CompletionRequest(WireModel):
 
     model: str
     # OpenAI's forms: a string, token ids, or a list of one of either (one prompt per request, as with `n`)
-    prompt: str | list[int] | list[str] | list[list[int]]
+    prompt: str | list[TokenId] | list[str] | list[list[TokenId]]
     suffix: str | None = None
     echo: bool | None = False
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)

@@ -122,8 +122,9 @@ class ServedModel:
         if thinking:
             raise APIError(400, "FIM completion is not available in thinking mode: use model 'deepseek-chat'",
                            param="model")
-        if isinstance(req.prompt, list):  # token ids, sent as the model is to read them
-            ids, echo = list(req.prompt), self.tokenizer.decode(req.prompt)
+        if isinstance(req.prompt, list):  # token ids, sent as the model is to read them (the engine checks them)
+            ids = list(req.prompt)
+            echo = self.tokenizer.decode(ids) if req.echo and max(ids) < self.tokenizer.vocab_size else ""
         elif req.suffix is not None or self.capabilities.fim:
             check_request(self.variant, fim=True, config=self.config)
             ids, echo = encode_prompt(self.tokenizer, render_fim(req.prompt, req.suffix or "")), req.prompt
