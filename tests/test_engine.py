@@ -92,7 +92,8 @@ def test_max_num_seqs_bounds_the_running_batch(default_llm, prompt_ids, expected
 
 def test_abort_frees_every_block(default_llm, prompt_ids):
     engine = LLMEngine(default_llm.loaded, EngineConfig(block_size=4, num_kv_blocks=64))
-    requests = [engine.add_request(p, SamplingParams(max_tokens=50)) for p in prompt_ids]
+    # ignore_eos: a sampled end of text would finish a request before its abort
+    requests = [engine.add_request(p, SamplingParams(max_tokens=50, ignore_eos=True)) for p in prompt_ids]
     for _ in range(3):
         engine.step()
     assert engine.cache.blocks.num_free_blocks < 64
