@@ -43,8 +43,8 @@ def test_chat_streams_replies_keeps_the_conversation_and_resets_it(default_llm):
     assert kept != fresh  # the earlier turns change this reply, so the transcript shows which prompt was used
     banner, *turns = done.stdout.split("\n> ")
     assert banner.startswith("whale chat · default (SmolLM2-135M-Instruct.Q4_1.gguf) · ")
-    # each reply, then the prompt for the next line; /reset and /exit print nothing
-    assert turns == [answer + "\n", kept + "\n", "", fresh + "\n", ""]
+    # each reply, then the prompt for the next line; /reset says so, /exit prints nothing
+    assert turns == [answer + "\n", kept + "\n", "(conversation cleared)\n", fresh + "\n", ""]
 
 
 def test_models_lists_the_default_model():

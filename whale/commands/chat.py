@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if line.strip() == "/reset":
             messages = list(base)
+            print("(conversation cleared)")
             continue
         if not line.strip():
             continue
