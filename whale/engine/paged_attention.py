@@ -187,10 +187,10 @@ class PagedKVCache:
         keys = self._write_and_gather("k", layer, k).transpose(1, 2)  # [B, Hkv, S, D]
         values = self._write_and_gather("v", layer, v).transpose(1, 2)
         query = self._pad_tokens(q).transpose(1, 2)  # [B, Hq, Tn, D]
-        mask = None if self.layout.max_new == 1 and self.layout.batch == 1 else self.layout.causal[:, None]
         if in_prompt_step():
             out = self._position_tiled_sdpa(query, keys, values, scale)
         else:
+            mask = None if self.layout.max_new == 1 and self.layout.batch == 1 else self.layout.causal[:, None]
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
         return self._unpad_tokens(out.transpose(1, 2))
 
