@@ -18,7 +18,8 @@ def _whale(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 def test_generate_prints_the_greedy_completion(default_llm):
     from whale import SamplingParams
 
-    done = _whale("generate", "The capital of France is", "--max-tokens", "8", "--kernels", "dense")
+    done = _whale("generate", "The capital of France is", "--max-tokens", "8", "--kernels", "dense",
+                  "--temperature", "0")
     assert done.returncode == 0, done.stderr  # dense fp32 kernels: the same weights and math as default_llm
     expected = default_llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))
     assert done.stdout == expected[0].outputs[0].text + "\n"

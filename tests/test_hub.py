@@ -85,8 +85,8 @@ def _whale(args: list[str], cache: Path) -> subprocess.CompletedProcess:
 def test_hub_id_loads_from_the_cache_offline_and_generates(tmp_path):
     directory, _ = tiny_dense_checkpoint("qwen2", tmp_path / "src")
     _hub_cache(tmp_path / "hub", "acme/tiny-qwen", directory)
-    done = _whale(["generate", "t5 t7 t9", "--model", "acme/tiny-qwen", "--max-tokens", "4", "--dtype", "float32"],
-                  tmp_path / "hub")
+    done = _whale(["generate", "t5 t7 t9", "--model", "acme/tiny-qwen", "--max-tokens", "4", "--dtype", "float32",
+                   "--temperature", "0"], tmp_path / "hub")
     assert done.returncode == 0, done.stderr
     # the hub id resolved to the cached snapshot: the same completion as the checkpoint directory itself
     local = LLM(str(directory), dtype="float32").generate("t5 t7 t9", SamplingParams(temperature=0, max_tokens=4))

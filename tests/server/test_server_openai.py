@@ -135,10 +135,10 @@ def test_sampling_fields_reach_the_engine(scripted):
     assert (params.temperature, params.top_p, params.presence_penalty, params.frequency_penalty) == (
         1.3, 0.9, 0.5, -0.25)
     assert (params.seed, params.max_tokens, params.stop_strings, params.logprobs) == (7, 10, ("\n\n",), 3)
-    client.chat.completions.create(model="deepseek-chat", messages=HELLO)  # the defaults of the DeepSeek API
+    client.chat.completions.create(model="deepseek-chat", messages=HELLO)  # the default model's, from its card
     params = engine.params()
     assert (params.temperature, params.top_p, params.presence_penalty, params.frequency_penalty) == (
-        1.0, 1.0, 0.0, 0.0)
+        0.2, 0.9, 0.0, 0.0)
     assert (params.seed, params.stop_strings, params.logprobs) == (None, (), None)
 
 

@@ -10,11 +10,11 @@ from whale.chat.reasoning import REASONING_PARSERS, ReasoningParser, make_reason
 from whale.chat.templates import encode_prompt, prompt_opens_reasoning, render, render_fim
 from whale.chat.tool_grammars import TOOL_PARSERS, make_tool_parser
 from whale.chat.tools import ToolCallDelta, ToolCallParser, parse_tool_calls
-from whale.chat.variants import CHAT_FORMATS, ChatVariant, detect_variant
+from whale.chat.variants import CHAT_FORMATS, ChatVariant, detect_loaded_variant, detect_variant
 
 __all__ = [
     "CHAT_FORMATS", "REASONING_PARSERS", "TOOL_PARSERS", "Capabilities", "ChatDelta", "ChatOutputParser",
     "ChatVariant", "ReasoningParser", "ToolCallDelta", "ToolCallParser", "capabilities_for", "check_request",
-    "detect_variant", "encode_prompt", "make_output_parser", "make_reasoning_parser", "make_tool_parser",
-    "parse_output", "parse_tool_calls", "prompt_opens_reasoning", "render", "render_fim",
+    "detect_loaded_variant", "detect_variant", "encode_prompt", "make_output_parser", "make_reasoning_parser",
+    "make_tool_parser", "parse_output", "parse_tool_calls", "prompt_opens_reasoning", "render", "render_fim",
 ]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from whale.chat.variants import ChatVariant, variant_name
 from whale.errors import CapabilityError
+from whale.generation_defaults import GenerationDefaults, resolve_generation_defaults
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,15 @@ def capabilities_for(variant: ChatVariant | str, config: dict[str, Any] | None =
     if isinstance(limit, int) and limit > 0 and (variant_name(variant) == "jinja" or limit < caps.context_length):
         caps = Capabilities(**{**caps.__dict__, "context_length": limit})
     return caps
+
+
+def generation_defaults(variant: ChatVariant | str | None, generation_config: Mapping[str, Any],
+                        source: str) -> GenerationDefaults:
+    """A model's sampling defaults: its checkpoint's generation config (read from `source`), then what its chat
+    format recommends (no variant: nothing), then the DeepSeek API's (whale.generation_defaults)."""
+    recommended = asdict(CAPABILITIES[variant_name(variant)].sampling) if variant is not None else {}
+    where = f"the {variant_name(variant)} chat format's recommendation" if variant is not None else ""
+    return resolve_generation_defaults(generation_config, source, recommended, where)
 
 
 def resolve_thinking(variant: ChatVariant | str, thinking: bool | None) -> bool:

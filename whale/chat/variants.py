@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from whale.chat.markers import BOS, DSML, EOS
@@ -130,6 +132,29 @@ def detect_variant(config: dict[str, Any] | None, tokenizer_config: dict[str, An
             f"cannot tell the chat format of {name or 'this model'!r}: it has no chat_template and is not "
             f"a known DeepSeek variant; pass --chat-format with one of: {', '.join(CHAT_FORMATS)}")
     return ChatVariant(name=chosen, template=template, bos_token=bos, eos_token=eos)
+
+
+def detect_loaded_variant(loaded: Any, forced: str | None = None) -> tuple[ChatVariant, dict[str, Any]]:
+    """(chat format, config.json fields) of a whale LoadedModel: from its config.json and tokenizer_config.json
+    (HF directory) or from the GGUF's metadata."""
+    files, tokenizer = loaded.files, loaded.tokenizer
+    if files.format == "hf":
+        config = _read_json(files.path / "config.json")
+        tokenizer_config = _read_json(files.path / "tokenizer_config.json")
+        if tokenizer.chat_template and not tokenizer_config.get("chat_template"):
+            tokenizer_config["chat_template"] = tokenizer.chat_template  # from chat_template.jinja
+        stem = files.path.name
+    else:
+        config = {"model_type": loaded.config.architecture,
+                  "max_position_embeddings": loaded.config.max_position_embeddings}
+        tokenizer_config = {"chat_template": tokenizer.chat_template, "bos_token": tokenizer.bos_token or "",
+                            "eos_token": tokenizer.eos_token or ""}
+        stem = files.path.stem
+    return detect_variant(config, tokenizer_config, stem, forced=forced), config
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def as_variant(variant: ChatVariant | str) -> ChatVariant:

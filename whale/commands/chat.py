@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from whale.commands.generate import add_model_options, set_threads
+from whale.commands.generate import add_model_options, add_sampling_options, set_threads
 
 HELP = "Type a message; /reset starts over, /exit (or Ctrl-D) quits."
 
@@ -13,8 +13,8 @@ HELP = "Type a message; /reset starts over, /exit (or Ctrl-D) quits."
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("chat")
     add_model_options(parser)
-    parser.add_argument("--max-tokens", type=int, default=512)
-    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--max-tokens", type=int, default=512, help="the longest reply, in tokens (default 512)")
+    add_sampling_options(parser)
     parser.add_argument("--system", default=None, help="a system prompt")
     parser.set_defaults(func=run)
 
@@ -32,17 +32,26 @@ def stream_reply(engine, prompt_ids: list[int], params, out=sys.stdout) -> str:
     return request.text
 
 
+def _sampling(params, args: argparse.Namespace, defaults) -> str:
+    """What the replies are sampled with, and where the values not given as flags come from."""
+    chosen = f"temperature {params.temperature:g}, top_p {params.top_p:g}"
+    if args.temperature is not None and args.top_p is not None:
+        return chosen
+    return f"{chosen} (defaults from {defaults.source})"
+
+
 def run(args: argparse.Namespace) -> int:
     from whale.llm import LLM
-    from whale.sampling_params import SamplingParams
 
     set_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
               max_model_len=args.max_model_len)
-    params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+    params = llm.get_default_sampling_params(temperature=args.temperature, top_p=args.top_p,
+                                             max_tokens=args.max_tokens)
     base = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(base)
-    print(f"whale chat · {llm.loaded.files.reference} ({llm.loaded.files.path.name}) · {HELP}", flush=True)
+    print(f"whale chat · {llm.loaded.files.reference} ({llm.loaded.files.path.name}) · sampling: "
+          f"{_sampling(params, args, llm.generation_defaults)} · {HELP}", flush=True)
     while True:
         try:
             line = input("\n> ")

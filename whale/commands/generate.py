@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from whale.errors import InvalidRequestError
+from whale.generation_defaults import RULE
 from whale.platform import WEIGHT_KERNELS
 
 
@@ -23,6 +24,12 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="cap the context (prompt + reply) below the model's own, in tokens")
 
 
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--temperature", type=float, default=None,
+                        help=f"0 is greedy; default: the model's. {RULE[0].upper()}{RULE[1:]}")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling; default: the model's")
+
+
 def set_threads(threads: int | None) -> None:
     """Apply --threads (before the model loads: the kernels size their work by it)."""
     if threads is not None:
@@ -37,23 +44,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("generate")
     parser.add_argument("prompt", help="the text to complete")
     add_model_options(parser)
-    parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=64, help="the longest completion, in tokens (default 64)")
+    add_sampling_options(parser)
+    parser.add_argument("--seed", type=int, default=None, help="a seed for reproducible sampling")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from whale.llm import LLM
-    from whale.sampling_params import SamplingParams
 
-    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                            seed=args.seed)
     set_threads(args.threads)
     llm = LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
               max_model_len=args.max_model_len)
+    params = llm.get_default_sampling_params(temperature=args.temperature, top_p=args.top_p,
+                                             max_tokens=args.max_tokens, seed=args.seed)
     if args.chat:
         output = llm.chat([{"role": "user", "content": args.prompt}], params)
     else:

@@ -15,12 +15,13 @@ import uvicorn
 
 from whale.commands.generate import add_model_options, set_threads
 from whale.errors import InvalidRequestError
+from whale.generation_defaults import RULE
 
 SHUTDOWN_MESSAGE = "the server is shutting down"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("serve")
+    parser = subparsers.add_parser("serve", epilog=f"Sampling: {RULE}; the banner shows what they are.")
     add_model_options(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=int, default=8000)
@@ -115,7 +116,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"whale serve: {state.served.name} ({state.served.variant.name} chat format, context "
               f"{state.served.max_model_len}, {threads} thread{'s' if threads > 1 else ''}) on "
               f"http://{args.host}:{args.port}"
-              f"{' (API key required)' if keys else ''}", file=sys.stderr)
+              f"{' (API key required)' if keys else ''}; requests that leave sampling unset get "
+              f"{state.served.defaults.describe()}", file=sys.stderr)
         log_requests(args.log_level)
         try:
             config = uvicorn.Config(create_app(state), log_level=args.log_level,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +16,8 @@ from tqdm import tqdm
 
 from whale.config import ModelConfig, gguf_to_hf_config, load_hf_config, parse_hf_config
 from whale.errors import ModelLoadError
-from whale.hub import ModelFiles, resolve_model
+from whale.generation_defaults import gguf_generation_config
+from whale.hub import DEFAULT_GENERATION_CONFIG, DEFAULT_GENERATION_SOURCE, DEFAULT_MODEL, ModelFiles, resolve_model
 from whale.models import build_model
 from whale.models.quant import add_gemm_kernels, gemm_twin_bytes, quantize_gguf_linears
 from whale.platform import cpu_weight_kernels, physical_memory_bytes, resolve_device, resolve_dtype
@@ -35,6 +38,8 @@ class LoadedModel:
     dtype: torch.dtype
     device: torch.device
     kernels: str = "dense"  # "int4" / "hybrid": linears run weight-only 4-bit kernels (whale.models.quant)
+    generation_config: dict[str, Any] = field(default_factory=dict)  # generation_config.json fields
+    generation_config_source: str = ""  # the file (or card) they came from
 
 
 def _progress(total: int, description: str) -> tqdm:
@@ -99,10 +104,16 @@ def load_model(reference: str, dtype: str | torch.dtype | None = None,
         config = dataclasses.replace(config, tie_word_embeddings="output.weight" not in checkpoint.tensors)
         tokenizer = Tokenizer.from_gguf_metadata(checkpoint.metadata)
         tensors, total = _gguf_tensors(checkpoint, config), len(checkpoint.tensors)
+        generation_config, generation_source = gguf_generation_config(checkpoint.metadata), "the GGUF's metadata"
+        if not generation_config and reference == DEFAULT_MODEL:
+            generation_config, generation_source = DEFAULT_GENERATION_CONFIG, DEFAULT_GENERATION_SOURCE
     else:
         config = load_hf_config(files.path)
         tokenizer = Tokenizer.from_hf_dir(files.path)
         tensors, total = st.iter_tensors(files.path), st.count_tensors(files.path)
+        generation_source = "generation_config.json"
+        path = files.path / generation_source
+        generation_config = json.loads(path.read_text()) if path.is_file() else {}
         tensors = fp8.dequantize_stream(tensors, fp8.weight_block_size(files.path))
     model = build_model(config)
     _materialize(model, tensors, total, torch_dtype, device, files.path)
@@ -123,4 +134,5 @@ def load_model(reference: str, dtype: str | torch.dtype | None = None,
             add_gemm_kernels(model)
         else:  # a bf16 twin of every weight would crowd out the KV cache: 4-bit kernels at every batch size
             kernels = "int4"
-    return LoadedModel(files, config, tokenizer, model, torch_dtype, device, kernels)
+    return LoadedModel(files, config, tokenizer, model, torch_dtype, device, kernels, generation_config,
+                       generation_source)

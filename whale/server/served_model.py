@@ -3,7 +3,6 @@ becomes prompt ids + SamplingParams + an output parser (the HTTP-free half of ev
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,13 +12,14 @@ from whale.chat import (
     ChatVariant,
     capabilities_for,
     check_request,
-    detect_variant,
+    detect_loaded_variant,
     encode_prompt,
     make_output_parser,
     render,
     render_fim,
 )
-from whale.chat.capabilities import Capabilities
+from whale.chat.capabilities import Capabilities, generation_defaults
+from whale.generation_defaults import GenerationDefaults
 from whale.sampling_params import SamplingParams
 from whale.server.errors import APIError
 
@@ -50,6 +50,11 @@ class ServedModel:
     max_model_len: int
     config: dict[str, Any] = field(default_factory=dict)
     created: int = 0
+    defaults: GenerationDefaults | None = None  # None: the chat format's recommendation, else the API's
+
+    def __post_init__(self) -> None:
+        if self.defaults is None:
+            self.defaults = generation_defaults(self.variant, {}, "")
 
     @property
     def capabilities(self) -> Capabilities:
@@ -78,12 +83,9 @@ class ServedModel:
         if clamp_max_tokens and requested is not None:
             requested = max(1, min(requested, self.max_model_len - len(ids)))
         max_tokens = self._max_tokens(len(ids), requested, limits)
-        sampling = self.capabilities.sampling
         # thinking mode ignores the sampling knobs, as the DeepSeek API does
-        temperature = None if thinking else req.temperature
-        top_p = None if thinking else req.top_p
-        params = SamplingParams(
-            temperature=_first(temperature, sampling.temperature, 1.0), top_p=_first(top_p, sampling.top_p, 1.0),
+        params = self.defaults.sampling_params(
+            temperature=None if thinking else req.temperature, top_p=None if thinking else req.top_p,
             presence_penalty=0.0 if thinking else (req.presence_penalty or 0.0),
             frequency_penalty=0.0 if thinking else (req.frequency_penalty or 0.0), max_tokens=max_tokens,
             stop=req.stop, seed=req.seed,
@@ -131,10 +133,8 @@ class ServedModel:
         else:
             ids, echo = self.tokenizer.encode(req.prompt), req.prompt
         max_tokens = self._max_tokens(len(ids), req.max_tokens, FIM_MAX_TOKENS)
-        sampling = self.capabilities.sampling
-        params = SamplingParams(
-            temperature=_first(req.temperature, sampling.temperature, 1.0),
-            top_p=_first(req.top_p, sampling.top_p, 1.0), presence_penalty=req.presence_penalty or 0.0,
+        params = self.defaults.sampling_params(
+            temperature=req.temperature, top_p=req.top_p, presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
             logprobs=req.logprobs)
         return PreparedRequest(req.model, ids, params, echo_text=echo if req.echo else "")
@@ -164,10 +164,6 @@ class ServedModel:
         return len(self.tokenizer.encode(text, add_special_tokens=False)) if text else 0
 
 
-def _first(*values: float | None) -> float:
-    return next(v for v in values if v is not None)
-
-
 _JSON_INSTRUCTION = "Reply with one valid JSON object and nothing else."
 
 
@@ -189,26 +185,10 @@ def _content_text(content: Any) -> str:
 
 def served_model_from_loaded(loaded: Any, max_model_len: int, name: str | None = None,
                              chat_format: str | None = None, created: int = 0) -> ServedModel:
-    """Build the ServedModel of a whale LoadedModel: the chat format from its config.json and
-    tokenizer_config.json (HF directory) or from the GGUF's metadata."""
-    files, tokenizer = loaded.files, loaded.tokenizer
-    if files.format == "hf":
-        config = _read_json(files.path / "config.json")
-        tokenizer_config = _read_json(files.path / "tokenizer_config.json")
-        if tokenizer.chat_template and not tokenizer_config.get("chat_template"):
-            tokenizer_config["chat_template"] = tokenizer.chat_template  # from chat_template.jinja
-        stem = files.path.name
-    else:
-        config = {"model_type": loaded.config.architecture,
-                  "max_position_embeddings": loaded.config.max_position_embeddings}
-        tokenizer_config = {"chat_template": tokenizer.chat_template, "bos_token": tokenizer.bos_token or "",
-                            "eos_token": tokenizer.eos_token or ""}
-        stem = files.path.stem
-    variant = detect_variant(config, tokenizer_config, stem, forced=chat_format)
+    """Build the ServedModel of a whale LoadedModel."""
+    variant, config = detect_loaded_variant(loaded, forced=chat_format)
+    stem = loaded.files.path.name if loaded.files.format == "hf" else loaded.files.path.stem
     # a GGUF's served id drops its quantisation suffix: SmolLM2-135M-Instruct.Q4_1 -> smollm2-135m-instruct
     default_name = re.sub(r"\.(q\d\w*|i?q\d\w*|f16|f32|bf16)$", "", stem.lower())
-    return ServedModel(name or default_name, tokenizer, variant, max_model_len, config, created)
-
-
-def _read_json(path: Any) -> dict[str, Any]:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    defaults = generation_defaults(variant, loaded.generation_config, loaded.generation_config_source)
+    return ServedModel(name or default_name, loaded.tokenizer, variant, max_model_len, config, created, defaults)
