@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -46,6 +49,56 @@ def test_chat_streams_replies_keeps_the_conversation_and_resets_it(default_llm):
     assert banner.startswith("whale chat · default (SmolLM2-135M-Instruct.Q4_1.gguf) · ")
     # each reply, then the prompt for the next line; /reset says so, /exit prints nothing
     assert turns == [answer + "\n", kept + "\n", "(conversation cleared)\n", fresh + "\n", ""]
+
+
+class _Transcript:
+    """A running `whale chat` whose stdout a thread collects, so the test can wait for what it prints."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([sys.executable, "-m", "whale.cli", "chat", *args], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+        self.text = ""
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while chunk := self.proc.stdout.read(1):
+            self.text += chunk
+
+    def wait_for(self, predicate, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.text):
+            assert time.monotonic() < deadline and self.proc.poll() is None, (self.text, self.proc.stderr.read())
+            time.sleep(0.01)
+
+    def send(self, line: str) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+
+def test_chat_ctrl_c_stops_the_reply_and_keeps_the_conversation(default_llm):
+    from whale import SamplingParams
+
+    chat = _Transcript("--temperature", "0", "--max-tokens", "100", "--kernels", "dense")
+    chat.wait_for(lambda text: text.count("\n> ") == 1)
+    chat.send("Write a long story about a dragon.")
+    chat.wait_for(lambda text: len(text.split("\n> ")[1]) >= 3)  # the reply has begun
+    chat.proc.send_signal(signal.SIGINT)
+    chat.wait_for(lambda text: text.count("\n> ") == 2)  # stopped, and back at the prompt
+    chat.send("Who is in it?")
+    chat.wait_for(lambda text: text.count("\n> ") == 3)
+    chat.send("/exit")
+    assert chat.proc.wait(timeout=60) == 0 and "Traceback" not in chat.proc.stderr.read()
+    _, stopped, second, _ = chat.text.split("\n> ")
+    assert stopped.endswith(" [stopped]\n")
+    shown = stopped.removesuffix(" [stopped]\n")
+    greedy = SamplingParams(temperature=0, max_tokens=100)
+    story = {"role": "user", "content": "Write a long story about a dragon."}
+    full = default_llm.chat([story], greedy).outputs[0].text
+    assert shown and full.startswith(shown) and len(shown) < len(full)  # cut short, as far as it had come
+    # the next turn sees the story as far as it was shown
+    kept = [story, {"role": "assistant", "content": shown}, {"role": "user", "content": "Who is in it?"}]
+    assert second == default_llm.chat(kept, greedy).outputs[0].text + "\n"
 
 
 def test_models_lists_the_default_model():

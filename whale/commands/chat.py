@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from whale.commands.generate import add_model_options, add_sampling_options, set_threads
 
-HELP = "Type a message; /reset starts over, /exit (or Ctrl-D) quits."
+HELP = "Type a message; Ctrl-C stops a reply, /reset starts over, /exit (or Ctrl-D) quits."
+STOPPED = " [stopped]"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -20,15 +22,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def stream_reply(engine, prompt_ids: list[int], params, out=sys.stdout) -> str:
-    """Run one request to completion, writing text as it is decoded; returns the whole reply."""
+    """Run one request, writing text as it is decoded, and return the reply as shown. Ctrl-C stops it after the
+    current step (the engine is never interrupted mid-step) and frees its blocks; the text so far is the reply."""
     request = engine.add_request(prompt_ids, params)
-    sent = 0
-    while not request.status.finished:
-        engine.step()
-        text = request.streamable_text()
-        out.write(text[sent:])
-        out.flush()
-        sent = len(text)
+    stopped: list[int] = []  # the handler only records the signal; the loop below acts on it between steps
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: stopped.append(signum))
+    sent = ""
+    try:
+        while not request.status.finished and not stopped:
+            engine.step()
+            text = request.streamable_text()
+            out.write(text[len(sent):])
+            out.flush()
+            sent = text
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stopped and not request.status.finished:
+        engine.abort(request.request_id)
+        out.write(STOPPED)
+        return sent
     return request.text
 
 
@@ -55,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     while True:
         try:
             line = input("\n> ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):  # Ctrl-D, or Ctrl-C at the prompt: quit
             print()
             return 0
         if line.strip() in ("/exit", "/quit"):
