@@ -76,8 +76,13 @@ def _hub_cache(root: Path, repo_id: str, source: Path) -> None:
     (repo / "refs" / "main").write_text(commit)
 
 
-def _whale(args: list[str], cache: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "HF_HOME": str(cache.parent)}
+# nothing listens on the discard port: a hub that refuses connections, as a machine without a network sees it
+UNREACHABLE = {"HF_ENDPOINT": "http://127.0.0.1:9"}
+
+
+def _whale(args: list[str], cache: Path, network: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(network or {"HF_HUB_OFFLINE": "1"}), "HF_HUB_CACHE": str(cache),
+           "HF_HOME": str(cache.parent)}
     return subprocess.run([sys.executable, "-m", "whale.cli", *args], env=env, capture_output=True, text=True,
                           timeout=300)
 
@@ -85,9 +90,14 @@ def _whale(args: list[str], cache: Path) -> subprocess.CompletedProcess:
 def test_hub_id_loads_from_the_cache_offline_and_generates(tmp_path):
     directory, _ = tiny_dense_checkpoint("qwen2", tmp_path / "src")
     _hub_cache(tmp_path / "hub", "acme/tiny-qwen", directory)
-    done = _whale(["generate", "t5 t7 t9", "--model", "acme/tiny-qwen", "--max-tokens", "4", "--dtype", "float32",
-                   "--temperature", "0"], tmp_path / "hub")
+    generate = ["generate", "t5 t7 t9", "--model", "acme/tiny-qwen", "--max-tokens", "4", "--dtype", "float32",
+                "--temperature", "0"]
+    done = _whale(generate, tmp_path / "hub")
     assert done.returncode == 0, done.stderr
+    # without HF_HUB_OFFLINE but with no hub to reach, the cache serves at once (no retries in between)
+    unreachable = _whale(generate, tmp_path / "hub", UNREACHABLE)
+    assert unreachable.returncode == 0 and "Retrying" not in unreachable.stderr, unreachable.stderr
+    assert unreachable.stdout == done.stdout
     # the hub id resolved to the cached snapshot: the same completion as the checkpoint directory itself
     local = LLM(str(directory), dtype="float32").generate("t5 t7 t9", SamplingParams(temperature=0, max_tokens=4))
     assert local[0].outputs[0].text.strip() and done.stdout == local[0].outputs[0].text + "\n"
@@ -101,3 +111,12 @@ def test_unknown_hub_id_offline_is_a_clear_error_not_a_traceback(tmp_path):
     done = _whale(["generate", "hi", "--model", "acme/absent"], tmp_path / "hub")
     assert done.returncode == 2
     assert "acme/absent" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("command", [["generate", "hi", "--model"], ["plan"]])
+def test_an_uncached_hub_id_without_a_network_fails_at_once_in_one_line(tmp_path, command):
+    (tmp_path / "hub").mkdir()
+    done = _whale([*command, "acme/absent"], tmp_path / "hub", UNREACHABLE)
+    # huggingface_hub alone retries the connection five times (~23 s, a warning line each)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert "'acme/absent'" in done.stderr and "127.0.0.1:9 cannot be reached" in done.stderr

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
+import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,18 +60,45 @@ def _local_dir(path: Path, reference: str) -> ModelFiles:
     return ModelFiles(reference, "hf", path)
 
 
-def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import snapshot_download
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached now (None if its host answers). huggingface_hub retries a
+    failed connection five times over ~23 s; without a network whale goes to the local cache at once instead."""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        return f"{url.hostname}:{port} cannot be reached: {exc.strerror or exc}"
+    return None
+
+
+def hub_download(repo_id: str, what: str, fetch: Callable[..., str]) -> Path:
+    """`fetch(local_files_only=...)` (a huggingface_hub download of `what` from `repo_id`), from the hub when it
+    can be reached, else from the local cache; failures are ModelNotFoundError saying which and why."""
     from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
+    offline = hub_unreachable()
     try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
+        return Path(fetch(local_files_only=offline is not None))
     except LocalEntryNotFoundError as exc:
-        raise ModelNotFoundError(
-            f"{repo_id!r} is not in the local Hugging Face cache and the hub cannot be reached "
-            f"(offline mode or no network): {exc}") from exc
+        reason = offline or "the hub cannot be reached"
+        raise ModelNotFoundError(f"{repo_id!r}: {what} is not in the local Hugging Face cache and {reason} "
+                                 f"(fetch it where there is a network: `hf download {repo_id}`)") from exc
     except (HfHubHTTPError, HFValidationError, OSError) as exc:
-        raise ModelNotFoundError(f"could not fetch {repo_id!r} from the Hugging Face hub: {exc}") from exc
+        raise ModelNotFoundError(f"could not fetch {what} of {repo_id!r} from the Hugging Face hub: {exc}") from exc
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return hub_download(repo_id, "the checkpoint", functools.partial(
+        snapshot_download, repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
 
 
 def resolve_model(reference: str, revision: str | None = None) -> ModelFiles:

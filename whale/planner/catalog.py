@@ -6,6 +6,7 @@ The planner never imports torch or whale's engine config: a spec is only the sha
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, replace
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from whale.errors import ModelNotFoundError, UnsupportedModelError
+from whale.hub import hub_download
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -260,13 +262,8 @@ def _read_config(path: Path, name: str) -> ModelSpec:
 
 def _hub_config(repo_id: str) -> Path:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 
-    try:
-        return Path(hf_hub_download(repo_id, "config.json"))
-    except (HfHubHTTPError, HFValidationError, LocalEntryNotFoundError, OSError) as exc:
-        raise ModelNotFoundError(f"{repo_id}: no config.json on the Hugging Face hub or in its cache ({exc})") \
-            from exc
+    return hub_download(repo_id, "config.json", functools.partial(hf_hub_download, repo_id, "config.json"))
 
 
 def resolve_model(reference: str) -> ModelSpec:
