@@ -185,8 +185,9 @@ def test_unreadable_file_is_a_clear_error(tmp_path, gguf_file):
     with pytest.raises(ModelLoadError, match="broken.gguf"):
         GGUFCheckpoint(bad)
     whole = gguf_file[0].read_bytes()
-    for cut in (40, len(whole) - 100):  # a real file cut short: in the header, in the tensor data
+    # a real file cut short, in the header or in the tensor data: said in those words, not struct's or numpy's
+    for cut, where in ((40, "ends inside its header"), (len(whole) - 100, f"the file at {len(whole) - 100:,}")):
         truncated = tmp_path / f"cut{cut}.gguf"
         truncated.write_bytes(whole[:cut])
-        with pytest.raises(ModelLoadError, match=f"cut{cut}.gguf"):
+        with pytest.raises(ModelLoadError, match=f"cut{cut}.gguf is truncated: .*{where}.*Fetch the file again"):
             GGUFCheckpoint(truncated)

@@ -7,6 +7,7 @@ layout. Names are mapped to the Hugging Face names our models use.
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 from collections.abc import Iterator
@@ -124,19 +125,29 @@ _STRING, _ARRAY = 8, 9
 _PLAIN_TENSORS = {"F32": np.float32, "F16": np.float16}
 
 
+class _Truncated(Exception):
+    """The file ends before what its header describes."""
+
+
 class _Cursor:
     """Reads GGUF's little-endian header fields in order from a buffer."""
 
     def __init__(self, buffer: Any):
         self.buffer, self.offset = buffer, 0
 
+    def need(self, size: int) -> None:
+        if self.offset + size > len(self.buffer):
+            raise _Truncated(f"the file ends inside its header ({len(self.buffer):,} bytes)")
+
     def scalar(self, fmt: str) -> Any:
+        self.need(struct.calcsize(fmt))
         value = struct.unpack_from(fmt, self.buffer, self.offset)[0]
         self.offset += struct.calcsize(fmt)
         return value
 
     def string(self) -> str:
         length = self.scalar("<Q")
+        self.need(length)
         value = bytes(self.buffer[self.offset:self.offset + length]).decode("utf-8", errors="replace")
         self.offset += length
         return value
@@ -148,6 +159,7 @@ class _Cursor:
             item_kind, count = self.scalar("<I"), self.scalar("<Q")
             if item_kind in _SCALARS and item_kind != 7:  # numbers: one vectorised read
                 dtype = np.dtype(_SCALARS[item_kind])
+                self.need(dtype.itemsize * count)
                 values = np.frombuffer(self.buffer, dtype, count, self.offset)
                 self.offset += dtype.itemsize * count
                 return values.tolist()
@@ -171,7 +183,10 @@ class GGUFCheckpoint:
             self.tensors: dict[str, GGUFTensor] = {
                 name: _tensor(self.path, data, name, dims, type_id, data_start + offset)
                 for name, dims, type_id, offset in infos}
-        except (OSError, ValueError, TypeError, struct.error) as exc:  # TypeError: data shorter than the header says
+        except _Truncated as exc:
+            raise ModelLoadError(f"{self.path} is truncated: {exc}; an interrupted download or copy? Fetch the "
+                                 "file again") from exc
+        except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot read GGUF file {self.path}: {exc}") from exc
 
     @property
@@ -213,11 +228,14 @@ def _tensor(path: Path, data: np.ndarray, name: str, dims: list[int], type_id: i
                                     f"not decode (supported: {sorted(SUPPORTED_TYPES)})")
     shape = tuple(int(d) for d in reversed(dims))  # GGUF lists dimensions fastest-first; PyTorch slowest-first
     if type_name in _PLAIN_TENSORS:
-        dtype = np.dtype(_PLAIN_TENSORS[type_name])
-        raw = np.ndarray(shape, dtype, data, start)
+        dtype, layout = np.dtype(_PLAIN_TENSORS[type_name]), shape
     else:  # blocks: [..., bytes per row]
         block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
-        raw = np.ndarray((*shape[:-1], shape[-1] // block * block_bytes), np.uint8, data, start)
+        dtype, layout = np.dtype(np.uint8), (*shape[:-1], shape[-1] // block * block_bytes)
+    end = start + math.prod(layout) * dtype.itemsize
+    if end > len(data):
+        raise _Truncated(f"tensor {name} ends at byte {end:,}, the file at {len(data):,}")
+    raw = np.ndarray(layout, dtype, data, start)
     return GGUFTensor(name, type_name, shape, raw)
 
 
