@@ -108,6 +108,30 @@ def test_a_request_the_engine_cannot_take_fails_alone_and_the_engine_thread_goes
     assert [t for d in deltas for t in d.token_ids] == default_llm.generate(PROMPTS[0], good)[0].outputs[0].token_ids
 
 
+def test_a_request_whose_output_cannot_be_reported_fails_alone(default_llm, engine, monkeypatch):
+    """A bug while turning a request's output into a delta (fault injected: a wrapper that raises for the request
+    marked by max_tokens=3) used to end the engine thread, and every request waited forever."""
+    report = AsyncEngine._delta
+
+    def faulty(self, request):
+        if request.params.max_tokens == 3:
+            raise RuntimeError("reporting bug")
+        return report(self, request)
+
+    monkeypatch.setattr(AsyncEngine, "_delta", faulty)
+    good = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    ids = default_llm.tokenizer.encode(PROMPTS[0])
+
+    async def main():
+        return await asyncio.gather(asyncio.wait_for(_collect(engine, ids, SamplingParams(max_tokens=3)), 60),
+                                    asyncio.wait_for(_collect(engine, ids, good), 60), return_exceptions=True)
+
+    failed, ok = asyncio.run(main())
+    assert isinstance(failed, RequestFailedError) and "reporting bug" in str(failed)
+    assert [t for d in ok for t in d.token_ids] == default_llm.generate(PROMPTS[0], good)[0].outputs[0].token_ids
+    assert engine.engine.cache.blocks.num_free_blocks == engine.engine.cache.blocks.num_blocks
+
+
 def test_a_seed_beyond_64_bits_is_refused_by_the_sampling_params():
     with pytest.raises(InvalidRequestError, match="64-bit seed"):
         SamplingParams(seed=2**64)

@@ -11,6 +11,7 @@ from whale.chat.capabilities import generation_defaults
 from whale.chat.variants import detect_loaded_variant
 from whale.engine.llm_engine import EngineConfig, LLMEngine
 from whale.engine.request import Request
+from whale.engine.sampler import SampledToken
 from whale.errors import InvalidRequestError
 from whale.models.loader import load_model
 from whale.sampling_params import SamplingParams
@@ -37,18 +38,25 @@ class RequestOutput:
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    prompt_logprobs: list[dict[int, float] | None] | None = None  # with SamplingParams.prompt_logprobs
 
 
 def _output(request: Request) -> RequestOutput:
-    logprobs = None
+    logprobs = prompt_logprobs = None
     if request.params.logprobs is not None:
         # vLLM's shape: per position, token id -> logprob, the sampled token always included
-        logprobs = [{**(s.top_logprobs or {}), s.token_id: s.logprob} for s in request.logprobs]
+        logprobs = [_position(s) for s in request.logprobs]
+    if request.params.prompt_logprobs is not None:
+        prompt_logprobs = [None if s is None else _position(s) for s in request.prompt_logprobs]
     completion = CompletionOutput(0, request.text, list(request.output_token_ids),
                                   request.cumulative_logprob if logprobs is not None else None, logprobs,
                                   request.finish_reason, request.stop_reason)
     return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion],
-                         request.status.finished, request.num_cached_tokens)
+                         request.status.finished, request.num_cached_tokens, prompt_logprobs)
+
+
+def _position(scored: SampledToken) -> dict[int, float]:
+    return {**(scored.top_logprobs or {}), scored.token_id: scored.logprob}
 
 
 class LLM:

@@ -31,6 +31,7 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None  # how many top alternatives per token; 0 = only the sampled token's
+    prompt_logprobs: int | None = None  # the same for each prompt token (computed, never from the prefix cache)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     # each called as processor(output_token_ids, logits) -> logits before sampling (reasoning budget, JSON grammar)
@@ -54,6 +55,8 @@ class SamplingParams:
             (self.min_tokens >= 0, "min_tokens must be >= 0"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"logprobs must be between 0 and {MAX_LOGPROBS}"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}"),
             (all(s for s in self.stop_strings), "stop strings must not be empty"),
         ]
         for ok, message in checks:

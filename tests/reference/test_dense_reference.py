@@ -75,3 +75,33 @@ def test_llama3_rope_scaling_changes_the_frequencies(tmp_path):
     inv_freq = llm.loaded.model.rotary.inv_freq.double()
     assert inv_freq[-1].item() == pytest.approx(plain[-1].item() / 8.0, rel=1e-6)
     assert inv_freq[0].item() == pytest.approx(plain[0].item(), rel=1e-6)
+
+
+def test_prompt_logprobs_match_transformers_through_chunks_the_cache_and_preemption(checkpoint):
+    """Each prompt token's logprob (and top alternatives) under transformers' logits for the tokens before it, in
+    float64: computed across prefill chunks, again for a prompt whose blocks are cached, and after a
+    preemption (40-token prompts, 8-token chunks, a KV cache too small for two such requests at once)."""
+    kind, directory, reference = checkpoint
+    llm = LLM(str(directory), dtype="float32", max_num_batched_tokens=8, block_size=4, num_kv_blocks=14)
+    generator = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, VOCAB, (40,), generator=generator).tolist() for _ in range(2)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, prompt_logprobs=3)
+    warm = llm.generate({"prompt_token_ids": prompts[0]}, params)[0]  # its blocks are now cached
+    assert warm.num_cached_tokens == 0 and warm.prompt_logprobs[0] is None
+    requests = [llm.engine.add_request(p, params) for p in prompts]
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+    assert max(r.num_preemptions for r in requests) >= 1
+    scored = [warm.prompt_logprobs] + [[None] + [{**s.top_logprobs, s.token_id: s.logprob}
+                                                 for s in r.prompt_logprobs[1:]] for r in requests]
+    for prompt, positions in zip([prompts[0], *prompts], scored, strict=True):
+        with torch.no_grad():
+            theirs = reference(torch.tensor([prompt])).logits[0, :-1].double().log_softmax(-1)
+        assert len(positions) == len(prompt)
+        for position, ours in enumerate(positions[1:]):
+            top = theirs[position].topk(3)
+            expected = {prompt[position + 1]: theirs[position, prompt[position + 1]].item(),
+                        **dict(zip(top.indices.tolist(), top.values.tolist(), strict=True))}
+            assert ours.keys() == expected.keys(), (kind, position)
+            assert max(abs(ours[t] - expected[t]) for t in expected) < 1e-4, (kind, position)
+    assert all(r.num_cached_tokens == 0 for r in requests)  # scored prompts are computed, never read from cache

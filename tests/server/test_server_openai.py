@@ -12,6 +12,7 @@ import pytest
 from scripted_engine import scripted_server
 from server_harness import DEFAULT_OPTIONS, serving
 
+from whale import SamplingParams
 from whale.server.served_model import served_model_from_loaded
 
 HELLO = [{"role": "user", "content": "Say hello."}]
@@ -236,5 +237,28 @@ def test_completions_take_every_openai_prompt_form_with_one_prompt(client, defau
         client.completions.create(prompt=[text, text], **greedy)
     with pytest.raises(openai.BadRequestError, match="token ids must be in"):
         client.completions.create(prompt=[10**9], **greedy)
-    with pytest.raises(openai.BadRequestError, match="'echo' with 'logprobs'"):
-        client.completions.create(prompt=text, echo=True, logprobs=2, **greedy)
+
+
+def test_echo_with_logprobs_scores_the_prompt_too(client, default_llm):
+    text = "The capital of France is"
+    ids = default_llm.tokenizer.encode(text)
+    greedy = dict(model="deepseek-chat", prompt=text, max_tokens=5, temperature=0, echo=True, logprobs=2)
+    reply = client.completions.create(**greedy)
+    scored = reply.choices[0].logprobs
+    assert reply.choices[0].text.startswith(text) and reply.usage.prompt_tokens == len(ids)
+    assert len(scored.tokens) == len(ids) + 5 and "".join(scored.tokens[:len(ids)]).endswith(text)
+    assert scored.token_logprobs[0] is None and scored.top_logprobs[0] is None  # nothing comes before it
+    expected = default_llm.generate(text, SamplingParams(temperature=0, max_tokens=5, prompt_logprobs=2))[0]
+    for position in range(1, len(ids)):
+        assert scored.token_logprobs[position] == pytest.approx(expected.prompt_logprobs[position][ids[position]],
+                                                                abs=1e-4)
+        assert len(scored.top_logprobs[position]) == 2
+    assert scored.text_offset == [sum(map(len, scored.tokens[:i])) for i in range(len(scored.tokens))]
+    # streamed: the echo comes with the prompt's logprobs in the first chunk, then the same tokens as above
+    chunks = list(client.completions.create(**greedy, stream=True))
+    assert chunks[0].choices[0].text.startswith(text) and len(chunks[0].choices[0].logprobs.tokens) > len(ids)
+    assert "".join(c.choices[0].text for c in chunks) == reply.choices[0].text
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.tokens] == scored.tokens
+    assert [o for lp in streamed for o in lp.text_offset] == scored.text_offset
+    assert [lp for part in streamed for lp in part.token_logprobs] == scored.token_logprobs

@@ -37,6 +37,7 @@ class StreamDelta:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
+    prompt_logprobs: list | None = None  # the first delta of a request that asked for them: Request.prompt_logprobs
 
 
 @dataclass
@@ -46,6 +47,7 @@ class _Stream:
     sent_text: int = 0
     sent_tokens: int = 0
     sent_logprobs: int = 0
+    sent_prompt_logprobs: bool = False
 
 
 class AsyncEngine:
@@ -135,10 +137,13 @@ class AsyncEngine:
             return RequestFailedError(request.error)
         text = request.streamable_text()
         tokens = request.output_token_ids
+        prompt_logprobs = None
+        if request.params.prompt_logprobs is not None and not stream.sent_prompt_logprobs:
+            prompt_logprobs, stream.sent_prompt_logprobs = request.prompt_logprobs, True
         delta = StreamDelta(request.request_id, text[stream.sent_text:], tokens[stream.sent_tokens:],
                             request.logprobs[stream.sent_logprobs:], request.status.finished,
                             request.finish_reason, request.stop_reason, len(request.prompt_token_ids),
-                            len(tokens), request.num_cached_tokens)
+                            len(tokens), request.num_cached_tokens, prompt_logprobs)
         stream.sent_text, stream.sent_tokens, stream.sent_logprobs = len(text), len(tokens), len(request.logprobs)
         return delta
 
@@ -170,7 +175,11 @@ class AsyncEngine:
                 self._fail_all(RequestFailedError(f"the engine failed a step: {exc}"))
                 continue
             for request in produced:
-                delta = self._delta(request)
+                try:
+                    delta = self._delta(request)
+                except Exception as exc:  # noqa: BLE001 - only this request ends; the engine thread goes on
+                    self.engine.abort(request.request_id)
+                    delta = RequestFailedError(f"the server could not report this request's output: {exc}")
                 if delta is not None:
                     self._deliver(request.request_id, delta)
 

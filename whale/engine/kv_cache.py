@@ -59,13 +59,14 @@ class BlockManager:
             del self.free_queue[block]
         self.ref_counts[block] += 1
 
-    def allocate_prefix(self, seq_id: Hashable, prompt_ids: Sequence[int]) -> int:
+    def allocate_prefix(self, seq_id: Hashable, prompt_ids: Sequence[int], use_cache: bool = True) -> int:
         """Start `seq_id`'s block table with its prompt's cached full blocks; returns the tokens served from
-        cache. At least the last prompt token is always left to compute (its logits start generation)."""
+        cache. At least the last prompt token is always left to compute (its logits start generation).
+        `use_cache=False`: every token is computed (its blocks are still registered for others)."""
         table = self.tables.setdefault(seq_id, [])
         assert not table, "allocate_prefix is for a sequence without blocks"
         hits = 0
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and use_cache:
             for block_hash in self.prefix_hashes(prompt_ids[:len(prompt_ids) - 1]):
                 block = self.cached.get(block_hash)
                 if block is None:

@@ -16,11 +16,13 @@ import torch
 from whale.engine.paged_attention import DEFAULT_KV_CACHE_BYTES, create_cache
 from whale.engine.request import Request
 from whale.engine.runner import ModelRunner
-from whale.engine.sampler import sample_one
+from whale.engine.sampler import sample_one, score_tokens
 from whale.engine.scheduler import Scheduler, SchedulerConfig
 from whale.errors import InvalidRequestError
 from whale.models.loader import LoadedModel
 from whale.sampling_params import SamplingParams
+
+PROMPT_SCORING_ROWS = 256  # prompt positions whose logits are computed at once (256 x a 152K vocabulary: 156 MB)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,19 @@ class LLMEngine:
             return sorted(self.eos_token_ids | set(request.params.stop_token_ids or ()))
         return None
 
+    def _score_prompt(self, request: Request, hidden: torch.Tensor) -> None:
+        """Record the prompt logprobs this step's tokens of `request` give (the rows at positions
+        num_computed_tokens..), each predicting the prompt token after it; positions scored before a preemption
+        are not scored again."""
+        start, prompt = request.num_computed_tokens, request.prompt_token_ids
+        first = len(request.prompt_logprobs) - 1 - start  # the first row whose next token is not yet scored
+        end = min(len(hidden), len(prompt) - 1 - start)  # rows past the prompt's second-to-last token: no target
+        for lo in range(max(first, 0), end, PROMPT_SCORING_ROWS):
+            hi = min(lo + PROMPT_SCORING_ROWS, end)
+            logits = self.runner.logits(hidden[lo:hi])
+            targets = prompt[start + lo + 1:start + hi + 1]
+            request.prompt_logprobs.extend(score_tokens(logits, targets, request.params.prompt_logprobs))
+
     @torch.inference_mode()
     def step(self) -> list[Request]:
         """Run one scheduled step; returns the requests that produced a token (finished ones included)."""
@@ -120,6 +135,8 @@ class LLMEngine:
             return batch.requests
         sampling_rows = []
         for row, (request, count) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True)):
+            if request.params.prompt_logprobs is not None:
+                self._score_prompt(request, hidden.of(row))
             request.num_computed_tokens += count
             self.cache.blocks.register_full_blocks(request.request_id, request.all_token_ids,
                                                    request.num_computed_tokens)
@@ -127,7 +144,7 @@ class LLMEngine:
                 sampling_rows.append(row)
         if not sampling_rows:
             return []
-        logits = self.runner.logits(hidden[sampling_rows])
+        logits = self.runner.logits(hidden.last(sampling_rows))
         produced = []
         for logits_row, row in zip(logits, sampling_rows, strict=True):
             request = batch.requests[row]

@@ -38,6 +38,8 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache on first admission
     num_preemptions: int = 0
     logprobs: list[SampledToken] = field(default_factory=list)
+    # with params.prompt_logprobs: per prompt token, how likely it was after the ones before it (None for the first)
+    prompt_logprobs: list[SampledToken | None] = field(default_factory=lambda: [None])
     cumulative_logprob: float = 0.0
     error: str | None = None
 

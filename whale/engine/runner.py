@@ -5,6 +5,7 @@ which blocks make up its context), and the model runs once over all of them."""
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -15,12 +16,27 @@ from whale.models.layers import prompt_step
 from whale.models.loader import LoadedModel
 
 
+@dataclass
+class StepHidden:
+    """One step's final hidden states [tokens, hidden]; request i's tokens are rows offsets[i]:offsets[i + 1]."""
+
+    hidden: torch.Tensor
+    offsets: list[int]
+
+    def last(self, requests: list[int]) -> torch.Tensor:
+        """The hidden state of the last scheduled token of each of `requests` (indices into the batch)."""
+        return self.hidden[[self.offsets[i + 1] - 1 for i in requests]]
+
+    def of(self, request: int) -> torch.Tensor:
+        return self.hidden[self.offsets[request]:self.offsets[request + 1]]
+
+
 class ModelRunner:
     def __init__(self, loaded: LoadedModel, cache: PagedKVCache):
         self.model, self.device, self.cache = loaded.model, loaded.device, cache
 
-    def execute(self, batch: ScheduledBatch) -> torch.Tensor:
-        """The last hidden state of every scheduled request [requests, hidden]."""
+    def execute(self, batch: ScheduledBatch) -> StepHidden:
+        """The final hidden state of every scheduled token, by request."""
         ids, positions = [], []
         for request, count in zip(batch.requests, batch.num_new_tokens, strict=True):
             start = request.num_computed_tokens
@@ -37,8 +53,7 @@ class ModelRunner:
                                     torch.tensor(positions, device=self.device), self.cache)
         finally:
             self.cache.set_layout(None)
-        last = torch.tensor(list(itertools.accumulate(batch.num_new_tokens)), device=self.device) - 1
-        return hidden[last]
+        return StepHidden(hidden, [0, *itertools.accumulate(batch.num_new_tokens)])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 logits on the CPU, where the sampler runs."""

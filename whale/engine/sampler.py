@@ -95,3 +95,15 @@ def sample_one(logits: torch.Tensor, state: SamplingState, suppress: list[int] |
         values, ids = raw_logprobs.topk(p.logprobs)
         top = dict(zip(ids.tolist(), values.tolist(), strict=True))
     return SampledToken(token, float(raw_logprobs[token]), top)
+
+
+def score_tokens(logits: torch.Tensor, targets: list[int], top: int) -> list[SampledToken]:
+    """How likely each of `targets` was under its row of `logits` [len(targets), vocab] (the model's raw
+    distribution, as vLLM's prompt logprobs), with the `top` most likely alternatives."""
+    logprobs = logits.log_softmax(-1)
+    chosen = logprobs.gather(1, torch.tensor(targets).unsqueeze(1)).squeeze(1).tolist()
+    if not top:
+        return [SampledToken(t, lp) for t, lp in zip(targets, chosen, strict=True)]
+    values, ids = logprobs.topk(top, dim=-1)
+    return [SampledToken(t, lp, dict(zip(i, v, strict=True)))
+            for t, lp, i, v in zip(targets, chosen, ids.tolist(), values.tolist(), strict=True)]

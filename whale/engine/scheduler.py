@@ -71,7 +71,9 @@ class Scheduler:
     def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            hits = self.blocks.allocate_prefix(request.request_id, request.all_token_ids)
+            # a request scoring its prompt needs every prompt position's logits: nothing from the cache
+            hits = self.blocks.allocate_prefix(request.request_id, request.all_token_ids,
+                                               use_cache=request.params.prompt_logprobs is None)
             count = min(request.num_tokens - hits, budget)
             if not self.blocks.grow(request.request_id, hits + count):
                 self.blocks.free(request.request_id)

@@ -164,25 +164,32 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 
 # -- FIM / text completions ------------------------------------------------------------------------------
-def _completion_logprobs(gen: Generation, deltas: list[StreamDelta], offset: int) -> dict[str, Any]:
+def _completion_logprobs(gen: Generation, scored: list[tuple[int, Any]], offset: int) -> dict[str, Any]:
+    """The legacy completions logprobs of (token id, SampledToken or None) pairs, text offsets from `offset`."""
     token_text = gen.state.served.token_text
     tokens, token_logprobs, top, offsets = [], [], [], []
-    for delta in deltas:
-        for sampled in delta.logprobs:
-            text = token_text(sampled.token_id)
-            offsets.append(offset)
-            offset += len(text)
-            tokens.append(text)
-            token_logprobs.append(sampled.logprob)
-            top.append({token_text(t): lp for t, lp in (sampled.top_logprobs or {}).items()})
+    for token_id, sampled in scored:
+        text = token_text(token_id)
+        offsets.append(offset)
+        offset += len(text)
+        tokens.append(text)
+        token_logprobs.append(None if sampled is None else sampled.logprob)
+        top.append(None if sampled is None else
+                   {token_text(t): lp for t, lp in (sampled.top_logprobs or {}).items()})
     return {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens, "top_logprobs": top}
+
+
+def _scored(gen: Generation, delta: StreamDelta) -> list[tuple[int, Any]]:
+    """A delta's scored tokens: the prompt's first (echo with logprobs, on the first delta), then the new ones."""
+    prompt = list(zip(gen.prepared.prompt_ids, delta.prompt_logprobs or (), strict=False))
+    return prompt + [(sampled.token_id, sampled) for sampled in delta.logprobs]
 
 
 def completion_body(gen: Generation, collected: Collected) -> dict[str, Any]:
     echo = gen.prepared.echo_text
     logprobs = None
     if gen.prepared.params.logprobs is not None:
-        logprobs = _completion_logprobs(gen, collected.deltas, len(echo))
+        logprobs = _completion_logprobs(gen, [pair for d in collected.deltas for pair in _scored(gen, d)], 0)
     prompt, completion, cached = collected.usage_counts()
     choice = {"text": echo + collected.text, "index": 0, "logprobs": logprobs,
               "finish_reason": collected.finish_reason}
@@ -191,10 +198,12 @@ def completion_body(gen: Generation, collected: Collected) -> dict[str, Any]:
 
 async def completion_events(gen: Generation, deltas: AsyncIterator[Any], include_usage: bool) -> AsyncIterator[str]:
     collected = Collected()
-    offset = len(gen.prepared.echo_text)
-    if gen.prepared.echo_text:
-        yield sse({**gen.header(chunk=True), "choices": [{"text": gen.prepared.echo_text, "index": 0,
-                                                           "logprobs": None, "finish_reason": None}]})
+    echo, offset = gen.prepared.echo_text, 0
+    scoring = gen.prepared.params.logprobs is not None
+    if echo and not scoring:  # at once; with logprobs it waits for the prompt's, which come with the first token
+        yield sse({**gen.header(chunk=True), "choices": [{"text": echo, "index": 0, "logprobs": None,
+                                                           "finish_reason": None}]})
+        echo = ""
     async for item in deltas:
         if isinstance(item, str):
             yield item
@@ -203,13 +212,13 @@ async def completion_events(gen: Generation, deltas: AsyncIterator[Any], include
             collected.failed = True
             break
         collected.deltas.append(item)
-        logprobs = None
-        if gen.prepared.params.logprobs is not None:
-            logprobs = _completion_logprobs(gen, [item], offset)
-        offset += len(item.text)
-        if item.text or logprobs or item.finished:
+        logprobs = _completion_logprobs(gen, _scored(gen, item), offset) if scoring else None
+        if logprobs and logprobs["tokens"]:  # offsets run on over the tokens' texts, as in the whole body
+            offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+        text, echo = echo + item.text, ""
+        if text or logprobs or item.finished:
             yield sse({**gen.header(chunk=True), "choices": [{
-                "text": item.text, "index": 0, "logprobs": logprobs,
+                "text": text, "index": 0, "logprobs": logprobs,
                 "finish_reason": collected.finish_reason if item.finished else None}]})
     if collected.failed:
         yield sse({**gen.header(chunk=True), "choices": [{"text": "", "index": 0, "logprobs": None,

@@ -261,7 +261,4 @@ class CompletionRequest(WireModel):
             raise ValueError("'stream_options' is only valid with 'stream': true")
         if isinstance(self.prompt, list) and self.suffix is not None:
             raise ValueError("'suffix' needs a text 'prompt' (FIM is built from text): send the prompt as a string")
-        if self.echo and self.logprobs is not None:
-            raise unsupported("'echo' with 'logprobs' would need the prompt's logprobs, which this server does "
-                              "not compute: drop one of them")
         return self

@@ -136,7 +136,7 @@ class ServedModel:
         params = self.defaults.sampling_params(
             temperature=req.temperature, top_p=req.top_p, presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
-            logprobs=req.logprobs)
+            logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
         return PreparedRequest(req.model, ids, params, echo_text=echo if req.echo else "")
 
     def _max_tokens(self, prompt_tokens: int, requested: int | None, limits: tuple[int, int]) -> int:
