@@ -1,4 +1,4 @@
-"""Parameter counts derived by hand from the published configs (shared/specs/architectures.md)."""
+"""Parameter counts derived by hand from the published configs (docs/sources.md §3)."""
 
 import pytest
 

@@ -1,7 +1,7 @@
 """DeepSeek-V3.2's prompt encoding (it ships a Python encoder, `encoding_dsv32.py`, instead of a Jinja template).
 
-whale's own implementation of the rules in shared/specs/chat-formats.md §4: DSML tool calls, tool results
-grouped in <function_results>, and reasoning kept for the assistant turns after the last user message.
+whale's own implementation of the rules in that file (docs/sources.md §2): DSML tool calls, tool results grouped in
+<function_results>, and reasoning kept for the assistant turns after the last user message.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The DeepSeek lineup as planner specs: each model's real config (shared/specs/architectures.md), plus any
+"""The DeepSeek lineup as planner specs: each model's real config (docs/sources.md §3), plus any
 HF config.json (local path or hub id) turned into the same `ModelSpec`.
 
 The planner never imports torch or whale's engine config: a spec is only the shape numbers it counts with.
