@@ -132,8 +132,13 @@ class Tokenizer:
         backend.pre_tokenizer = pre_tokenizers.Sequence(
             [*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
         backend.decoder = decoders.ByteLevel()
-        backend.add_special_tokens([AddedToken(tokens[i], special=types[i] == _CONTROL, normalized=False)
-                                    for i, kind in enumerate(types) if kind in (_CONTROL, _USER_DEFINED)])
+        # CONTROL tokens are special (a decode may skip them); USER_DEFINED ones are HF's non-special added tokens
+        # (the distills' <think>, </think>, <tool_call>): whole, never split, and always decoded, or the chat
+        # parsers would never see them
+        added = {kind: [AddedToken(tokens[i], special=kind == _CONTROL, normalized=False)
+                        for i, k in enumerate(types) if k == kind] for kind in (_CONTROL, _USER_DEFINED)}
+        backend.add_special_tokens(added[_CONTROL])
+        backend.add_tokens(added[_USER_DEFINED])
 
         def special(key: str) -> str | None:
             idx = meta.get(f"tokenizer.ggml.{key}_token_id")
