@@ -162,6 +162,42 @@ def test_reasoning_reaches_reasoning_content(scripted):
     assert chunks[-1].usage.completion_tokens_details.reasoning_tokens > 0
 
 
+def test_today_s_model_names_pick_their_mode_and_others_are_refused(scripted):
+    """The V4-era names think by default, the retired V3-era ones keep their modes, the own id the model's
+    default; `thinking` and `reasoning_effort` as today's clients send them."""
+    engine, client = scripted
+    engine.output = "Sum.</think>4"
+    names = {"deepseek-v4-flash": True, "deepseek-v4-pro": True, "deepseek-flash": True, "deepseek-chat": False,
+             "deepseek-reasoner": True, "deepseek-v3.2-tiny": False}
+    for name, thinking in names.items():
+        reply = client.chat.completions.create(model=name, messages=ASK, reasoning_effort="high")
+        assert engine.prompt_text().endswith("<think>" if thinking else "</think>"), name
+        assert bool(reply.choices[0].message.model_extra.get("reasoning_content")) == thinking, name
+    client.chat.completions.create(model="deepseek-v4-pro", messages=ASK, reasoning_effort="xhigh",
+                                   extra_body={"thinking": {"type": "disabled"}})
+    assert engine.prompt_text().endswith("</think>")
+    assert [m.id for m in client.models.list().data] == ["deepseek-v3.2-tiny", *list(names)[:-1]]
+    with pytest.raises(openai.BadRequestError, match="'deepseek-v4-flash'.*got 'deepseek-v5'"):
+        client.chat.completions.create(model="deepseek-v5", messages=ASK)
+
+
+def test_anthropic_clients_map_as_the_hosted_route_does(scripted):
+    """claude-opus* runs as deepseek-v4-pro and every other Claude name as deepseek-v4-flash: thinking unless
+    the request disables it; output_config.effort is taken."""
+    import anthropic
+
+    engine, openai_client = scripted
+    url = str(openai_client.base_url).rstrip("/")
+    client = anthropic.Anthropic(base_url=f"{url}/anthropic", api_key="unused", max_retries=0)
+    engine.output = "Sum.</think>4"
+    for name in ("claude-opus-x", "claude-sonnet-x"):
+        reply = client.messages.create(model=name, max_tokens=64, messages=ASK,
+                                       extra_body={"output_config": {"effort": "high"}})
+        assert engine.prompt_text().endswith("<think>") and [b.type for b in reply.content] == ["thinking", "text"]
+    client.messages.create(model="claude-haiku-x", max_tokens=64, messages=ASK, thinking={"type": "disabled"})
+    assert engine.prompt_text().endswith("</think>")
+
+
 def test_tool_calls_reach_tool_calls(scripted):
     engine, client = scripted
     engine.output = DSML_CALLS

@@ -41,7 +41,8 @@ def scripted(default_llm):
 
 def test_models_lists_the_served_model_and_the_deepseek_aliases(client):
     ids = [m.id for m in client.models.list().data]
-    assert ids == ["smollm2-135m-instruct", "deepseek-chat", "deepseek-reasoner"]
+    assert ids == ["smollm2-135m-instruct", "deepseek-v4-flash", "deepseek-v4-pro", "deepseek-flash", "deepseek-chat",
+                   "deepseek-reasoner"]
 
 
 def test_chat_completion_has_the_deepseek_response_shape(client):

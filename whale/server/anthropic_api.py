@@ -16,6 +16,7 @@ from fastapi.responses import Response, StreamingResponse
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from whale.chat import ChatDelta, parse_output
+from whale.server.model_names import anthropic_model
 from whale.server.openai_api import Generation
 from whale.server.openapi import (
     AnthropicMessageResponse,
@@ -26,12 +27,13 @@ from whale.server.openapi import (
 from whale.server.protocol import (
     MAX_TOOLS,
     ChatCompletionRequest,
+    ReasoningEffort,
     WireModel,
     check_function_name,
     check_stop,
     unsupported,
 )
-from whale.server.served_model import CHAT_ALIAS, CHAT_MAX_TOKENS, REASONER_ALIAS, THINKING_MAX_TOKENS
+from whale.server.served_model import CHAT_MAX_TOKENS, THINKING_MAX_TOKENS, ServedModel
 from whale.server.state import ServerState, start_generation
 from whale.server.streaming import SSE_KEEPALIVE, Collected, collect_response, sse_deltas
 
@@ -110,6 +112,10 @@ class AnthropicToolChoice(WireModel):
     disable_parallel_tool_use: bool | None = None
 
 
+class AnthropicOutputConfig(WireModel):
+    effort: ReasoningEffort | None = None  # the reasoning effort, as reasoning_effort on the OpenAI shape
+
+
 class CountTokensRequest(WireModel):
     """/v1/messages/count_tokens: the prompt half of a Messages request."""
 
@@ -117,6 +123,7 @@ class CountTokensRequest(WireModel):
     messages: list[AnthropicMessage] = Field(min_length=1)
     system: str | list[TextBlock] | None = None
     thinking: AnthropicThinking | None = None
+    output_config: AnthropicOutputConfig | None = None
     tools: list[AnthropicTool] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: AnthropicToolChoice | None = None
 
@@ -181,8 +188,8 @@ def _assistant_message(content: str | list[Any]) -> dict[str, Any]:
     return message
 
 
-def to_chat_request(body: CountTokensRequest, served_ids: list[str]) -> ChatCompletionRequest:
-    """The equivalent OpenAI-shape request; unknown model names map to deepseek-chat, as DeepSeek's route does.
+def to_chat_request(body: CountTokensRequest, served: ServedModel) -> ChatCompletionRequest:
+    """The equivalent OpenAI-shape request; Claude model names map as DeepSeek's route maps them (model_names).
     What the OpenAI shape still refuses (a message order it does not take) is a 4xx, never a server error."""
     messages: list[dict[str, Any]] = []
     if body.system:
@@ -198,8 +205,8 @@ def to_chat_request(body: CountTokensRequest, served_ids: list[str]) -> ChatComp
         tool_choice = {"type": "function", "function": {"name": body.tool_choice.name}}
     tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                "parameters": t.input_schema}} for t in body.tools or ()]
-    model = body.model if body.model in served_ids else CHAT_ALIAS
-    thinking = body.thinking.type == "enabled" if body.thinking else model == REASONER_ALIAS
+    model = anthropic_model(body.model, served.model_ids)
+    thinking = served.thinking_of(model, body.thinking.type == "enabled" if body.thinking else None)
     # Anthropic clients ask for large budgets (32K is common): capped at the mode's maximum (and, in
     # prepare_chat, at what the context leaves) instead of refused
     ceiling = (THINKING_MAX_TOKENS if thinking else CHAT_MAX_TOKENS)[1]
@@ -210,7 +217,8 @@ def to_chat_request(body: CountTokensRequest, served_ids: list[str]) -> ChatComp
     try:
         return ChatCompletionRequest.model_validate({
             "model": model, "messages": messages, **generation, "tools": tools or None, "tool_choice": tool_choice,
-            "thinking": {"type": body.thinking.type} if body.thinking else None})
+            "thinking": {"type": body.thinking.type} if body.thinking else None,
+            "reasoning_effort": body.output_config.effort if body.output_config else None})
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc
 
@@ -318,7 +326,7 @@ async def message_events(gen: Generation, deltas: AsyncIterator[Any]) -> AsyncIt
 
 async def messages(body: MessagesRequest, request: Request) -> Response:
     state: ServerState = request.app.state.whale
-    chat = to_chat_request(body, state.served.model_ids)
+    chat = to_chat_request(body, state.served)
     gen = Generation(state, await asyncio.to_thread(state.served.prepare_chat, chat, clamp_max_tokens=True), "message")
     gen.id = "msg_" + uuid.uuid4().hex
     stream, first = await start_generation(state, gen.prepared, gen.id, request.scope)
@@ -330,7 +338,7 @@ async def messages(body: MessagesRequest, request: Request) -> Response:
 
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:
     state: ServerState = request.app.state.whale
-    chat = to_chat_request(body, state.served.model_ids)
+    chat = to_chat_request(body, state.served)
     return {"input_tokens": await asyncio.to_thread(state.served.prompt_tokens, chat)}
 
 

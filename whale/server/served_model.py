@@ -18,12 +18,12 @@ from whale.chat import (
     render,
     render_fim,
 )
-from whale.chat.capabilities import Capabilities, generation_defaults
+from whale.chat.capabilities import Capabilities, generation_defaults, resolve_thinking
 from whale.generation_defaults import GenerationDefaults
 from whale.sampling_params import SamplingParams
 from whale.server.errors import APIError
+from whale.server.model_names import NAME_THINKING, served_names
 
-CHAT_ALIAS, REASONER_ALIAS = "deepseek-chat", "deepseek-reasoner"
 # DeepSeek's documented max_tokens: (default, maximum) without and with thinking; FIM output is at most 4K
 CHAT_MAX_TOKENS, THINKING_MAX_TOKENS, FIM_MAX_TOKENS = (4096, 8192), (32768, 65536), (4096, 4096)
 
@@ -62,7 +62,7 @@ class ServedModel:
 
     @property
     def model_ids(self) -> list[str]:
-        return [self.name, CHAT_ALIAS, REASONER_ALIAS]
+        return served_names(self.name)
 
     def thinking_for(self, model: str) -> bool | None:
         """The thinking preference a model name carries: the aliases pick a mode where the model has both."""
@@ -71,7 +71,12 @@ class ServedModel:
                                 f"set 'model' to one of them (got {model!r})", param="model")
         if model == self.name or len(self.capabilities.thinking_modes) < 2:
             return None
-        return model == REASONER_ALIAS
+        return NAME_THINKING[model]
+
+    def thinking_of(self, model: str, requested: bool | None) -> bool:
+        """Whether a request for `model` runs in thinking mode: its explicit choice, else the name's, else the
+        model's default; a mode the model lacks is a 400."""
+        return resolve_thinking(self.variant, self.thinking_for(model) if requested is None else requested)
 
     # -- chat ---------------------------------------------------------------------------------------------
     def prepare_chat(self, req: Any, clamp_max_tokens: bool = False) -> PreparedRequest:
