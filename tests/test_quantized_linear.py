@@ -114,6 +114,23 @@ def test_row_switch_uses_int4_for_few_rows_and_the_packed_gemm_for_many():
         assert (kernel(many) - expected).abs().max() < 1e-2 * expected.abs().max()
 
 
+@pytest.mark.skipif(not cpu_has_bf16(), reason="the packed bf16 GEMM runs where bf16 is in hardware")
+def test_the_packed_gemm_runs_a_few_row_counts_and_answers_each_row_as_alone():
+    """Prompt steps of every length run at a few dozen GEMM shapes (oneDNN keeps per-shape state for good:
+    one shape per length grew a server by ~500 MiB); the padding rows never reach the answer."""
+    assert len({quant.gemm_rows(count) for count in range(1, 1025)}) <= 40
+    assert all(count <= quant.gemm_rows(count) < 2 * count for count in range(1, 1025))
+    generator = torch.Generator().manual_seed(5)
+    weight, bias = torch.randn(96, 64, generator=generator), torch.randn(96, generator=generator)
+    packed = quant.PackedBF16Linear(weight, bias)
+    x = torch.randn(100, 64, generator=generator)
+    expected = F.linear(x.bfloat16().float(), weight.bfloat16().float(), bias)
+    for count in (1, 3, 33, 65, 100):  # padded to 1, 4, 64, 96, 128 rows
+        out = packed(x[:count])
+        assert out.shape == (count, 96)
+        assert (out.float() - expected[:count]).abs().max() < 1e-2 * expected.abs().max()
+
+
 def test_q8_linear_computes_with_the_exact_block_values():
     generator = torch.Generator().manual_seed(5)
     tensor = _gguf_tensor(torch.randn(64, 96, generator=generator).numpy(), "Q8_0")
