@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import peers
+from servers import free_port, wait_ready
 
 PROMPT = "Write a long story about whale number {i}, who learns to sing."
 
@@ -46,17 +46,11 @@ class LevelResult:
         return sum(t.tokens for t in self.timings)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_servers(threads: int, max_seqs: int) -> dict[str, tuple[subprocess.Popen, str]]:
     from whale.hub import default_gguf_path
 
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    whale_port, llama_port = _free_port(), _free_port()
+    whale_port, llama_port = free_port(), free_port()
     whale = subprocess.Popen([sys.executable, "-m", "whale.cli", "serve", "--model", "default", "--port",
                               str(whale_port), "--max-num-seqs", str(max_seqs), "--log-level", "warning"], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -65,20 +59,6 @@ def start_servers(threads: int, max_seqs: int) -> dict[str, tuple[subprocess.Pop
                                    "--interrupt_requests", "False", env=env)
     return {"whale": (whale, f"http://127.0.0.1:{whale_port}"),
             "llama.cpp": (llama, f"http://127.0.0.1:{llama_port}")}
-
-
-def wait_ready(process: subprocess.Popen, url: str, timeout: float = 600) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server for {url} exited with {process.returncode}")
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not come up in {timeout} s")
 
 
 async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int) -> RequestTiming:

@@ -29,7 +29,6 @@ import random
 import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from typing import Any
 
 import httpx
 import openai
+from servers import free_port, wait_ready
 
 REQUEST_TIMEOUT_S = 120.0  # the longest a request that should be answered may take
 MEMORY_GROWTH_LIMIT = 0.10
@@ -643,12 +643,6 @@ async def drive(base: str, key: str, cases: list[Case], concurrency: int, deadli
 
 
 # -- the server -------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class WhaleServer:
     """`whale serve` in a subprocess on a free loopback port, with an API key; stopped on exit, whatever
     happened. Its output goes to a temporary log file (a pipe could fill up and stall it)."""
@@ -667,7 +661,11 @@ class WhaleServer:
                    "--port", str(self.port), "--api-key", self.key, "--log-level", "warning"]
         self.process = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT)
         try:
-            self._wait_ready()
+            wait_ready(self.process, self.base, self.start_timeout_s, probe="/health")
+        except RuntimeError as exc:
+            log = self.log_text()[-3000:]
+            self.__exit__()
+            raise RuntimeError(f"{exc}; whale serve's log:\n{log}") from None
         except BaseException:
             self.__exit__()
             raise
@@ -677,20 +675,6 @@ class WhaleServer:
         self.stop()
         self.log.close()
         Path(self.log.name).unlink(missing_ok=True)
-
-    def _wait_ready(self) -> None:
-        deadline = time.monotonic() + self.start_timeout_s
-        while True:
-            if not self.alive():
-                raise RuntimeError(f"whale serve exited with {self.process.returncode}:\n{self.log_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"whale serve did not answer /health within {self.start_timeout_s:.0f} s")
-            time.sleep(0.25)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None

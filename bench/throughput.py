@@ -20,13 +20,13 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import peers
+from servers import free_port, wait_ready
 
 PROMPT = "Write a short story about a whale who learns to sing. Once upon a time"
 VLLM_SCRIPT = """
@@ -97,29 +97,18 @@ def whale_aggregate(llm, prompt_ids: list[int], concurrency: int, tokens: int) -
     return concurrency * tokens / (time.perf_counter() - start)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_llama_cpp_server(threads: int) -> tuple[subprocess.Popen, str]:
     from whale.hub import default_gguf_path
 
-    port = _free_port()
+    port = free_port()
     server = peers.llama_cpp_server(default_gguf_path(), threads, port)
     url = f"http://127.0.0.1:{port}"
-    import httpx
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/v1/models", timeout=1).status_code == 200:
-                return server, url
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    server.kill()
-    raise RuntimeError("llama-cpp-python server did not start")
+    try:
+        wait_ready(server, url, timeout=120)
+    except RuntimeError:
+        server.kill()
+        raise
+    return server, url
 
 
 def http_aggregate(url: str, concurrency: int, tokens: int) -> float:
