@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from whale.chat.capabilities import generation_defaults
+from whale.chat.conversation import ChatPrompt, chat_prompt
+from whale.chat.output import parse_output
 from whale.chat.variants import detect_loaded_variant
 from whale.engine.llm_engine import EngineConfig, LLMEngine
 from whale.engine.request import Request
@@ -39,6 +41,7 @@ class RequestOutput:
     finished: bool = True
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     prompt_logprobs: list[dict[int, float] | None] | None = None  # with SamplingParams.prompt_logprobs
+    message: dict | None = None  # LLM.chat: the reply split into content, reasoning_content and tool_calls
 
 
 def _output(request: Request) -> RequestOutput:
@@ -70,11 +73,12 @@ class LLM:
         self.loaded = load_model(model, dtype=dtype, device=device, kernels=kernels)
         self.engine = LLMEngine(self.loaded, EngineConfig(**engine_options))
         self.tokenizer = self.loaded.tokenizer
+        self.chat_variant, self._config, self.no_chat_reason = None, {}, ""
         try:
-            variant = detect_loaded_variant(self.loaded)[0]
-        except InvalidRequestError:  # no chat template and no DeepSeek name: no format to recommend anything
-            variant = None
-        self.generation_defaults = generation_defaults(variant, self.loaded.generation_config,
+            self.chat_variant, self._config = detect_loaded_variant(self.loaded)
+        except InvalidRequestError as exc:  # no chat template and no DeepSeek name: no chat, no recommendation
+            self.no_chat_reason = str(exc)
+        self.generation_defaults = generation_defaults(self.chat_variant, self.loaded.generation_config,
                                                        self.loaded.generation_config_source)
 
     def get_default_sampling_params(self, **given) -> SamplingParams:
@@ -105,8 +109,20 @@ class LLM:
             self.engine.step()
         return [_output(r) for r in requests]
 
-    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
-        """Render one conversation with the model's chat template and generate the assistant's reply."""
-        prompt = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(prompt, add_special_tokens=False)
-        return self.generate({"prompt": prompt, "prompt_token_ids": ids}, sampling_params)[0]
+    def chat_prompt(self, messages: list[dict], *, thinking: bool | None = None,
+                    tools: list[dict] | None = None) -> ChatPrompt:
+        """The conversation rendered in the model's chat format (as the server renders it), with the parser for
+        the reply."""
+        if self.chat_variant is None:
+            raise InvalidRequestError(self.no_chat_reason)
+        return chat_prompt(self.chat_variant, self.tokenizer, messages, thinking=thinking, tools=tools,
+                           config=self._config)
+
+    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None, *,
+             thinking: bool | None = None, tools: list[dict] | None = None) -> RequestOutput:
+        """Generate the assistant's reply to one conversation. `output.message` is the reply as the API returns it
+        (`content`, `reasoning_content`, `tool_calls`); `outputs[0].text` is what the model wrote."""
+        prompt = self.chat_prompt(messages, thinking=thinking, tools=tools)
+        output = self.generate({"prompt": prompt.text, "prompt_token_ids": prompt.ids}, sampling_params)[0]
+        output.message = parse_output(prompt.parser, output.outputs[0].text)
+        return output

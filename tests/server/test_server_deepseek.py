@@ -4,6 +4,7 @@ model's own words matter (reasoning split, tool calls, JSON), the ScriptedEngine
 
 from __future__ import annotations
 
+import io
 import json
 
 import httpx
@@ -27,11 +28,15 @@ ASK = [{"role": "user", "content": "What is 2 + 2?"}]
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory, default_llm):  # default_llm: the session's model, loaded before the timing-sensitive work
+def tiny_path(tmp_path_factory):
+    return write_tiny_deepseek(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path, default_llm):  # default_llm: the session's model, loaded before the timing-sensitive work
     from whale.models.loader import load_model
 
-    path = write_tiny_deepseek(tmp_path_factory.mktemp("checkpoints"))
-    with serving(load_model(str(path), dtype="float32"), engine_options={"num_kv_blocks": 128}) as served:
+    with serving(load_model(str(tiny_path), dtype="float32"), engine_options={"num_kv_blocks": 128}) as served:
         yield served
 
 
@@ -78,6 +83,27 @@ def test_reasoner_alias_turns_thinking_on_and_reports_reasoning_tokens(client):
     chunks = list(client.chat.completions.create(model="deepseek-chat", messages=ASK, max_tokens=4, stream=True,
                                                  extra_body={"thinking": {"type": "enabled"}}))
     assert chunks[0].choices[0].delta.model_extra["reasoning_content"] == ""
+
+
+def test_offline_chat_renders_as_the_server_does_and_splits_the_reply(tiny, tiny_path):
+    """LLM.chat and `whale chat` render through the chat layer, as the server does: a V3.2 checkpoint (no Jinja
+    template) chats offline, and the reply comes split into reasoning and answer."""
+    from whale import LLM, SamplingParams
+    from whale.commands.chat import stream_reply
+    from whale.server.protocol import ChatCompletionRequest
+
+    llm = LLM(str(tiny_path), dtype="float32")
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    for model, thinking in (("deepseek-reasoner", True), ("deepseek-chat", False)):
+        server_side = tiny[0].served.prepare_chat(ChatCompletionRequest(model=model, messages=ASK))
+        output = llm.chat(ASK, greedy, thinking=thinking)
+        assert output.prompt_token_ids == server_side.prompt_ids
+        # the random model never closes its reasoning: with thinking, every word of it is reasoning
+        text, message = output.outputs[0].text, output.message
+        assert (message["reasoning_content"], message["content"]) == ((text, "") if thinking else (None, text))
+    out = io.StringIO()
+    answer = stream_reply(llm.engine, llm.chat_prompt(ASK, thinking=True), greedy, out)
+    assert answer == "" and out.getvalue() == llm.chat(ASK, greedy, thinking=True).outputs[0].text
 
 
 def test_thinking_refuses_logprobs(client):

@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from typing import TYPE_CHECKING, TextIO
 
 from whale.commands.generate import add_model_options, add_sampling_options, set_threads
+from whale.errors import InvalidRequestError, WhaleError
+
+if TYPE_CHECKING:
+    from whale.chat import ChatDelta
+    from whale.chat.conversation import ChatPrompt
 
 HELP = "Type a message; Ctrl-C stops a reply, /reset starts over, /exit (or Ctrl-D) quits."
 STOPPED = " [stopped]"
@@ -21,10 +27,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
-def stream_reply(engine, prompt_ids: list[int], params, out=sys.stdout) -> str:
-    """Run one request, writing text as it is decoded, and return the reply as shown. Ctrl-C stops it after the
-    current step (the engine is never interrupted mid-step) and frees its blocks; the text so far is the reply."""
-    request = engine.add_request(prompt_ids, params)
+class _ReplyWriter:
+    """Writes a reply as its parser splits it: reasoning dimmed on a terminal, then a blank line, then the answer.
+    Keeps the answer, which is what the conversation remembers (templates drop earlier turns' reasoning)."""
+
+    def __init__(self, out: TextIO):
+        self.out, self.answer, self.reasoned = out, "", False
+        self.dim = ("\x1b[2m", "\x1b[0m") if out.isatty() else ("", "")
+
+    def write(self, delta: ChatDelta) -> None:
+        if delta.reasoning_content:
+            self.out.write(self.dim[0] + delta.reasoning_content + self.dim[1])
+            self.reasoned = True
+        if delta.content:
+            if self.reasoned and not self.answer:
+                self.out.write("\n\n")
+            self.out.write(delta.content)
+            self.answer += delta.content
+        self.out.flush()
+
+
+def stream_reply(engine, prompt: ChatPrompt, params, out: TextIO = sys.stdout) -> str:
+    """Run one request, writing the reply as it is decoded, and return its answer as shown. Ctrl-C stops it after
+    the current step (the engine is never interrupted mid-step) and frees its blocks; the answer so far is kept."""
+    request = engine.add_request(prompt.ids, params)
+    writer = _ReplyWriter(out)
     stopped: list[int] = []  # the handler only records the signal; the loop below acts on it between steps
     previous = signal.signal(signal.SIGINT, lambda signum, frame: stopped.append(signum))
     sent = ""
@@ -32,16 +59,16 @@ def stream_reply(engine, prompt_ids: list[int], params, out=sys.stdout) -> str:
         while not request.status.finished and not stopped:
             engine.step()
             text = request.streamable_text()
-            out.write(text[len(sent):])
-            out.flush()
+            writer.write(prompt.parser.feed(text[len(sent):]))
             sent = text
     finally:
         signal.signal(signal.SIGINT, previous)
     if stopped and not request.status.finished:
         engine.abort(request.request_id)
         out.write(STOPPED)
-        return sent
-    return request.text
+        return writer.answer
+    writer.write(prompt.parser.finish(request.text[len(sent):]))
+    return writer.answer
 
 
 def _sampling(params, args: argparse.Namespace, defaults) -> str:
@@ -60,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
               max_model_len=args.max_model_len)
     params = llm.get_default_sampling_params(temperature=args.temperature, top_p=args.top_p,
                                              max_tokens=args.max_tokens)
+    if llm.chat_variant is None:
+        raise InvalidRequestError(f"{llm.no_chat_reason}; `whale generate` completes plain text")
     base = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(base)
     print(f"whale chat · {llm.loaded.files.reference} ({llm.loaded.files.path.name}) · sampling: "
@@ -79,7 +108,11 @@ def run(args: argparse.Namespace) -> int:
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line})
-        prompt = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        reply = stream_reply(llm.engine, llm.tokenizer.encode(prompt, add_special_tokens=False), params)
+        try:
+            reply = stream_reply(llm.engine, llm.chat_prompt(messages), params)
+        except WhaleError as exc:  # e.g. the conversation outgrew the context: say so, keep the session
+            print(f"({exc}; /reset starts over)")
+            messages.pop()
+            continue
         print()
         messages.append({"role": "assistant", "content": reply})
