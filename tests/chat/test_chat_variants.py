@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from chat_helpers import counter_ids, reference_template
 
@@ -109,3 +111,35 @@ def test_output_parser_non_thinking_v31_keeps_content_verbatim():
     parser = make_output_parser("v3.1", prompt, thinking=False, tools=False)
     assert parse_output(parser, "\nHello <think> there") == {
         "role": "assistant", "content": "\nHello <think> there", "reasoning_content": None, "tool_calls": None}
+
+
+DISTILL_CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "%s"}}</tool_call>'
+V3_CALL = ('<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n{"city": "%s"}\n```'
+           '<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
+
+
+@pytest.mark.parametrize("variant, call", [("r1-distill-qwen", DISTILL_CALL), ("r1-0528", V3_CALL)])
+@pytest.mark.parametrize("shape, cities", [
+    ("I should call it.\n{rome}", ["Rome"]),  # the reasoning never closes: its call is the model's call
+    ("Calling.\n{rome}\n</think>\n\nAsked for the weather.", ["Rome"]),  # the answer calls nothing: recovered
+    ("Draft: {rome}\n</think>\n\n{paris}", ["Paris"]),  # the answer calls: the reasoning's call was a draft
+    ("No call here.\n</think>\n\nIt is sunny.", []),
+])
+def test_calls_made_inside_the_reasoning_are_never_lost(variant, call, shape, cities):
+    """The peers drop calls a distill makes inside <think> (or return them as text); whale returns them as
+    tool_calls, the same streamed character by character as whole, and the reasoning text as written."""
+    prompt = render(variant, [{"role": "user", "content": "Weather?"}],
+                    tools=[{"type": "function", "function": {"name": "get_weather"}}])
+    output = shape.format(rome=call % "Rome", paris=call % "Paris")
+    whole = parse_output(make_output_parser(variant, prompt, thinking=True, tools=True, id_factory=counter_ids()),
+                         output)
+    assert [json.loads(c["function"]["arguments"])["city"] for c in whole["tool_calls"] or ()] == cities
+    assert whole["reasoning_content"].startswith(shape[:5])  # the reasoning is passed on as written
+    parser = make_output_parser(variant, prompt, thinking=True, tools=True, id_factory=counter_ids())
+    streamed = [parser.feed(ch) for ch in output] + [parser.finish()]
+    assert "".join(d.reasoning_content for d in streamed) == whole["reasoning_content"]
+    assert "".join(d.content for d in streamed) == whole["content"]
+    names = [c.name for d in streamed for c in d.tool_calls if c.name]
+    arguments = "".join(c.arguments for d in streamed for c in d.tool_calls)
+    assert names == ["get_weather"] * len(cities)
+    assert arguments == "".join(c["function"]["arguments"] for c in whole["tool_calls"] or ())

@@ -246,6 +246,23 @@ def test_tool_calls_reach_tool_calls(scripted):
     assert chunks[-1].choices[0].finish_reason == "tool_calls"
 
 
+def test_a_call_made_in_unclosed_reasoning_reaches_tool_calls(scripted):
+    """The thinking model writes its DSML call and never closes </think>: the call is its call, on both shapes
+    (not text inside reasoning_content only, as the peers return it)."""
+    engine, client = scripted
+    engine.output = "I will look it up.\n\n" + DSML_CALLS
+    reply = client.chat.completions.create(model="deepseek-reasoner", messages=ASK, tools=[WEATHER_TOOL, TIME_TOOL])
+    choice = reply.choices[0]
+    assert choice.finish_reason == "tool_calls" and not choice.message.content
+    assert [c.function.name for c in choice.message.tool_calls] == ["get_weather", "get_time"]
+    assert choice.message.model_extra["reasoning_content"].startswith("I will look it up.")
+    chunks = list(client.chat.completions.create(model="deepseek-reasoner", messages=ASK, stream=True,
+                                                 tools=[WEATHER_TOOL, TIME_TOOL]))
+    names = [call.function.name for chunk in chunks for call in chunk.choices[0].delta.tool_calls or ()
+             if call.function.name]
+    assert names == ["get_weather", "get_time"] and chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
 def test_multi_turn_with_reasoning_content_passed_back(scripted):
     engine, client = scripted
     engine.output = "The tool said noon.</think>It is 12:00."

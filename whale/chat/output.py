@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,19 +28,30 @@ class ChatDelta:
 
 
 class ChatOutputParser:
-    """Reasoning first, then tool calls on the content channel (a call inside the reasoning is only thought)."""
+    """Reasoning first, then tool calls on the content channel.
 
-    def __init__(self, reasoning: ReasoningParser, tools: ToolCallParser | None) -> None:
+    A call the model writes inside its reasoning is not dropped: when the output ends without a call after the
+    reasoning (the reasoning never closed, or the answer calls nothing), the calls in the reasoning are the
+    model's calls, returned with the output's last delta; when the answer calls tools, those are the calls and
+    the ones in the reasoning were drafts. The reasoning text itself is passed on as written."""
+
+    def __init__(self, reasoning: ReasoningParser, tools: ToolCallParser | None,
+                 new_tool_parser: Callable[[], ToolCallParser] | None = None) -> None:
         self._reasoning = reasoning
         self._tools = tools
+        self._new_tool_parser = new_tool_parser  # reads the reasoning's calls at the end
+        self._thought = ""
+        self._called = False
 
     def _split(self, reasoning: str, content: str, final: bool) -> ChatDelta:
         delta = ChatDelta(reasoning_content=reasoning)
+        self._thought += reasoning
         if self._tools is None:
             delta.content = content
             return delta
         parsed = self._tools.finish(content) if final else self._tools.feed(content)
         delta.content, delta.tool_calls = parsed.content, parsed.tool_calls
+        self._called = self._called or bool(parsed.tool_calls)
         return delta
 
     def feed(self, text: str) -> ChatDelta:
@@ -49,7 +61,10 @@ class ChatOutputParser:
     def finish(self, text: str = "") -> ChatDelta:
         """End of output; `text` is its last piece (all of it for a non-streaming response)."""
         piece = self._reasoning.finish(text)
-        return self._split(piece.reasoning, piece.content, final=True)
+        delta = self._split(piece.reasoning, piece.content, final=True)
+        if self._new_tool_parser is not None and not self._called and self._thought:
+            delta.tool_calls.extend(self._new_tool_parser().finish(self._thought).tool_calls)
+        return delta
 
 
 def make_output_parser(variant: ChatVariant | str, prompt: str, *, thinking: bool, tools: bool,
@@ -58,8 +73,11 @@ def make_output_parser(variant: ChatVariant | str, prompt: str, *, thinking: boo
     caps = CAPABILITIES[variant_name(variant)]
     reasoning_name = caps.reasoning_parser if thinking else "identity"
     opens = prompt_opens_reasoning(variant, prompt)
-    tool_parser = make_tool_parser(caps.tool_parser, id_factory) if tools and caps.tool_parser else None
-    return ChatOutputParser(make_reasoning_parser(reasoning_name, opens), tool_parser)
+    reasoning = make_reasoning_parser(reasoning_name, opens)
+    if not (tools and caps.tool_parser):
+        return ChatOutputParser(reasoning, None)
+    new_tool_parser = functools.partial(make_tool_parser, caps.tool_parser, id_factory)
+    return ChatOutputParser(reasoning, new_tool_parser(), new_tool_parser)
 
 
 def parse_output(parser: ChatOutputParser, text: str) -> dict[str, Any]:
