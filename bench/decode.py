@@ -14,6 +14,8 @@ import argparse
 import statistics
 import time
 
+from report import Report, add_publish_option
+
 PROMPT = "Write a short story about a whale who learns to sing."
 
 
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    add_publish_option(parser)
     args = parser.parse_args()
     import torch
     from peers import llama_cpp_decode
@@ -82,10 +85,13 @@ def main() -> None:
         results["llama.cpp (Q4_1)"].append(
             (*llama_cpp_decode(default_gguf_path(), prompt_ids, args.tokens, args.threads), None))
     peer_rate = statistics.median(r for _, r, _ in results["llama.cpp (Q4_1)"])
-    print(f"\nSingle-stream decode, {default_gguf_path().name}, {len(prompt_ids)}-token prompt, {args.tokens} tokens, "
-          f"{args.threads} threads, median of {args.rounds}; CPU flags: avx512_bf16={'avx512_bf16' in cpu_flags()}")
-    print("| engine | prefill ms | decode tok/s | ms/token | model ms | rest ms | ratio vs llama.cpp |")
-    print("|---|---|---|---|---|---|---|")
+    report = Report("decode")
+    report.line(f"Single-stream decode, {default_gguf_path().name}, {len(prompt_ids)}-token chat prompt, "
+                f"{args.tokens} greedy tokens, {args.threads} threads, median of {args.rounds} alternating rounds; "
+                f"avx512_bf16={'avx512_bf16' in cpu_flags()}; model ms = forward + lm_head, rest = the engine")
+    report.line()
+    report.line("| engine | prefill ms | decode tok/s | ms/token | model ms | rest ms | ratio vs llama.cpp |")
+    report.line("|---|---|---|---|---|---|---|")
     for name, runs in results.items():
         prefill = statistics.median(p for p, _, _ in runs) * 1000
         rate = statistics.median(r for _, r, _ in runs)
@@ -93,7 +99,10 @@ def main() -> None:
         split = "| - | - " if runs[0][2] is None else (
             f"| {step_ms * statistics.median(m for _, _, m in runs):.1f} "
             f"| {step_ms * (1 - statistics.median(m for _, _, m in runs)):.1f} ")
-        print(f"| {name} | {prefill:.0f} | {rate:.1f} | {step_ms:.1f} {split}| {rate / peer_rate:.2f}x |")
+        report.line(f"| {name} | {prefill:.0f} | {rate:.1f} | {step_ms:.1f} {split}| {rate / peer_rate:.2f}x |")
+    if args.publish:
+        report.publish()
+
 
 if __name__ == "__main__":
     main()

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import torch
+from report import Report, add_publish_option
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from whale import LLM
@@ -64,6 +65,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--width", type=int, default=1, help="scale hidden/FFN/latent sizes (4 = hidden 256)")
+    add_publish_option(parser)
     args = parser.parse_args()
     torch.set_num_threads(2)
     prompt = list(range(10, 42))
@@ -88,18 +90,25 @@ def main() -> None:
     latent_bytes = llm.engine.cache.bytes_per_token()
     decompressed = config.num_hidden_layers * config.num_attention_heads * (config.qk_head_dim + config.v_head_dim) * 4
     best = {name: min(values) for name, values in timings.items()}
-    print(f"tiny DeepSeek-V3: {config.num_hidden_layers} layers, {config.n_routed_experts} experts "
-          f"(top-{config.num_experts_per_tok}), hidden {config.hidden_size}, fp32, {torch.get_num_threads()} threads, "
-          f"prompt {len(prompt)}, greedy {args.tokens} tokens, best of {args.repeats}")
-    print("| engine | s | tok/s | ms/token | KV bytes/token |\n|---|---|---|---|---|")
+    report = Report("deepseek_tiny")
+    report.line(f"tiny DeepSeek-V3: {config.num_hidden_layers} layers, {config.n_routed_experts} experts "
+                f"(top-{config.num_experts_per_tok}), hidden {config.hidden_size}, fp32, "
+                f"{torch.get_num_threads()} threads, prompt {len(prompt)}, greedy {args.tokens} tokens, best of "
+                f"{args.repeats}")
+    report.line()
+    report.line("| engine | s | tok/s | ms/token | KV bytes/token |")
+    report.line("|---|---|---|---|---|")
     hf_bytes = hf_cache_bytes_per_token(reference, ids)
     for name, kv in (("whale", latent_bytes), ("transformers", hf_bytes)):
         seconds = best[name]
-        print(f"| {name} | {seconds:.3f} | {args.tokens / seconds:.1f} | {1000 * seconds / args.tokens:.2f} | "
-              f"{kv:,.0f} |")
-    print(f"speedup whale / transformers: {best['transformers'] / best['whale']:.1f}x; "
-          f"identical tokens: {outputs['whale'] == outputs['transformers']}; "
-          f"decompressed per-head K/V would be {decompressed:,} B/token")
+        report.line(f"| {name} | {seconds:.3f} | {args.tokens / seconds:.1f} | "
+                    f"{1000 * seconds / args.tokens:.2f} | {kv:,.0f} |")
+    report.line()
+    report.line(f"speedup whale / transformers: {best['transformers'] / best['whale']:.1f}x; "
+                f"identical tokens: {outputs['whale'] == outputs['transformers']}; "
+                f"decompressed per-head K/V would be {decompressed:,} B/token")
+    if args.publish:
+        report.publish()
 
 
 if __name__ == "__main__":

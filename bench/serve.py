@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import httpx
 import peers
+from report import Report, add_publish_option
 from servers import free_port, wait_ready
 
 PROMPT = "Write a long story about whale number {i}, who learns to sing."
@@ -106,16 +107,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def print_table(results: list[LevelResult]) -> None:
-    print("| server | clients | requests | tokens | wall s | agg tok/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms "
-          "| ITL p50 ms | ITL p90 ms | ITL p99 ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+def report_table(results: list[LevelResult], report: Report) -> None:
+    report.line("| server | clients | requests | tokens | wall s | agg tok/s | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms "
+                "| ITL p50 ms | ITL p90 ms | ITL p99 ms |")
+    report.line("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         ttft = [t.ttft for t in r.timings if t.ttft is not None]
         gaps = [g for t in r.timings for g in t.gaps]
         cells = [percentile(ttft, q) * 1e3 for q in (50, 90, 99)] + [percentile(gaps, q) * 1e3 for q in (50, 90, 99)]
-        print(f"| {r.server} | {r.clients} | {len(r.timings)} | {r.tokens} | {r.wall:.1f} | {r.tokens / r.wall:.1f} | "
-              + " | ".join(f"{c:.0f}" for c in cells) + " |")
+        report.line(f"| {r.server} | {r.clients} | {len(r.timings)} | {r.tokens} | {r.wall:.1f} | "
+                    f"{r.tokens / r.wall:.1f} | " + " | ".join(f"{c:.0f}" for c in cells) + " |")
 
 
 def main() -> int:
@@ -124,6 +125,7 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--requests-per-client", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    add_publish_option(parser)
     args = parser.parse_args()
     servers = start_servers(args.threads, max(args.clients))
     results: list[LevelResult] = []
@@ -141,9 +143,13 @@ def main() -> int:
         for process, _ in servers.values():
             process.terminate()
             process.wait(timeout=30)
-    print(f"\nstreaming chat, default model (SmolLM2-135M Q4_1 GGUF), at most {args.max_tokens} tokens, "
-          f"{args.requests_per_client} requests per client, {args.threads} threads\n")
-    print_table(results)
+    report = Report("serve")
+    report.line(f"Streaming chat on the default model (SmolLM2-135M Q4_1 GGUF), at most {args.max_tokens} tokens, "
+                f"{args.requests_per_client} requests per client, {args.threads} threads; the servers take turns")
+    report.line()
+    report_table(results, report)
+    if args.publish:
+        report.publish()
     return 0
 
 

