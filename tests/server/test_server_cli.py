@@ -43,7 +43,8 @@ def test_whale_serve_starts_uvicorn_with_its_options():
         _wait_ready(process, url)
         assert httpx.get(f"{url}/v1/models").status_code == 401
         models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-test"}).json()
-        assert [m["id"] for m in models["data"]] == ["tiny-chat", "deepseek-chat", "deepseek-reasoner"]
+        assert [m["id"] for m in models["data"]] == ["tiny-chat", "deepseek-v4-flash", "deepseek-v4-pro",
+                                                     "deepseek-flash", "deepseek-chat", "deepseek-reasoner"]
         long = {"model": "tiny-chat", "messages": [{"role": "user", "content": "whale " * 600}]}
         refused = httpx.post(f"{url}/v1/chat/completions", json=long, headers={"Authorization": "Bearer sk-test"})
         assert refused.status_code == 400 and "maximum context length is 512 tokens" in refused.text
