@@ -9,7 +9,7 @@ from chat_helpers import counter_ids
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from whale.chat.markers import ASSISTANT, EOS, THINK_END
+from whale.chat.markers import ASSISTANT, DSML, EOS, THINK_END, TOOL_CALL_END
 from whale.chat.templates import render
 from whale.chat.tool_grammars import TOOL_PARSERS, make_tool_parser
 from whale.chat.tools import ToolDelta, merge_deltas, parse_tool_calls
@@ -23,6 +23,7 @@ V32 = ('Checking.\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name="get_wea
        '<｜DSML｜parameter name="city" string="true">Paris "centre"</｜DSML｜parameter>\n'
        '<｜DSML｜parameter name="days" string="false">[1, 2]</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
        '<｜DSML｜invoke name="get_time">\n</｜DSML｜invoke>\n</｜DSML｜function_calls>')
+CALL_END = {"deepseek_v3": TOOL_CALL_END, "deepseek_v31": TOOL_CALL_END, "deepseek_v32": f"</{DSML}invoke>"}
 DISTILL = ('I will call it.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
            '<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>')
 
@@ -78,14 +79,21 @@ def decode_stream(tokenizer, text: str) -> list[str]:
 
 
 @pytest.mark.parametrize("name, text", [("deepseek_v3", V3), ("deepseek_v31", V31), ("deepseek_v32", V32)])
-def test_token_by_token_streams_arguments_incrementally(tokenizer, name, text):
+def test_token_by_token_each_call_arrives_whole_once_it_ends(tokenizer, name, text):
+    """Fail closed: a call is sent only once its end marker is read and its arguments parse, in one delta
+    (id, name, arguments), so a client never holds a partial call."""
     parser = make_tool_parser(name, counter_ids())
-    deltas = [parser.feed(piece) for piece in decode_stream(tokenizer, text)] + [parser.finish()]
+    pieces = decode_stream(tokenizer, text)
+    deltas = [parser.feed(piece) for piece in pieces] + [parser.finish()]
     assert merge_deltas(deltas) == feed_chunks(name, [text])
-    first = [d for delta in deltas for d in delta.tool_calls if d.index == 0]
-    assert first[0].id == "call_0" and first[0].name == "get_weather"
-    assert len(first) > 2 and all(d.id is None and d.name is None for d in first[1:])  # argument pieces
-    assert first[0].to_openai()["type"] == "function"
+    calls = [d for delta in deltas for d in delta.tool_calls]
+    assert [c.index for c in calls] == list(range(len(calls))) and len(calls) >= 1
+    for call in calls:
+        assert call.id == f"call_{call.index}" and call.name and json.loads(call.arguments) is not None
+    assert calls[0].to_openai()["type"] == "function"
+    # nothing of the first call is sent before the piece that ends it
+    first = next(i for i, delta in enumerate(deltas) if delta.tool_calls)
+    assert text.find(CALL_END[name]) < len("".join(pieces[:first + 1]))
 
 
 MALFORMED = [
@@ -110,12 +118,14 @@ def test_malformed_calls_come_back_as_content(name, text):
         assert streamed_calls or streamed_content.strip() == text.strip()
 
 
-def test_truncated_call_at_max_tokens():
+def test_truncated_call_at_max_tokens(caplog):
+    """A call cut off by max_tokens is text, streamed or not (never a partial call), and the log says so."""
     text = V31[:75]  # stops inside the first call's arguments
     content, found = parse_tool_calls(make_tool_parser("deepseek_v31"), text)
     assert found == [] and content == text
-    streamed = feed_chunks("deepseek_v31", [text[:70], text[70:]])  # name already sent: stays a call
-    assert streamed[1][0]["function"]["name"] == "get_weather"
+    for cut in (10, 40, 70):
+        assert feed_chunks("deepseek_v31", [text[:cut], text[cut:]]) == (text, [])
+    assert "could not read as a call" in caplog.text
 
 
 def test_registry():

@@ -4,20 +4,24 @@ A parser scans content for the start marker of its format, hands the text after 
 format's grammar, in tool_grammars.py) and turns the section's events (call start, argument text, call end)
 into OpenAI deltas. Text it cannot read as a call comes back as content; nothing raises.
 
-Streaming: a call's name is sent once its header is complete and its arguments as they arrive. A call that
-arrives whole (as in a non-streaming response) is checked first: if its arguments are not a JSON object the
-call's text is returned as content. A call already partly streamed when it turns out bad stays a call.
+Fail closed: a call is sent whole, once its end marker has been read and its arguments parse as a JSON object;
+anything else (no end marker before the output ends, arguments that are not a JSON object, a section without a
+call) comes back as content, streamed or not. So a client never holds a partial or malformed call, and a stream
+joins to exactly the non-streaming message (at the price of arguments not arriving piece by piece).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from whale.chat.reasoning import partial_suffix
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -78,7 +82,6 @@ def is_json_object(text: str) -> bool:
 class _Call:
     name: str
     arguments: str = ""
-    sent: int = -1  # characters of `arguments` already sent; -1: not surfaced yet
 
 
 class ToolCallParser:
@@ -122,7 +125,6 @@ class ToolCallParser:
             if step.status == "more":
                 continue
             if step.status == "open":
-                self._surface(out)
                 break
             if step.status == "failed" or not self._accepted:  # a section without a single call is content
                 self._fail(out)
@@ -151,27 +153,21 @@ class ToolCallParser:
                 self._call.arguments += value
             elif kind == "end" and self._call is not None:
                 call, self._call = self._call, None
-                if call.sent < 0 and not is_json_object(call.arguments):
-                    out.content += self._raw
+                if is_json_object(call.arguments):
+                    self._accepted += 1
+                    self._ids.append(self._new_id())
+                    out.tool_calls.append(ToolCallDelta(len(self._ids) - 1, self._ids[-1], call.name, call.arguments))
                 else:
-                    self._surface(out, call)
+                    logger.warning("a %s tool call's arguments are not a JSON object; returned as text: %.200r",
+                                   self.name, self._raw)
+                    out.content += self._raw
                 self._raw = ""
 
-    def _surface(self, out: ToolDelta, call: _Call | None = None) -> None:
-        call = call or self._call
-        if call is None:
-            return
-        if call.sent < 0:
-            self._accepted += 1
-            self._ids.append(self._new_id())
-            out.tool_calls.append(ToolCallDelta(len(self._ids) - 1, self._ids[-1], call.name, call.arguments))
-        elif len(call.arguments) > call.sent:
-            out.tool_calls.append(ToolCallDelta(len(self._ids) - 1, arguments=call.arguments[call.sent:]))
-        call.sent = len(call.arguments)
-
     def _fail(self, out: ToolDelta) -> None:
-        if self._call is None or self._call.sent < 0:
-            out.content += self._raw
+        if self._raw:
+            logger.warning("%s tool-call markup the parser could not read as a call; returned as text: %.200r",
+                           self.name, self._raw)
+        out.content += self._raw
 
 
 def merge_deltas(deltas: list[ToolDelta]) -> tuple[str, list[dict[str, Any]]]:
