@@ -106,6 +106,30 @@ def test_offline_chat_renders_as_the_server_does_and_splits_the_reply(tiny, tiny
     assert answer == "" and out.getvalue() == llm.chat(ASK, greedy, thinking=True).outputs[0].text
 
 
+def test_whale_chat_picks_the_thinking_mode(tiny_path, default_llm):
+    """`whale chat --thinking on|off` on a model with both modes; on a model without it, one line at start."""
+    import subprocess
+    import sys
+
+    from whale import LLM, SamplingParams
+
+    llm = LLM(str(tiny_path), dtype="float32")
+    greedy = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    for mode in ("on", "off"):
+        done = subprocess.run([sys.executable, "-m", "whale.cli", "chat", "--model", str(tiny_path), "--dtype",
+                               "float32", "--thinking", mode, "--temperature", "0", "--max-tokens", "6"],
+                              input="What is 2 + 2?\n/exit\n", capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        reply = done.stdout.split("\n> ")[1]
+        expected = llm.chat(ASK, greedy, thinking=mode == "on")
+        assert expected.prompt_token_ids[-1] == llm.tokenizer.encode("<think>" if mode == "on" else "</think>",
+                                                                    add_special_tokens=False)[-1]
+        assert reply == expected.outputs[0].text + "\n"  # the random model's words: reasoning, or the answer
+    done = subprocess.run([sys.executable, "-m", "whale.cli", "chat", "--thinking", "on"], input="/exit\n",
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "thinking" in done.stderr
+
+
 def test_thinking_refuses_logprobs(client):
     with pytest.raises(openai.BadRequestError, match="thinking mode"):
         client.chat.completions.create(model="deepseek-reasoner", messages=ASK, logprobs=True)

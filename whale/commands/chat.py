@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tokens", type=int, default=512, help="the longest reply, in tokens (default 512)")
     add_sampling_options(parser)
     parser.add_argument("--system", default=None, help="a system prompt")
+    parser.add_argument("--thinking", choices=("on", "off"), default=None,
+                        help="thinking mode on models that have both (V3.1, V3.2); default: the model's own")
     parser.set_defaults(func=run)
 
 
@@ -80,6 +82,7 @@ def _sampling(params, args: argparse.Namespace, defaults) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from whale.chat.capabilities import resolve_thinking
     from whale.llm import LLM
 
     set_threads(args.threads)
@@ -89,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
                                              max_tokens=args.max_tokens)
     if llm.chat_variant is None:
         raise InvalidRequestError(f"{llm.no_chat_reason}; `whale generate` completes plain text")
+    thinking = None if args.thinking is None else args.thinking == "on"
+    resolve_thinking(llm.chat_variant, thinking)  # a mode the model lacks: one line now, not at the first message
     base = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(base)
     print(f"whale chat · {llm.loaded.files.reference} ({llm.loaded.files.path.name}) · sampling: "
@@ -109,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": line})
         try:
-            reply = stream_reply(llm.engine, llm.chat_prompt(messages), params)
+            reply = stream_reply(llm.engine, llm.chat_prompt(messages, thinking=thinking), params)
         except WhaleError as exc:  # e.g. the conversation outgrew the context: say so, keep the session
             print(f"({exc}; /reset starts over)")
             messages.pop()
