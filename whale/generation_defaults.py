@@ -39,7 +39,7 @@ class GenerationDefaults:
 
     def sampling_params(self, **given: Any) -> SamplingParams:
         """SamplingParams from `given`, where a sampling knob that is absent or None takes this default."""
-        knobs = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "source"}
+        knobs = {name: getattr(self, name) for name in _KNOB_TYPES}
         for name, value in given.items():
             if value is not None or name not in knobs:
                 knobs[name] = value
@@ -55,6 +55,10 @@ class GenerationDefaults:
         if self.repetition_penalty != 1.0:
             shown.append(f"repetition_penalty {self.repetition_penalty:g}")
         return f"{', '.join(shown)} (from {self.source})"
+
+
+# the sampling knobs and their types, as GenerationDefaults declares them
+_KNOB_TYPES = {f.name: type(f.default) for f in fields(GenerationDefaults) if f.name != "source"}
 
 
 def gguf_generation_config(metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -79,5 +83,3 @@ def resolve_generation_defaults(generation_config: Mapping[str, Any], source: st
         knobs["top_k"] = -1  # HF's "no top-k"
     return GenerationDefaults(**knobs, source=" and ".join(sources) or GenerationDefaults.source)
 
-
-_KNOB_TYPES = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repetition_penalty": float}

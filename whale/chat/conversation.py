@@ -1,4 +1,4 @@
-"""A conversation made ready for the engine, the same way for every caller (`LLM.chat`, `whale chat`): the
+"""A conversation made ready for the engine, the same way for every caller (the server, `LLM.chat`, `whale chat`): the
 model's chat format renders it, its capabilities are checked, and the output parser that splits the reply
 into reasoning, content and tool calls comes with it."""
 
@@ -22,10 +22,11 @@ class ChatPrompt:
 
 
 def chat_prompt(variant: ChatVariant, tokenizer: Any, messages: list[dict[str, Any]], *,
-                thinking: bool | None = None, tools: list[dict[str, Any]] | None = None,
+                thinking: bool | None = None, tools: list[dict[str, Any]] | None = None, prefix: bool = False,
                 config: dict[str, Any] | None = None) -> ChatPrompt:
-    """`thinking` None: the model's default mode. What the model cannot do raises a CapabilityError."""
-    thinking = check_request(variant, thinking=thinking, tools=tools, config=config)
-    text = render(variant, messages, tools=tools or None, thinking=thinking)
+    """`thinking` None: the model's default mode; `prefix`: continue the last assistant message (prefix
+    completion). What the model cannot do raises a CapabilityError."""
+    thinking = check_request(variant, thinking=thinking, tools=tools, prefix=prefix, config=config)
+    text = render(variant, messages, tools=tools or None, thinking=thinking, prefix=prefix)
     parser = make_output_parser(variant, text, thinking=thinking, tools=bool(tools))
     return ChatPrompt(text, encode_prompt(tokenizer, text), thinking, parser)

@@ -35,11 +35,13 @@ class ChatOutputParser:
     model's calls, returned with the output's last delta; when the answer calls tools, those are the calls and
     the ones in the reasoning were drafts. The reasoning text itself is passed on as written."""
 
-    def __init__(self, reasoning: ReasoningParser, tools: ToolCallParser | None,
+    def __init__(self, reasoning: ReasoningParser,
                  new_tool_parser: Callable[[], ToolCallParser] | None = None) -> None:
+        """`new_tool_parser`: makes a fresh tool parser (None: no tools in this request): one for the content,
+        another at the end for the reasoning's calls."""
         self._reasoning = reasoning
-        self._tools = tools
-        self._new_tool_parser = new_tool_parser  # reads the reasoning's calls at the end
+        self._tools = new_tool_parser() if new_tool_parser is not None else None
+        self._new_tool_parser = new_tool_parser
         self._thought = ""
         self._called = False
 
@@ -73,11 +75,9 @@ def make_output_parser(variant: ChatVariant | str, prompt: str, *, thinking: boo
     caps = CAPABILITIES[variant_name(variant)]
     reasoning_name = caps.reasoning_parser if thinking else "identity"
     opens = prompt_opens_reasoning(variant, prompt)
-    reasoning = make_reasoning_parser(reasoning_name, opens)
-    if not (tools and caps.tool_parser):
-        return ChatOutputParser(reasoning, None)
-    new_tool_parser = functools.partial(make_tool_parser, caps.tool_parser, id_factory)
-    return ChatOutputParser(reasoning, new_tool_parser(), new_tool_parser)
+    new_tool_parser = functools.partial(make_tool_parser, caps.tool_parser, id_factory) \
+        if tools and caps.tool_parser else None
+    return ChatOutputParser(make_reasoning_parser(reasoning_name, opens), new_tool_parser)
 
 
 def parse_output(parser: ChatOutputParser, text: str) -> dict[str, Any]:

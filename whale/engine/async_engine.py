@@ -47,7 +47,6 @@ class _Stream:
     sent_text: int = 0
     sent_tokens: int = 0
     sent_logprobs: int = 0
-    sent_prompt_logprobs: bool = False
 
 
 class AsyncEngine:
@@ -137,13 +136,12 @@ class AsyncEngine:
             return RequestFailedError(request.error)
         text = request.streamable_text()
         tokens = request.output_token_ids
-        prompt_logprobs = None
-        if request.params.prompt_logprobs is not None and not stream.sent_prompt_logprobs:
-            prompt_logprobs, stream.sent_prompt_logprobs = request.prompt_logprobs, True
+        # the prompt's logprobs go with the first delta (the first token: the whole prompt is scored by then)
+        first = stream.sent_tokens == 0 and request.params.prompt_logprobs is not None
         delta = StreamDelta(request.request_id, text[stream.sent_text:], tokens[stream.sent_tokens:],
                             request.logprobs[stream.sent_logprobs:], request.status.finished,
                             request.finish_reason, request.stop_reason, len(request.prompt_token_ids),
-                            len(tokens), request.num_cached_tokens, prompt_logprobs)
+                            len(tokens), request.num_cached_tokens, request.prompt_logprobs if first else None)
         stream.sent_text, stream.sent_tokens, stream.sent_logprobs = len(text), len(tokens), len(request.logprobs)
         return delta
 

@@ -14,11 +14,10 @@ from whale.chat import (
     check_request,
     detect_loaded_variant,
     encode_prompt,
-    make_output_parser,
-    render,
     render_fim,
 )
 from whale.chat.capabilities import Capabilities, generation_defaults, resolve_thinking
+from whale.chat.conversation import ChatPrompt, chat_prompt
 from whale.generation_defaults import GenerationDefaults
 from whale.sampling_params import SamplingParams
 from whale.server.errors import APIError
@@ -82,7 +81,8 @@ class ServedModel:
     def prepare_chat(self, req: Any, clamp_max_tokens: bool = False) -> PreparedRequest:
         """`req` is a ChatCompletionRequest; capability problems and over-long prompts raise 400s.
         `clamp_max_tokens` fits a too-large max_tokens into the context instead of refusing (Anthropic route)."""
-        thinking, tools, prompt, ids = self._chat_prompt(req)
+        prompt = self._chat_prompt(req)
+        thinking, ids = prompt.thinking, prompt.ids
         limits = THINKING_MAX_TOKENS if thinking else CHAT_MAX_TOKENS
         requested = req.max_tokens
         if clamp_max_tokens and requested is not None:
@@ -95,31 +95,27 @@ class ServedModel:
             frequency_penalty=0.0 if thinking else (req.frequency_penalty or 0.0), max_tokens=max_tokens,
             stop=req.stop, seed=req.seed,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None)
-        parser = make_output_parser(self.variant, prompt, thinking=thinking, tools=bool(tools))
-        return PreparedRequest(req.model, ids, params, thinking, parser)
+        return PreparedRequest(req.model, ids, params, thinking, prompt.parser)
 
     def prompt_tokens(self, req: Any) -> int:
         """How many tokens the ChatCompletionRequest's prompt is, as the model would see it."""
-        return len(self._chat_prompt(req)[3])
+        return len(self._chat_prompt(req).ids)
 
-    def _chat_prompt(self, req: Any) -> tuple[bool, list[dict[str, Any]], str, list[int]]:
-        """(thinking, tools, prompt text, prompt ids) of a ChatCompletionRequest, refusing what the model
-        cannot do."""
-        thinking = self.thinking_for(req.model)
-        if req.thinking is not None:
-            thinking = req.thinking.type == "enabled"
+    def _chat_prompt(self, req: Any) -> ChatPrompt:
+        """The ChatCompletionRequest's conversation ready for the engine (whale.chat.conversation), refusing what
+        the model cannot do."""
+        thinking = self.thinking_for(req.model) if req.thinking is None else req.thinking.type == "enabled"
         tools = [t.model_dump(exclude_none=True) for t in req.tools or ()] if req.tool_choice != "none" else []
-        thinking = check_request(self.variant, thinking=thinking, tools=tools, prefix=req.prefix,
-                                 config=self.config)
-        if thinking and (req.logprobs or req.top_logprobs is not None):
-            raise APIError(400, "logprobs and top_logprobs are not supported in thinking mode: remove them, or "
-                                "disable thinking (model 'deepseek-chat' or thinking {'type': 'disabled'})",
-                           param="logprobs")
         messages = [m.as_template_dict() for m in req.messages]
         if req.response_format is not None and req.response_format.type == "json_object":
             messages = _with_json_instruction(messages)
-        prompt = render(self.variant, messages, tools=tools or None, thinking=thinking, prefix=req.prefix)
-        return thinking, tools, prompt, encode_prompt(self.tokenizer, prompt)
+        prompt = chat_prompt(self.variant, self.tokenizer, messages, thinking=thinking, tools=tools,
+                             prefix=req.prefix, config=self.config)
+        if prompt.thinking and (req.logprobs or req.top_logprobs is not None):
+            raise APIError(400, "logprobs and top_logprobs are not supported in thinking mode: remove them, or "
+                                "disable thinking (model 'deepseek-chat' or thinking {'type': 'disabled'})",
+                           param="logprobs")
+        return prompt
 
     # -- FIM ----------------------------------------------------------------------------------------------
     def prepare_fim(self, req: Any) -> PreparedRequest:
