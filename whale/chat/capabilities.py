@@ -51,6 +51,9 @@ CAPABILITIES: dict[str, Capabilities] = {
                          "deepseek_r1", "deepseek_v31"),
     "v3.2": Capabilities(_BOTH, False, True, True, True, True, True, 131072, Sampling(1.0, 0.95),
                          "deepseek_r1", "deepseek_v32"),
+    # V4 model card: temperature 1.0, top_p 1.0; 1M-token context
+    "v4": Capabilities(_BOTH, True, True, True, True, True, True, 1048576, Sampling(1.0, 1.0),
+                       "deepseek_r1", "deepseek_v4"),
     "r1-distill-qwen": Capabilities(_THINK, True, True, True, False, False, True, 32768, _R1_SAMPLING,
                                     "deepseek_r1", "r1_distill"),
     "r1-distill-llama": Capabilities(_THINK, True, True, True, False, False, True, 32768, _R1_SAMPLING,
@@ -92,6 +95,20 @@ def resolve_thinking(variant: ChatVariant | str, thinking: bool | None) -> bool:
             f"model chat format {name!r} cannot run with thinking {'enabled' if thinking else 'disabled'}: "
             f"set thinking to {other!r} (or leave it out), or serve a model with both modes (v3.1, v3.2)")
     return thinking
+
+
+# the DeepSeek API's reasoning_effort values: it runs high and max, reads low and medium as high, xhigh as max,
+# and runs high when the request names none (api.md §14)
+REASONING_EFFORTS: dict[str, str] = {"low": "high", "medium": "high", "high": "high", "xhigh": "max", "max": "max"}
+
+
+def resolve_effort(effort: str | None) -> str:
+    """The effort a request runs at: "high" or "max"; an unknown value is a 400 listing the known ones."""
+    if effort is None:
+        return "high"
+    if effort not in REASONING_EFFORTS:
+        raise CapabilityError(f"reasoning_effort {effort!r} is not one of: {', '.join(REASONING_EFFORTS)}")
+    return REASONING_EFFORTS[effort]
 
 
 def check_request(variant: ChatVariant | str, *, thinking: bool | None = None, tools: list[Any] | None = None,

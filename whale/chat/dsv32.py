@@ -66,9 +66,10 @@ def dsml_invoke(name: str, arguments: str) -> str:
     return f'<{DSML}invoke name="{name}">\n' + "\n".join(params) + f"\n</{DSML}invoke>"
 
 
-def dsml_calls(tool_calls: list[dict[str, Any]]) -> str:
+def dsml_calls(tool_calls: list[dict[str, Any]], block: str = "function_calls") -> str:
+    """An assistant turn's calls in DSML, in the `block` wrapper (V3.2: function_calls, V4: tool_calls)."""
     invokes = "\n".join(dsml_invoke(c["function"]["name"], c["function"].get("arguments", "")) for c in tool_calls)
-    return f"\n\n<{DSML}function_calls>\n{invokes}\n</{DSML}function_calls>"
+    return f"\n\n<{DSML}{block}>\n{invokes}\n</{DSML}{block}>"
 
 
 def _extras(message: dict[str, Any]) -> str:
@@ -144,14 +145,20 @@ def encode_messages(messages: list[dict[str, Any]], *, thinking: bool, prefix: b
     return "".join(out)
 
 
+def with_request_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """The encoders read tools from a system message: request-level `tools` go into the first one (a new empty one
+    at the start if none)."""
+    if not tools:
+        return messages
+    messages = list(messages)
+    first = next((i for i, m in enumerate(messages) if m.get("role") == "system"), None)
+    if first is None:
+        messages.insert(0, {"role": "system", "content": "", "tools": tools})
+    else:
+        messages[first] = dict(messages[first], tools=tools)
+    return messages
+
+
 def encode_conversation(messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None, thinking: bool,
                         prefix: bool = False, bos: str = BOS) -> str:
-    """Request-level `tools` go into the first system message (a new empty one at the start if none)."""
-    if tools:
-        messages = list(messages)
-        first = next((i for i, m in enumerate(messages) if m.get("role") == "system"), None)
-        if first is None:
-            messages.insert(0, {"role": "system", "content": "", "tools": tools})
-        else:
-            messages[first] = dict(messages[first], tools=tools)
-    return encode_messages(messages, thinking=thinking, prefix=prefix, bos=bos)
+    return encode_messages(with_request_tools(messages, tools), thinking=thinking, prefix=prefix, bos=bos)

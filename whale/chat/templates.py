@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from whale.chat import dsv32
+from whale.chat import dsv4, dsv32
 from whale.chat.jinja import render_chat_template
 from whale.chat.markers import (
     ASSISTANT,
@@ -245,11 +245,13 @@ def render_v31(messages: list[dict[str, Any]], *, bos: str, tools: list[dict[str
 
 
 def render(variant: ChatVariant | str, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None,
-           thinking: bool | None = None, add_generation_prompt: bool = True, prefix: bool = False) -> str:
+           thinking: bool | None = None, add_generation_prompt: bool = True, prefix: bool = False,
+           effort: str | None = None) -> str:
     """The prompt text (BOS included, as the variant's template writes it) for `messages`.
 
-    `thinking` None means the variant's default (V3.1 / V3.2: off). `prefix` (or `prefix: true` on the last
-    message) continues the last assistant message instead of starting a new turn.
+    `thinking` None means off for V3.1 / V3.2 / V4 (callers resolve the model's default first). `prefix` (or
+    `prefix: true` on the last message) continues the last assistant message instead of starting a new turn.
+    `effort` ("low", "high", "max") is V4's reasoning-effort preamble; other formats have none.
     """
     variant = as_variant(variant)
     if not messages:
@@ -266,6 +268,9 @@ def render(variant: ChatVariant | str, messages: list[dict[str, Any]], tools: li
     if variant.name == "v3.2":
         return dsv32.encode_conversation(messages, tools=tools, thinking=bool(thinking), prefix=prefix,
                                          bos=variant.bos_token)
+    if variant.name == "v4":
+        return dsv4.encode_conversation(messages, tools=tools, thinking=bool(thinking), effort=effort, prefix=prefix,
+                                        bos=variant.bos_token)
     return _render_jinja(variant, messages, tools, thinking, add_generation_prompt, prefix)
 
 

@@ -4,6 +4,7 @@
 - deepseek_v31: <｜tool▁call▁begin｜>NAME<｜tool▁sep｜>ARGS<｜tool▁call▁end｜>
   (both inside <｜tool▁calls▁begin｜> ... <｜tool▁calls▁end｜>)
 - deepseek_v32: <｜DSML｜function_calls> of <｜DSML｜invoke name="NAME"> of <｜DSML｜parameter ...>VALUE
+- deepseek_v4:  the same invokes in a <｜DSML｜tool_calls> block
 - r1_distill:   whale's <tool_call>{"name": ..., "arguments": {...}}</tool_call> convention, V3 calls, or a
                 reply that is only such a JSON object (what distills write unprompted, vLLM issue 28219)
 """
@@ -93,14 +94,14 @@ class TokenCallsSection:
 _INVOKE = re.compile(rf'^<{re.escape(DSML)}invoke\s+name="([^"]+)"\s*>\n?')
 _PARAM = re.compile(rf'^<{re.escape(DSML)}parameter\s+name="([^"]+)"\s+string="(true|false)"\s*>')
 _INVOKE_END = f"</{DSML}invoke>"
-_CALLS_END = f"</{DSML}function_calls>"
 _PARAM_END = f"</{DSML}parameter>"
 
 
 class DsmlSection:
-    """V3.2's DSML calls; arguments are rebuilt as JSON while parameters stream in."""
+    """DSML calls (V3.2, V4: `block` names the wrapper); arguments are rebuilt as JSON while parameters stream in."""
 
-    def __init__(self) -> None:
+    def __init__(self, block: str) -> None:
+        self._calls_end = f"</{DSML}{block}>"
         self._state = "between"
         self._calls = 0
         self._params = 0
@@ -111,9 +112,9 @@ class DsmlSection:
             return self._value(text, final)
         skip = _lead(text)
         rest = text[skip:]
-        ends = (_CALLS_END,) if self._state == "between" else (_INVOKE_END,)
+        ends = (self._calls_end,) if self._state == "between" else (_INVOKE_END,)
         if self._state == "between" and rest.startswith(ends[0]):
-            return SectionStep(skip + len(_CALLS_END), [], "done" if self._calls else "failed")
+            return SectionStep(skip + len(ends[0]), [], "done" if self._calls else "failed")
         if self._state == "params" and rest.startswith(_INVOKE_END):
             self._state, self._calls = "between", self._calls + 1
             close = "}" if self._params else "{}"
@@ -216,7 +217,15 @@ class DeepSeekV32ToolParser(ToolCallParser):
     markers = (f"\n\n<{DSML}function_calls>", f"<{DSML}function_calls>")
 
     def open_section(self, marker: str) -> DsmlSection:
-        return DsmlSection()
+        return DsmlSection("function_calls")
+
+
+class DeepSeekV4ToolParser(ToolCallParser):
+    name = "deepseek_v4"
+    markers = (f"\n\n<{DSML}tool_calls>", f"<{DSML}tool_calls>")
+
+    def open_section(self, marker: str) -> DsmlSection:
+        return DsmlSection("tool_calls")
 
 
 class R1DistillToolParser(ToolCallParser):
@@ -278,7 +287,8 @@ class R1DistillToolParser(ToolCallParser):
 
 TOOL_PARSERS: dict[str, type[ToolCallParser]] = {
     parser.name: parser
-    for parser in (DeepSeekV3ToolParser, DeepSeekV31ToolParser, DeepSeekV32ToolParser, R1DistillToolParser)
+    for parser in (DeepSeekV3ToolParser, DeepSeekV31ToolParser, DeepSeekV32ToolParser, DeepSeekV4ToolParser,
+                   R1DistillToolParser)
 }
 
 

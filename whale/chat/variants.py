@@ -20,6 +20,8 @@ CHAT_FORMATS: dict[str, str] = {
     "v3.1": "DeepSeek-V3.1 / V3.1-Terminus / V3.2-Exp: hybrid thinking, name<｜tool▁sep｜>args tool calls "
             "(non-thinking only)",
     "v3.2": "DeepSeek-V3.2: Python encoder (no Jinja), DSML tool calls, thinking kept across tool calls",
+    "v4": "DeepSeek-V4-Flash / V4-Pro: Python encoder (no Jinja), thinking by default with a reasoning-effort "
+          "preamble, DSML tool calls in a tool_calls block, tool results in the user turn",
     "r1-distill-qwen": "DeepSeek-R1-Distill-Qwen-*: R1 template on a Qwen2.5 tokenizer, whale's "
                        "<tool_call> convention",
     "r1-distill-llama": "DeepSeek-R1-Distill-Llama-*: R1 template on a Llama-3 tokenizer, whale's "
@@ -67,6 +69,7 @@ _NAME_RULES: tuple[tuple[str, str], ...] = (
     (r"r1-distill-qwen", "r1-distill-qwen"),
     (r"r1-distill-llama", "r1-distill-llama"),
     (r"r1-0528", "r1-0528"),
+    (r"deepseek-v4($|[^.\d])", "v4"),
     (r"v3\.2-exp", "v3.1"),
     (r"v3\.2", "v3.2"),
     (r"v3\.1", "v3.1"),
@@ -84,6 +87,8 @@ def _from_name(name: str) -> str | None:
 
 
 def _from_template(template: str, model_type: str) -> str | None:
+    if f"{DSML}tool_calls" in template:
+        return "v4"
     if DSML in template:
         return "v3.2"
     if "<｜User｜>" not in template:
@@ -103,6 +108,8 @@ def _from_template(template: str, model_type: str) -> str | None:
 def _from_config(config: dict[str, Any]) -> str | None:
     model_type = config.get("model_type", "")
     architectures = " ".join(config.get("architectures") or [])
+    if model_type == "deepseek_v4" or "DeepseekV4" in architectures:
+        return "v4"
     if model_type == "deepseek_v32" or "DeepseekV32" in architectures:
         return "v3.2"
     if model_type in ("deepseek_v3", "deepseek_v2"):

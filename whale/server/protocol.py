@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from whale.chat.capabilities import REASONING_EFFORTS
 from whale.sampling_params import SEED_MAX, SEED_MIN
 
 MAX_STOP_SEQUENCES = 16
@@ -122,8 +123,7 @@ class ResponseFormat(WireModel):
     type: Literal["text", "json_object"] = "text"
 
 
-# the DeepSeek API's efforts are high and max; it reads low and medium as high, xhigh as max (api.md §14)
-ReasoningEffort = Literal["low", "medium", "high", "max", "xhigh"]
+ReasoningEffort = Literal[tuple(REASONING_EFFORTS)]  # whale.chat.capabilities says what each one runs as
 
 
 class StreamOptions(WireModel):

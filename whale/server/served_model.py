@@ -110,7 +110,7 @@ class ServedModel:
         if req.response_format is not None and req.response_format.type == "json_object":
             messages = _with_json_instruction(messages)
         prompt = chat_prompt(self.variant, self.tokenizer, messages, thinking=thinking, tools=tools,
-                             prefix=req.prefix, config=self.config)
+                             prefix=req.prefix, effort=req.reasoning_effort, config=self.config)
         if prompt.thinking and (req.logprobs or req.top_logprobs is not None):
             raise APIError(400, "logprobs and top_logprobs are not supported in thinking mode: remove them, or "
                                 "disable thinking (model 'deepseek-chat' or thinking {'type': 'disabled'})",
