@@ -81,3 +81,19 @@ def test_anthropic_route_runs_v4_with_its_effort(v4):
                                    extra_body={"output_config": {"effort": "max"}})
     assert [b.type for b in reply.content] == ["thinking", "text"]
     assert EFFORT_PROMPTS["max"] in engine.prompt_text()
+
+
+def test_anthropic_budgets_past_the_limits_are_clamped(v4):
+    """Anthropic clients send large max_tokens (32K is common): lowered to the mode's maximum and what the context
+    leaves, where the OpenAI shape answers 422 / 400."""
+    engine, url, client = v4
+    anthropic_client = anthropic.Anthropic(base_url=f"{url}/anthropic", api_key="unused", max_retries=0)
+    engine.output = "Answer."
+    anthropic_client.messages.create(model="claude-haiku-4", max_tokens=16_000, messages=ASK,
+                                     thinking={"type": "disabled"})
+    room = 8192 - len(engine.requests[-1][0])
+    assert engine.params().max_tokens == min(8192, room)
+    with pytest.raises(openai.UnprocessableEntityError, match=r"\[1, 8192\]"):
+        client.chat.completions.create(model="deepseek-chat", messages=ASK, max_tokens=100_000)
+    with pytest.raises(openai.BadRequestError, match="maximum context length is 8192"):
+        client.chat.completions.create(model="deepseek-v4-flash", messages=ASK, max_tokens=65536)

@@ -112,8 +112,7 @@ def resolve_effort(effort: str | None) -> str:
 
 
 def check_request(variant: ChatVariant | str, *, thinking: bool | None = None, tools: list[Any] | None = None,
-                  fim: bool = False, prefix: bool = False, prompt_tokens: int = 0, max_tokens: int = 0,
-                  config: dict[str, Any] | None = None) -> bool:
+                  fim: bool = False, prefix: bool = False, config: dict[str, Any] | None = None) -> bool:
     """Refuse what the model cannot serve with a CapabilityError (HTTP 400); return the resolved thinking flag."""
     name = variant_name(variant)
     caps = capabilities_for(variant, config)
@@ -131,8 +130,4 @@ def check_request(variant: ChatVariant | str, *, thinking: bool | None = None, t
                               "to {'type': 'disabled'} or remove 'tools'")
     if prefix and not caps.prefix_completion:
         raise CapabilityError(f"model chat format {name!r} does not support prefix completion")
-    if prompt_tokens + max_tokens > caps.context_length:
-        raise CapabilityError(
-            f"this model's maximum context length is {caps.context_length} tokens; the prompt has "
-            f"{prompt_tokens} and max_tokens asks for {max_tokens}: shorten the messages or lower max_tokens")
     return resolved

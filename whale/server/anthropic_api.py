@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from whale.chat import ChatDelta, parse_output
+from whale.server.generation import ChatRun, Generation, StreamItem, respond
 from whale.server.model_names import anthropic_model
-from whale.server.openai_api import Generation
 from whale.server.openapi import (
     AnthropicMessageResponse,
     AnthropicTokenCount,
@@ -33,9 +32,9 @@ from whale.server.protocol import (
     check_stop,
     unsupported,
 )
-from whale.server.served_model import CHAT_MAX_TOKENS, THINKING_MAX_TOKENS, ServedModel
-from whale.server.state import ServerState, start_generation
-from whale.server.streaming import SSE_KEEPALIVE, Collected, collect_response, sse_deltas
+from whale.server.served_model import ServedModel
+from whale.server.state import ServerState
+from whale.server.streaming import SSE_KEEPALIVE, Collected
 
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens"}
 
@@ -206,14 +205,10 @@ def to_chat_request(body: CountTokensRequest, served: ServedModel) -> ChatComple
     tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
                                                "parameters": t.input_schema}} for t in body.tools or ()]
     model = anthropic_model(body.model, served.model_ids)
-    thinking = served.thinking_of(model, body.thinking.type == "enabled" if body.thinking else None)
-    # Anthropic clients ask for large budgets (32K is common): capped at the mode's maximum (and, in
-    # prepare_chat, at what the context leaves) instead of refused
-    ceiling = (THINKING_MAX_TOKENS if thinking else CHAT_MAX_TOKENS)[1]
     generation = {}
-    if isinstance(body, MessagesRequest):
-        generation = {"max_tokens": min(body.max_tokens, ceiling), "stop": body.stop_sequences,
-                      "temperature": body.temperature, "top_p": body.top_p}
+    if isinstance(body, MessagesRequest):  # a max_tokens past the limits is clamped by prepare_chat, not refused
+        generation = {"max_tokens": body.max_tokens, "stop": body.stop_sequences, "temperature": body.temperature,
+                      "top_p": body.top_p}
     try:
         return ChatCompletionRequest.model_validate({
             "model": model, "messages": messages, **generation, "tools": tools or None, "tool_choice": tool_choice,
@@ -298,42 +293,36 @@ class BlockWriter:
         return out
 
 
-async def message_events(gen: Generation, deltas: AsyncIterator[Any]) -> AsyncIterator[str]:
-    collected, writer, called = Collected(), BlockWriter(), False
+async def message_events(gen: Generation, items: AsyncIterator[StreamItem]) -> AsyncIterator[str]:
+    run, writer = ChatRun(gen), BlockWriter()
     prompt = len(gen.prepared.prompt_ids)
     yield event("message_start", {"message": {
         "id": gen.id, "type": "message", "role": "assistant", "model": gen.prepared.model, "content": [],
         "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": prompt, "output_tokens": 0}}})
-    async for item in deltas:
+    async for item in items:
         if item == SSE_KEEPALIVE:
             yield event("ping", {})
             continue
         if isinstance(item, Exception):
             yield event("error", {"error": {"type": "api_error", "message": str(item)}})
             return
-        collected.deltas.append(item)
-        piece = gen.prepared.parser.finish(item.text) if item.finished else gen.prepared.parser.feed(item.text)
-        called = called or bool(piece.tool_calls)
-        for text in writer.feed(piece):
+        for text in writer.feed(run.step(item)):
             yield text
     for text in writer.close():
         yield text
-    stop_reason, stop_sequence = _stop(collected, called)
+    stop_reason, stop_sequence = _stop(run.collected, run.called)
     yield event("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                                  "usage": _usage(collected)})
+                                  "usage": _usage(run.collected)})
     yield event("message_stop", {})
 
 
 async def messages(body: MessagesRequest, request: Request) -> Response:
     state: ServerState = request.app.state.whale
     chat = to_chat_request(body, state.served)
-    gen = Generation(state, await asyncio.to_thread(state.served.prepare_chat, chat, clamp_max_tokens=True), "message")
-    gen.id = "msg_" + uuid.uuid4().hex
-    stream, first = await start_generation(state, gen.prepared, gen.id, request.scope)
-    if not body.stream:
-        return await collect_response(request, stream, state.timings, lambda c: message_body(gen, c), first)
-    return StreamingResponse(message_events(gen, sse_deltas(stream, state.timings, first)),
-                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    prepared = await asyncio.to_thread(state.served.prepare_chat, chat, clamp_max_tokens=True)
+    gen = Generation(state, prepared, "message", id_prefix="msg_")
+    return await respond(request, gen, bool(body.stream), lambda c: message_body(gen, c),
+                         lambda items: message_events(gen, items))
 
 
 async def count_tokens(body: CountTokensRequest, request: Request) -> dict[str, int]:

@@ -4,17 +4,16 @@ and `/beta` prefixes, as one JSON body or as SSE chunks the way the official API
 from __future__ import annotations
 
 import asyncio
-import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import Response
 
 from whale.chat import ChatDelta, parse_output
 from whale.engine.async_engine import StreamDelta
 from whale.server.errors import APIError
+from whale.server.generation import ChatRun, Generation, StreamItem, respond
 from whale.server.openapi import (
     ChatCompletion,
     Completion,
@@ -24,9 +23,9 @@ from whale.server.openapi import (
     generation_responses,
 )
 from whale.server.protocol import ChatCompletionRequest, CompletionRequest
-from whale.server.served_model import PreparedRequest, ServedModel
-from whale.server.state import ServerState, start_generation
-from whale.server.streaming import Collected, collect_response, sse, sse_deltas
+from whale.server.served_model import ServedModel
+from whale.server.state import ServerState
+from whale.server.streaming import Collected, sse
 
 PREFIXES = ("", "/v1", "/beta")
 
@@ -36,35 +35,6 @@ def usage_body(prompt: int, completion: int, cached: int, reasoning: int = 0) ->
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
             "prompt_tokens_details": {"cached_tokens": cached}, "prompt_cache_hit_tokens": cached,
             "prompt_cache_miss_tokens": prompt - cached, "completion_tokens_details": {"reasoning_tokens": reasoning}}
-
-
-class Generation:
-    """One request's identity and timing, shared by its chunks and its final body."""
-
-    def __init__(self, state: ServerState, prepared: PreparedRequest, kind: str):
-        self.state = state
-        self.prepared = prepared
-        self.id = str(uuid.uuid4())
-        self.created = int(time.time())
-        self.kind = kind  # "chat.completion" or "text_completion"
-
-    def header(self, chunk: bool) -> dict[str, Any]:
-        suffix = ".chunk" if chunk and self.kind == "chat.completion" else ""
-        return {"id": self.id, "object": self.kind + suffix, "created": self.created, "model": self.prepared.model,
-                "system_fingerprint": self.state.system_fingerprint}
-
-    def logprob_entries(self, delta: StreamDelta) -> list[dict[str, Any]]:
-        """OpenAI chat logprobs for the delta's tokens: token text, logprob, UTF-8 bytes, top alternatives."""
-        wanted = self.prepared.params.logprobs or 0
-        token_text = self.state.served.token_text
-        entries = []
-        for sampled in delta.logprobs:
-            text = token_text(sampled.token_id)
-            top = sorted((sampled.top_logprobs or {}).items(), key=lambda kv: -kv[1])[:wanted]
-            entries.append({"token": text, "logprob": sampled.logprob, "bytes": list(text.encode()),
-                            "top_logprobs": [{"token": token_text(t), "logprob": lp,
-                                              "bytes": list(token_text(t).encode())} for t, lp in top]})
-        return entries
 
 
 # -- chat ---------------------------------------------------------------------------------------------------
@@ -112,55 +82,41 @@ def _chunk(gen: Generation, delta: dict[str, Any], finish: str | None = None,
     return sse({**gen.header(chunk=True), "choices": [choice]})
 
 
-async def chat_events(gen: Generation, deltas: AsyncIterator[Any], include_usage: bool) -> AsyncIterator[str]:
-    parser, thinking = gen.prepared.parser, gen.prepared.thinking
+async def chat_events(gen: Generation, items: AsyncIterator[StreamItem], include_usage: bool) -> AsyncIterator[str]:
+    thinking = gen.prepared.thinking
     want_logprobs = gen.prepared.params.logprobs is not None
     opening = {"role": "assistant", "content": None if thinking else ""}
     if thinking:
         opening["reasoning_content"] = ""
     yield _chunk(gen, opening)
-    collected, called, reasoning = Collected(), False, []
-    async for item in deltas:
+    run = ChatRun(gen)
+    async for item in items:
         if isinstance(item, str):
             yield item
             continue
-        if isinstance(item, Exception):
-            collected.failed = True
-            piece = parser.finish()
-        else:
-            collected.deltas.append(item)
-            piece = parser.finish(item.text) if item.finished else parser.feed(item.text)
-        called = called or bool(piece.tool_calls)
-        reasoning.append(piece.reasoning_content)
+        piece = run.step(item)
         logprobs = gen.logprob_entries(item) if want_logprobs and isinstance(item, StreamDelta) else None
         if piece or logprobs:
             yield _chunk(gen, _chat_delta_body(gen, piece), logprobs=logprobs)
-    finish = collected.finish_reason
-    yield _chunk(gen, {"content": ""}, "tool_calls" if called and finish == "stop" else finish)
+    finish = run.collected.finish_reason
+    yield _chunk(gen, {"content": ""}, "tool_calls" if run.called and finish == "stop" else finish)
     if include_usage:
-        prompt, completion, cached = collected.usage_counts()
-        reasoning_tokens = min(gen.state.served.count_tokens("".join(reasoning)), completion)
+        prompt, completion, cached = run.collected.usage_counts()
+        reasoning_tokens = min(gen.state.served.count_tokens(run.reasoning), completion)
         yield sse({**gen.header(chunk=True), "choices": [], "usage": usage_body(prompt, completion, cached,
                                                                                reasoning_tokens)})
     yield sse("[DONE]")
 
 
-async def respond(request: Request, state: ServerState, gen: Generation, stream: bool, include_usage: bool,
-                  body_builder: Any, events: Any) -> Response:
-    """Start the request on the engine; answer with one body or an SSE stream."""
-    engine_stream, first = await start_generation(state, gen.prepared, gen.id, request.scope)
-    if not stream:
-        return await collect_response(request, engine_stream, state.timings, lambda c: body_builder(gen, c), first)
-    deltas = sse_deltas(engine_stream, state.timings, first)
-    return StreamingResponse(events(gen, deltas, include_usage), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
 
 
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state: ServerState = request.app.state.whale
     gen = Generation(state, await asyncio.to_thread(state.served.prepare_chat, body), "chat.completion")
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await respond(request, state, gen, bool(body.stream), include_usage, chat_body, chat_events)
+    return await respond(request, gen, bool(body.stream), lambda c: chat_body(gen, c),
+                         lambda items: chat_events(gen, items, _include_usage(body)))
 
 
 # -- FIM / text completions ------------------------------------------------------------------------------
@@ -196,7 +152,8 @@ def completion_body(gen: Generation, collected: Collected) -> dict[str, Any]:
     return {**gen.header(chunk=False), "choices": [choice], "usage": usage_body(prompt, completion, cached)}
 
 
-async def completion_events(gen: Generation, deltas: AsyncIterator[Any], include_usage: bool) -> AsyncIterator[str]:
+async def completion_events(gen: Generation, items: AsyncIterator[StreamItem],
+                            include_usage: bool) -> AsyncIterator[str]:
     collected = Collected()
     echo, offset = gen.prepared.echo_text, 0
     scoring = gen.prepared.params.logprobs is not None
@@ -204,7 +161,7 @@ async def completion_events(gen: Generation, deltas: AsyncIterator[Any], include
         yield sse({**gen.header(chunk=True), "choices": [{"text": echo, "index": 0, "logprobs": None,
                                                            "finish_reason": None}]})
         echo = ""
-    async for item in deltas:
+    async for item in items:
         if isinstance(item, str):
             yield item
             continue
@@ -231,9 +188,8 @@ async def completion_events(gen: Generation, deltas: AsyncIterator[Any], include
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state: ServerState = request.app.state.whale
     gen = Generation(state, await asyncio.to_thread(state.served.prepare_fim, body), "text_completion")
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-    return await respond(request, state, gen, bool(body.stream), include_usage, completion_body,
-                         completion_events)
+    return await respond(request, gen, bool(body.stream), lambda c: completion_body(gen, c),
+                         lambda items: completion_events(gen, items, _include_usage(body)))
 
 
 # -- models -----------------------------------------------------------------------------------------------

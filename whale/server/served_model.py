@@ -80,14 +80,12 @@ class ServedModel:
     # -- chat ---------------------------------------------------------------------------------------------
     def prepare_chat(self, req: Any, clamp_max_tokens: bool = False) -> PreparedRequest:
         """`req` is a ChatCompletionRequest; capability problems and over-long prompts raise 400s.
-        `clamp_max_tokens` fits a too-large max_tokens into the context instead of refusing (Anthropic route)."""
+        `clamp_max_tokens` fits a too-large max_tokens into the mode's maximum and the context instead of refusing
+        (the Anthropic route: its clients ask for large budgets, 32K is common)."""
         prompt = self._chat_prompt(req)
         thinking, ids = prompt.thinking, prompt.ids
         limits = THINKING_MAX_TOKENS if thinking else CHAT_MAX_TOKENS
-        requested = req.max_tokens
-        if clamp_max_tokens and requested is not None:
-            requested = max(1, min(requested, self.max_model_len - len(ids)))
-        max_tokens = self._max_tokens(len(ids), requested, limits)
+        max_tokens = self._max_tokens(len(ids), req.max_tokens, limits, clamp=clamp_max_tokens)
         # thinking mode ignores the sampling knobs, as the DeepSeek API does
         params = self.defaults.sampling_params(
             temperature=None if thinking else req.temperature, top_p=None if thinking else req.top_p,
@@ -140,10 +138,14 @@ class ServedModel:
             logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
         return PreparedRequest(req.model, ids, params, echo_text=echo if req.echo else "")
 
-    def _max_tokens(self, prompt_tokens: int, requested: int | None, limits: tuple[int, int]) -> int:
-        """The request's max_tokens within DeepSeek's limit, and a 400 with both numbers when the prompt
-        (plus an explicit max_tokens) does not fit the context."""
+    def _max_tokens(self, prompt_tokens: int, requested: int | None, limits: tuple[int, int],
+                    clamp: bool = False) -> int:
+        """The one max_tokens rule: the request's max_tokens within DeepSeek's limit for the mode (a 422 past it)
+        and the context (a 400 with both numbers when the prompt plus an explicit max_tokens does not fit);
+        `clamp` lowers a too-large max_tokens to both instead. Unset: the mode's default, within the context."""
         default, maximum = limits
+        if clamp and requested is not None:
+            requested = max(1, min(requested, maximum, self.max_model_len - prompt_tokens))
         if requested is not None and requested > maximum:
             raise APIError(422, f"Invalid max_tokens value, the valid range of max_tokens is [1, {maximum}]",
                            param="max_tokens")
