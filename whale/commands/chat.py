@@ -25,7 +25,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_sampling_options(parser)
     parser.add_argument("--system", default=None, help="a system prompt")
     parser.add_argument("--thinking", choices=("on", "off"), default=None,
-                        help="thinking mode on models that have both (V3.1, V3.2); default: the model's own")
+                        help="thinking mode on models that have both (V3.1, V3.2, V4); default: the model's own")
+    parser.add_argument("--reasoning-effort", choices=("low", "medium", "high", "xhigh", "max"), default=None,
+                        help="as the API's reasoning_effort (V4: the effort preamble; low and medium run as high, "
+                             "xhigh as max); default high")
     parser.set_defaults(func=run)
 
 
@@ -114,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
             continue
         messages.append({"role": "user", "content": line})
         try:
-            reply = stream_reply(llm.engine, llm.chat_prompt(messages, thinking=thinking), params)
+            prompt = llm.chat_prompt(messages, thinking=thinking, reasoning_effort=args.reasoning_effort)
+            reply = stream_reply(llm.engine, prompt, params)
         except WhaleError as exc:  # e.g. the conversation outgrew the context: say so, keep the session
             print(f"({exc}; /reset starts over)")
             messages.pop()
