@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from whale.engine.controllers import Constraint
 from whale.engine.sampler import SamplingState, apply_penalties, sample_one
 from whale.errors import InvalidRequestError
 from whale.sampling_params import SamplingParams
@@ -34,7 +35,7 @@ def test_a_single_nan_logit_fails_the_request(temperature):
 def test_sampling_leaves_the_callers_logits_alone():
     logits = LOGITS.clone()
     params = SamplingParams(temperature=1.0, seed=0, repetition_penalty=1.5, presence_penalty=0.5)
-    sample_one(logits, SamplingState(params, [0, 4], [4]), suppress=[1])
+    sample_one(logits, SamplingState(params, [0, 4], [4]), Constraint(banned=frozenset({1})))
     assert torch.equal(logits, LOGITS)
 
 
@@ -99,9 +100,13 @@ def test_logprobs_are_the_log_softmax_of_the_raw_logits():
     assert sampled.top_logprobs == pytest.approx({4: 3.0 - log_z, 0: 2.0 - log_z}, abs=1e-6)
 
 
-def test_suppressed_tokens_are_never_chosen():
-    state = SamplingState(SamplingParams(temperature=0), [])
-    assert sample_one(LOGITS.clone(), state, suppress=[4]).token_id == 0
+def test_constraints_bind_and_logprobs_stay_the_models():
+    state = SamplingState(SamplingParams(temperature=0, logprobs=1), [])
+    assert sample_one(LOGITS.clone(), state, Constraint(banned=frozenset({4}))).token_id == 0
+    forced = sample_one(LOGITS.clone(), state, Constraint(only=2))
+    assert forced.token_id == 2 and forced.logprob == pytest.approx(float(LOGITS.log_softmax(-1)[2]))
+    sampled = SamplingState(SamplingParams(temperature=1.0, seed=0), [])
+    assert {sample_one(LOGITS.clone(), sampled, Constraint(only=2)).token_id for _ in range(20)} == {2}
 
 
 @pytest.mark.parametrize("bad, field", [

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -120,11 +120,18 @@ class LLM:
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None, *,
              thinking: bool | None = None, tools: list[dict] | None = None,
-             reasoning_effort: str | None = None) -> RequestOutput:
+             reasoning_effort: str | None = None, thinking_budget: int | None = None) -> RequestOutput:
         """Generate the assistant's reply to one conversation. `output.message` is the reply as the API returns it
         (`content`, `reasoning_content`, `tool_calls`); `outputs[0].text` is what the model wrote.
-        `reasoning_effort` as in the API (low/medium/high: high, xhigh/max: max)."""
+        `reasoning_effort` as in the API (low/medium/high: high, xhigh/max: max); `thinking_budget`: at most this
+        many reasoning tokens, then the end of thinking is forced (thinking mode)."""
         prompt = self.chat_prompt(messages, thinking=thinking, tools=tools, reasoning_effort=reasoning_effort)
+        if thinking_budget is not None:
+            if prompt.reasoning is None:
+                raise InvalidRequestError("thinking_budget needs thinking mode on a model whose <think> and </think> "
+                                          "are single tokens")
+            base = sampling_params or self.get_default_sampling_params()
+            sampling_params = replace(base, thinking_budget=thinking_budget, reasoning=prompt.reasoning)
         output = self.generate({"prompt": prompt.text, "prompt_token_ids": prompt.ids}, sampling_params)[0]
         output.message = parse_output(prompt.parser, output.outputs[0].text)
         return output

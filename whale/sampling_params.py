@@ -14,6 +14,19 @@ SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed tak
 GREEDY_TEMPERATURE = 1e-5  # as vLLM: sampling below it is the argmax, without the overflow
 
 
+@dataclass(frozen=True)
+class ReasoningSpec:
+    """How a chat format marks reasoning, as token ids, so the engine knows per token whether the model thinks:
+    the output starts inside the think block (`starts_inside`, the prompt left it open) or opens it with
+    `start_id`; the block ends at the token `end_id` (`</think>`). `forced_end` is what the engine writes to end
+    it early, the way the format's models end it themselves (R1: "\n</think>\n\n", V3.1 and later: "</think>")."""
+
+    start_id: int | None
+    end_id: int
+    forced_end: tuple[int, ...]
+    starts_inside: bool
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -34,7 +47,11 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for each prompt token (computed, never from the prefix cache)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
-    # each called as processor(output_token_ids, logits) -> logits before sampling (reasoning budget, JSON grammar)
+    # reasoning budget: at most this many reasoning tokens (the end-of-thinking tokens included), then the end of
+    # thinking is forced (needs `reasoning`); the engine builds the controller (engine/controllers.py)
+    thinking_budget: int | None = None
+    reasoning: ReasoningSpec | None = None
+    # each called as processor(output_token_ids, logits) -> logits before sampling: a hook for users
     logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] = field(default_factory=list)
     stop_strings: tuple[str, ...] = field(init=False, default=())
 
@@ -58,6 +75,11 @@ class SamplingParams:
             (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
              f"prompt_logprobs must be between 0 and {MAX_LOGPROBS}"),
             (all(s for s in self.stop_strings), "stop strings must not be empty"),
+            (self.thinking_budget is None or self.thinking_budget >= 1, "thinking_budget must be >= 1"),
+            (self.thinking_budget is None or self.reasoning is not None,
+             "thinking_budget needs `reasoning` (the chat format's think markers as token ids)"),
+            (self.reasoning is None or self.reasoning.end_id in self.reasoning.forced_end,
+             "reasoning.forced_end must contain reasoning.end_id"),
         ]
         for ok, message in checks:
             if not ok:

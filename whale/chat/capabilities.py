@@ -32,6 +32,8 @@ class Capabilities:
     sampling: Sampling = field(default_factory=Sampling)
     reasoning_parser: str = "identity"
     tool_parser: str | None = None
+    # how the format's models end a think block, which the engine writes to end one early (a reasoning budget)
+    forced_think_end: str = "\n</think>\n\n"
 
 
 _CHAT = frozenset({"chat"})
@@ -48,12 +50,12 @@ CAPABILITIES: dict[str, Capabilities] = {
     "r1-0528": Capabilities(_THINK, True, True, True, True, False, True, 131072, _R1_SAMPLING, "deepseek_r1",
                             "deepseek_v3"),
     "v3.1": Capabilities(_BOTH, False, True, False, True, True, True, 131072, Sampling(),
-                         "deepseek_r1", "deepseek_v31"),
+                         "deepseek_r1", "deepseek_v31", "</think>"),
     "v3.2": Capabilities(_BOTH, False, True, True, True, True, True, 131072, Sampling(1.0, 0.95),
-                         "deepseek_r1", "deepseek_v32"),
+                         "deepseek_r1", "deepseek_v32", "</think>"),
     # V4 model card: temperature 1.0, top_p 1.0; 1M-token context
     "v4": Capabilities(_BOTH, True, True, True, True, True, True, 1048576, Sampling(1.0, 1.0),
-                       "deepseek_r1", "deepseek_v4"),
+                       "deepseek_r1", "deepseek_v4", "</think>"),
     "r1-distill-qwen": Capabilities(_THINK, True, True, True, False, False, True, 32768, _R1_SAMPLING,
                                     "deepseek_r1", "r1_distill"),
     "r1-distill-llama": Capabilities(_THINK, True, True, True, False, False, True, 32768, _R1_SAMPLING,

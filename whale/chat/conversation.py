@@ -7,10 +7,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from whale.chat.capabilities import check_request, resolve_effort
+from whale.chat.capabilities import capabilities_for, check_request, resolve_effort
+from whale.chat.markers import THINK_END, THINK_START
 from whale.chat.output import ChatOutputParser, make_output_parser
-from whale.chat.templates import encode_prompt, render
+from whale.chat.templates import encode_prompt, prompt_opens_reasoning, render
 from whale.chat.variants import ChatVariant
+from whale.sampling_params import ReasoningSpec
 
 
 @dataclass
@@ -19,6 +21,7 @@ class ChatPrompt:
     ids: list[int]
     thinking: bool
     parser: ChatOutputParser
+    reasoning: ReasoningSpec | None = None  # the think markers as token ids, in thinking mode (a reasoning budget)
 
 
 def chat_prompt(variant: ChatVariant, tokenizer: Any, messages: list[dict[str, Any]], *,
@@ -31,4 +34,17 @@ def chat_prompt(variant: ChatVariant, tokenizer: Any, messages: list[dict[str, A
     text = render(variant, messages, tools=tools or None, thinking=thinking, prefix=prefix,
                   effort=resolve_effort(effort))
     parser = make_output_parser(variant, text, thinking=thinking, tools=bool(tools))
-    return ChatPrompt(text, encode_prompt(tokenizer, text), thinking, parser)
+    spec = reasoning_spec(variant, tokenizer, text) if thinking else None
+    return ChatPrompt(text, encode_prompt(tokenizer, text), thinking, parser, spec)
+
+
+def reasoning_spec(variant: ChatVariant, tokenizer: Any, prompt: str) -> ReasoningSpec | None:
+    """The format's think markers in this tokenizer's ids; None where `<think>` / `</think>` are not single tokens
+    (the engine then cannot tell reasoning tokens apart)."""
+    start, end = encode_prompt(tokenizer, THINK_START), encode_prompt(tokenizer, THINK_END)
+    if len(start) != 1 or len(end) != 1:
+        return None
+    forced = tuple(encode_prompt(tokenizer, capabilities_for(variant).forced_think_end))
+    if end[0] not in forced:
+        return None
+    return ReasoningSpec(start[0], end[0], forced, prompt_opens_reasoning(variant, prompt))

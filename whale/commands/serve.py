@@ -32,6 +32,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--served-model-name", default=None,
                         help="the model id clients see besides deepseek-chat / deepseek-reasoner")
     parser.add_argument("--chat-format", default=None, help="override the detected chat format (see whale models)")
+    parser.add_argument("--thinking-budget", type=int, default=None,
+                        help="reasoning budget (tokens) of a thinking request that names none; default: all that "
+                             "max_tokens leaves after --min-answer-tokens")
+    parser.add_argument("--effort-budgets", type=_effort_budgets, default=None, metavar="EFFORT=N,...",
+                        help="reasoning budget of each reasoning_effort, e.g. low=1024,medium=4096,high=none "
+                             "(default low=1024,medium=4096, the others none: only the answer's room)")
+    parser.add_argument("--min-answer-tokens", type=int, default=None,
+                        help="what a reasoning budget always leaves for the answer under max_tokens (at most half "
+                             "of it; default 256)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
     parser.add_argument("--max-waiting", type=int, default=256,
                         help="requests queued beyond max-num-seqs before new ones get a 503")
@@ -95,6 +104,17 @@ def log_requests(level: str) -> None:
     logger.setLevel(level.upper())
 
 
+def _effort_budgets(text: str) -> dict[str, int | None]:
+    budgets: dict[str, int | None] = {}
+    for item in text.split(","):
+        effort, _, value = item.partition("=")
+        if effort.strip() not in ("low", "medium", "high", "xhigh", "max") or not value:
+            raise argparse.ArgumentTypeError(f"{item!r}: write EFFORT=N or EFFORT=none, EFFORT one of low, medium, "
+                                             "high, xhigh, max")
+        budgets[effort.strip()] = None if value.strip() == "none" else int(value)
+    return budgets
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -112,6 +132,11 @@ def run(args: argparse.Namespace) -> int:
                            max_concurrent_requests=args.max_concurrent_requests,
                            max_request_bytes=args.max_request_bytes,
                            timings=StreamTimings(keepalive_s=args.keepalive))
+        served = state.served
+        served.thinking_budget = args.thinking_budget
+        served.effort_budgets.update(args.effort_budgets or {})
+        if args.min_answer_tokens is not None:
+            served.min_answer_tokens = args.min_answer_tokens
         threads = torch.get_num_threads()
         print(f"whale serve: {state.served.name} ({state.served.variant.name} chat format, context "
               f"{state.served.max_model_len}, {threads} thread{'s' if threads > 1 else ''}) on "

@@ -38,6 +38,7 @@ class StreamDelta:
     completion_tokens: int
     cached_tokens: int
     prompt_logprobs: list | None = None  # the first delta of a request that asked for them: Request.prompt_logprobs
+    reasoning_tokens: int | None = None  # reasoning tokens so far, where the engine tracks them (a thinking budget)
 
 
 @dataclass
@@ -141,7 +142,8 @@ class AsyncEngine:
         delta = StreamDelta(request.request_id, text[stream.sent_text:], tokens[stream.sent_tokens:],
                             request.logprobs[stream.sent_logprobs:], request.status.finished,
                             request.finish_reason, request.stop_reason, len(request.prompt_token_ids),
-                            len(tokens), request.num_cached_tokens, request.prompt_logprobs if first else None)
+                            len(tokens), request.num_cached_tokens, request.prompt_logprobs if first else None,
+                            request.reasoning_tokens)
         stream.sent_text, stream.sent_tokens, stream.sent_logprobs = len(text), len(tokens), len(request.logprobs)
         return delta
 

@@ -20,6 +20,11 @@ class IncrementalDetokenizer:
         self.read_offset = 0  # tokens before this are already emitted
         self.text = ""
 
+    @property
+    def holding(self) -> bool:
+        """Whether tokens are held back (the text so far ends inside a character, or in a skipped token)."""
+        return self.read_offset < len(self.token_ids)
+
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 

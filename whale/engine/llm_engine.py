@@ -83,7 +83,7 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._id_counter)}"
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, list(prompt_token_ids), params, self.tokenizer, limit, prompt)
+        request = Request(request_id, list(prompt_token_ids), params, self.tokenizer, limit, self.eos_token_ids, prompt)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request
@@ -102,11 +102,6 @@ class LLMEngine:
         request.fail(message)
         self.requests.pop(request.request_id, None)
         self.scheduler.finish(request)
-
-    def _suppressed(self, request: Request) -> list[int] | None:
-        if len(request.output_token_ids) < request.params.min_tokens:
-            return sorted(self.eos_token_ids | set(request.params.stop_token_ids or ()))
-        return None
 
     def _score_prompt(self, request: Request, hidden: torch.Tensor) -> None:
         """Record the prompt logprobs this step's tokens of `request` give (the rows at positions
@@ -150,11 +145,11 @@ class LLMEngine:
             request = batch.requests[row]
             produced.append(request)
             try:
-                sampled = sample_one(logits_row, request.sampling, self._suppressed(request))
+                sampled = sample_one(logits_row, request.sampling, request.constraint())
             except Exception as exc:  # noqa: BLE001 - e.g. a logits processor raising: only this request ends
                 self._fail(request, f"sampling failed: {exc}")
                 continue
-            request.append(sampled, self.eos_token_ids)
+            request.append(sampled)
             if request.status.finished:
                 del self.requests[request.request_id]
                 self.scheduler.finish(request)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from whale.engine.controllers import Constraint, Controller, build_controllers, combine
 from whale.engine.detokenizer import IncrementalDetokenizer
 from whale.engine.sampler import SampledToken, SamplingState
 from whale.sampling_params import SamplingParams
@@ -31,6 +32,7 @@ class Request:
     params: SamplingParams
     tokenizer: Tokenizer
     max_total_tokens: int  # the model's context length: generation ends there
+    eos_token_ids: frozenset[int] = frozenset()
     prompt: str | None = None
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
@@ -47,6 +49,8 @@ class Request:
         self.sampling = SamplingState(self.params, self.prompt_token_ids)
         self.detokenizer = IncrementalDetokenizer(self.tokenizer, self.params.skip_special_tokens)
         self.text = ""
+        self.controllers: list[Controller] = build_controllers(
+            self.params, self.eos_token_ids, lambda: self.text, lambda: not self.detokenizer.holding)
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -64,7 +68,7 @@ class Request:
     def finish_reason(self) -> str | None:
         return self.status.value if self.status.finished else None
 
-    def append(self, sampled: SampledToken, eos_token_ids: frozenset[int]) -> None:
+    def append(self, sampled: SampledToken) -> None:
         """Record a sampled token, then decide whether the request is finished."""
         token = sampled.token_id
         self.output_token_ids.append(token)
@@ -73,12 +77,14 @@ class Request:
             self.cumulative_logprob += sampled.logprob
         p = self.params
         count = len(self.output_token_ids)
-        if count >= p.min_tokens and not p.ignore_eos and token in eos_token_ids:
+        if count >= p.min_tokens and not p.ignore_eos and token in self.eos_token_ids:
             self._finish(RequestStatus.FINISHED_STOPPED, None)
         elif count >= p.min_tokens and token in (p.stop_token_ids or ()):
             self._finish(RequestStatus.FINISHED_STOPPED, token)
         delta = self.detokenizer.push(token)
         self.text += delta
+        for controller in self.controllers:
+            controller.accept([token])
         if not self.status.finished and p.stop_strings and count >= p.min_tokens:
             self._check_stop_strings(len(delta))
         if not self.status.finished and (count >= (p.max_tokens or self.max_total_tokens)
@@ -86,6 +92,15 @@ class Request:
             self._finish(RequestStatus.FINISHED_LENGTH, None)
         if self.status.finished and not isinstance(self.stop_reason, str):
             self.text += self.detokenizer.flush()  # a character cut off by the end, as U+FFFD
+
+    @property
+    def reasoning_tokens(self) -> int | None:
+        """Reasoning tokens so far, counted by the reasoning controller; None where no controller tracks them."""
+        return next((c.reasoning_tokens for c in self.controllers if hasattr(c, "reasoning_tokens")), None)
+
+    def constraint(self) -> Constraint | None:
+        """What the next token may be, from every controller of the request."""
+        return combine(c.allowed() for c in self.controllers)
 
     def _check_stop_strings(self, new_chars: int) -> None:
         # only a match that ends in the new text can be new

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from whale.engine.controllers import Constraint
 from whale.sampling_params import SamplingParams
 
 
@@ -68,17 +69,28 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
-def sample_one(logits: torch.Tensor, state: SamplingState, suppress: list[int] | None = None) -> SampledToken:
-    """logits: [vocab] float32 for one request. `suppress`: token ids not allowed now (EOS before min_tokens)."""
+def _constrain(logits: torch.Tensor, constraint: Constraint) -> torch.Tensor:
+    if constraint.only is not None:
+        kept = logits[constraint.only].clone()
+        logits.fill_(float("-inf"))
+        logits[constraint.only] = kept if torch.isfinite(kept) else 0.0
+    elif constraint.banned:
+        logits[sorted(constraint.banned)] = float("-inf")
+    return logits
+
+
+def sample_one(logits: torch.Tensor, state: SamplingState, constraint: Constraint | None = None) -> SampledToken:
+    """logits: [vocab] float32 for one request. `constraint`: what the request's controllers allow next (a forced
+    token, banned ones); logprobs stay the model's own distribution."""
     p = state.params
     raw_logprobs = logits.log_softmax(-1) if p.logprobs is not None else None
     penalised = p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
-    if penalised or suppress or p.logits_processors:  # they write into the logits: work on a copy
+    if penalised or constraint or p.logits_processors:  # they write into the logits: work on a copy
         logits = apply_penalties(logits.clone(), state)
     for processor in p.logits_processors:
         logits = processor(state.output_token_ids, logits)
-    if suppress:
-        logits[suppress] = float("-inf")
+    if constraint is not None:
+        logits = _constrain(logits, constraint)
     if p.greedy:  # argmax picks a NaN if there is one: checking the winner checks them all
         token = int(logits.argmax())
         if math.isnan(logits[token]):

@@ -91,7 +91,7 @@ class AnthropicMessage(WireModel):
 
 class AnthropicThinking(WireModel):
     type: Literal["enabled", "disabled"]
-    budget_tokens: int | None = Field(default=None, ge=1)  # accepted and ignored, as DeepSeek's endpoint does
+    budget_tokens: int | None = Field(default=None, ge=1)  # honoured (DeepSeek's endpoint ignores it)
 
 
 class AnthropicTool(WireModel):
@@ -212,7 +212,7 @@ def to_chat_request(body: CountTokensRequest, served: ServedModel) -> ChatComple
     try:
         return ChatCompletionRequest.model_validate({
             "model": model, "messages": messages, **generation, "tools": tools or None, "tool_choice": tool_choice,
-            "thinking": {"type": body.thinking.type} if body.thinking else None,
+            "thinking": body.thinking.model_dump(exclude_none=True) if body.thinking else None,
             "reasoning_effort": body.output_config.effort if body.output_config else None})
     except ValidationError as exc:
         raise RequestValidationError(exc.errors()) from exc

@@ -56,7 +56,9 @@ def chat_body(gen: Generation, collected: Collected) -> dict[str, Any]:
     if gen.prepared.params.logprobs is not None:
         logprobs = {"content": [e for d in collected.deltas for e in gen.logprob_entries(d)]}
     prompt, completion, cached = collected.usage_counts()
-    reasoning = gen.state.served.count_tokens(message.get("reasoning_content") or "")
+    reasoning = collected.reasoning_tokens
+    if reasoning is None:  # the engine did not count them: the reasoning text's length in tokens
+        reasoning = gen.state.served.count_tokens(message.get("reasoning_content") or "")
     return {**gen.header(chunk=False),
             "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}],
             "usage": usage_body(prompt, completion, cached, min(reasoning, completion))}
@@ -102,7 +104,9 @@ async def chat_events(gen: Generation, items: AsyncIterator[StreamItem], include
     yield _chunk(gen, {"content": ""}, "tool_calls" if run.called and finish == "stop" else finish)
     if include_usage:
         prompt, completion, cached = run.collected.usage_counts()
-        reasoning_tokens = min(gen.state.served.count_tokens(run.reasoning), completion)
+        reasoning_tokens = run.collected.reasoning_tokens
+        if reasoning_tokens is None:
+            reasoning_tokens = min(gen.state.served.count_tokens(run.reasoning), completion)
         yield sse({**gen.header(chunk=True), "choices": [], "usage": usage_body(prompt, completion, cached,
                                                                                reasoning_tokens)})
     yield sse("[DONE]")

@@ -132,6 +132,8 @@ class StreamOptions(WireModel):
 
 class Thinking(WireModel):
     type: Literal["enabled", "disabled"]
+    # whale: at most this many reasoning tokens (Anthropic's field; the hosted DeepSeek API ignores it)
+    budget_tokens: int | None = Field(default=None, ge=1)
 
 
 StopField = str | list[str] | None

@@ -25,6 +25,9 @@ from whale.server.model_names import NAME_THINKING, served_names
 
 # DeepSeek's documented max_tokens: (default, maximum) without and with thinking; FIM output is at most 4K
 CHAT_MAX_TOKENS, THINKING_MAX_TOKENS, FIM_MAX_TOKENS = (4096, 8192), (32768, 65536), (4096, 4096)
+# reasoning budgets of the reasoning_effort values a request may send (None: no cap beyond max_tokens' answer room)
+EFFORT_BUDGETS: dict[str, int | None] = {"low": 1024, "medium": 4096, "high": None, "xhigh": None, "max": None}
+MIN_ANSWER_TOKENS = 256  # what a reasoning budget leaves for the answer under max_tokens (at most half of it)
 
 
 @dataclass
@@ -50,6 +53,9 @@ class ServedModel:
     config: dict[str, Any] = field(default_factory=dict)
     created: int = 0
     defaults: GenerationDefaults | None = None  # None: the chat format's recommendation, else the API's
+    effort_budgets: dict[str, int | None] = field(default_factory=lambda: dict(EFFORT_BUDGETS))
+    thinking_budget: int | None = None  # the budget of a request that names none (None: max_tokens' answer room)
+    min_answer_tokens: int = MIN_ANSWER_TOKENS
 
     def __post_init__(self) -> None:
         if self.defaults is None:
@@ -86,14 +92,30 @@ class ServedModel:
         thinking, ids = prompt.thinking, prompt.ids
         limits = THINKING_MAX_TOKENS if thinking else CHAT_MAX_TOKENS
         max_tokens = self._max_tokens(len(ids), req.max_tokens, limits, clamp=clamp_max_tokens)
+        budget = self.reasoning_budget(req, max_tokens) if prompt.reasoning is not None else None
         # thinking mode ignores the sampling knobs, as the DeepSeek API does
         params = self.defaults.sampling_params(
+            thinking_budget=budget, reasoning=prompt.reasoning if budget is not None else None,
             temperature=None if thinking else req.temperature, top_p=None if thinking else req.top_p,
             presence_penalty=0.0 if thinking else (req.presence_penalty or 0.0),
             frequency_penalty=0.0 if thinking else (req.frequency_penalty or 0.0), max_tokens=max_tokens,
             stop=req.stop, seed=req.seed,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         return PreparedRequest(req.model, ids, params, thinking, prompt.parser)
+
+    def reasoning_budget(self, req: Any, max_tokens: int) -> int | None:
+        """A thinking request's reasoning budget: its `thinking.budget_tokens`, else its reasoning_effort's, else
+        the server's; always lowered so that the answer keeps `min_answer_tokens` (at most half of max_tokens).
+        None where no budget is asked for and max_tokens leaves no room to keep."""
+        budget = req.thinking.budget_tokens if req.thinking is not None else None
+        if budget is None and req.reasoning_effort is not None:
+            budget = self.effort_budgets.get(req.reasoning_effort)
+        if budget is None:
+            budget = self.thinking_budget
+        ceiling = max_tokens - min(self.min_answer_tokens, max_tokens // 2)
+        if budget is None:
+            return ceiling if max_tokens >= 2 * self.min_answer_tokens else None
+        return max(1, min(budget, ceiling))
 
     def prompt_tokens(self, req: Any) -> int:
         """How many tokens the ChatCompletionRequest's prompt is, as the model would see it."""

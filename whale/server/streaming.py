@@ -47,6 +47,11 @@ class Collected:
             return RESOURCE_FINISH
         return self.deltas[-1].finish_reason or RESOURCE_FINISH
 
+    @property
+    def reasoning_tokens(self) -> int | None:
+        """The engine's exact count of reasoning tokens, where it tracks them."""
+        return self.deltas[-1].reasoning_tokens if self.deltas else None
+
     def usage_counts(self) -> tuple[int, int, int]:
         """(prompt, completion, cached) tokens."""
         if not self.deltas:
