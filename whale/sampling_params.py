@@ -27,6 +27,19 @@ class ReasoningSpec:
     starts_inside: bool
 
 
+STRUCTURED_KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """Output constrained to a grammar (engine/grammar.py compiles it): `json_object` (any JSON object),
+    `json_schema` (`value`: the schema as JSON text), `regex`, `choice` (`value`: a JSON list of strings) or
+    `grammar` (Lark, as llguidance reads it)."""
+
+    kind: str
+    value: str = ""
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -51,6 +64,8 @@ class SamplingParams:
     # thinking is forced (needs `reasoning`); the engine builds the controller (engine/controllers.py)
     thinking_budget: int | None = None
     reasoning: ReasoningSpec | None = None
+    # output that follows a grammar; in thinking mode (with `reasoning`) from the end of thinking on
+    structured_output: StructuredOutput | None = None
     # each called as processor(output_token_ids, logits) -> logits before sampling: a hook for users
     logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] = field(default_factory=list)
     stop_strings: tuple[str, ...] = field(init=False, default=())
@@ -78,6 +93,8 @@ class SamplingParams:
             (self.thinking_budget is None or self.thinking_budget >= 1, "thinking_budget must be >= 1"),
             (self.thinking_budget is None or self.reasoning is not None,
              "thinking_budget needs `reasoning` (the chat format's think markers as token ids)"),
+            (self.structured_output is None or self.structured_output.kind in STRUCTURED_KINDS,
+             f"structured_output kind must be one of {', '.join(STRUCTURED_KINDS)}"),
             (self.reasoning is None or self.reasoning.end_id in self.reasoning.forced_end,
              "reasoning.forced_end must contain reasoning.end_id"),
         ]

@@ -8,33 +8,48 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
+
+import torch
 
 from whale.sampling_params import ReasoningSpec, SamplingParams
 
 SENTENCE_ENDS = (".", "!", "?", "。", "！", "？", "\n")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Constraint:
-    """What the next token may be: `only` that one (a forced token), or anything but `banned`."""
+    """What the next token may be: `only` that one (a forced token), or what `mask` allows (an int32 bitmask over
+    the vocabulary, bit i of word i // 32 for token i) less `banned`."""
 
     only: int | None = None
     banned: frozenset[int] = frozenset()
+    mask: torch.Tensor | None = None
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Constraint):
+            return NotImplemented
+        same_mask = (self.mask is None) == (other.mask is None) and (
+            self.mask is None or torch.equal(self.mask, other.mask))
+        return self.only == other.only and self.banned == other.banned and same_mask
 
 
 def combine(constraints: Iterable[Constraint | None]) -> Constraint | None:
-    """One constraint from several: bans add up; a forced token wins over bans (it is the format's own marker,
-    which no ban is about), the first forced token over later ones."""
-    only, banned = None, frozenset()
+    """One constraint from several: bans add up, masks intersect; a forced token wins over both (it is the
+    format's own marker, which no ban or grammar is about), the first forced token over later ones."""
+    only, banned, mask = None, frozenset(), None
     for constraint in constraints:
         if constraint is None:
             continue
         only = only if only is not None else constraint.only
         banned |= constraint.banned
-    if only is None and not banned:
+        if constraint.mask is not None:
+            mask = constraint.mask if mask is None else mask & constraint.mask
+    if only is not None:
+        return Constraint(only)
+    if not banned and mask is None:
         return None
-    return Constraint(only, frozenset() if only is not None else banned)
+    return Constraint(None, banned, mask)
 
 
 class Controller(Protocol):
@@ -147,11 +162,17 @@ class ThinkingBudget:
 
 
 def build_controllers(params: SamplingParams, eos_ids: frozenset[int], text: Callable[[], str],
-                      clean: Callable[[], bool]) -> list[Controller]:
-    """The controllers a request's SamplingParams ask for."""
+                      clean: Callable[[], bool], tokenizer: Any = None, vocab_size: int = 0) -> list[Controller]:
+    """The controllers a request's SamplingParams ask for (`tokenizer` and `vocab_size` for a grammar)."""
     controllers: list[Controller] = []
     if params.min_tokens:
         controllers.append(MinTokens(params.min_tokens, eos_ids | frozenset(params.stop_token_ids or ())))
     if params.thinking_budget is not None and params.reasoning is not None:
         controllers.append(ThinkingBudget(params.reasoning, params.thinking_budget, eos_ids, text, clean))
+    if params.structured_output is not None:
+        from whale.engine.grammar import GrammarController, compile_grammar, grammar_tokenizer
+
+        vocab = grammar_tokenizer(tokenizer, vocab_size, eos_ids)
+        grammar = compile_grammar(params.structured_output, vocab)
+        controllers.append(GrammarController(grammar, vocab, vocab_size, params.reasoning))
     return controllers

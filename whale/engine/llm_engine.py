@@ -36,14 +36,20 @@ class EngineConfig:
     max_model_len: int | None = None  # caps the context below the model's (None: the model's, or the cache's)
 
 
+def eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
+    """The tokens that end a generation: the config's and the tokenizer's end of sequence."""
+    tokenizer = loaded.tokenizer
+    return frozenset(loaded.config.eos_token_ids) | (
+        {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+
 class LLMEngine:
     def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None):
         self.loaded = loaded
         self.config = config or EngineConfig()
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
-            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set())
+        self.eos_token_ids = eos_token_ids(loaded)
         c = self.config
         model_len = self.model_config.max_position_embeddings
         if c.max_model_len is not None and not 1 < c.max_model_len <= model_len:
@@ -83,7 +89,8 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._id_counter)}"
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, list(prompt_token_ids), params, self.tokenizer, limit, self.eos_token_ids, prompt)
+        request = Request(request_id, list(prompt_token_ids), params, self.tokenizer, limit, self.eos_token_ids, prompt,
+                          self.model_config.vocab_size)
         self.requests[request_id] = request
         self.scheduler.add(request)
         return request

@@ -34,6 +34,7 @@ class Request:
     max_total_tokens: int  # the model's context length: generation ends there
     eos_token_ids: frozenset[int] = frozenset()
     prompt: str | None = None
+    vocab_size: int = 0  # the model's (a grammar's mask covers it)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
@@ -50,7 +51,8 @@ class Request:
         self.detokenizer = IncrementalDetokenizer(self.tokenizer, self.params.skip_special_tokens)
         self.text = ""
         self.controllers: list[Controller] = build_controllers(
-            self.params, self.eos_token_ids, lambda: self.text, lambda: not self.detokenizer.holding)
+            self.params, self.eos_token_ids, lambda: self.text, lambda: not self.detokenizer.holding,
+            self.tokenizer, self.vocab_size)
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -69,12 +69,28 @@ def _filter(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     return logits
 
 
+_BITS = torch.arange(32, dtype=torch.int32)
+
+
+def allowed_tokens(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """An int32 bitmask (bit i of word i // 32) as a bool tensor over the vocabulary."""
+    return ((mask.unsqueeze(1) >> _BITS) & 1).flatten()[:vocab_size].bool()
+
+
 def _constrain(logits: torch.Tensor, constraint: Constraint) -> torch.Tensor:
     if constraint.only is not None:
         kept = logits[constraint.only].clone()
         logits.fill_(float("-inf"))
         logits[constraint.only] = kept if torch.isfinite(kept) else 0.0
-    elif constraint.banned:
+        return logits
+    if constraint.mask is not None:
+        allowed = allowed_tokens(constraint.mask, logits.shape[-1])
+        if not allowed.any():
+            raise ValueError("the output grammar allows no token here")
+        logits.masked_fill_(~allowed, float("-inf"))
+        if not torch.isfinite(logits).any():  # the model gives every allowed token -inf: pick among them evenly
+            logits.masked_fill_(allowed, 0.0)
+    if constraint.banned:
         logits[sorted(constraint.banned)] = float("-inf")
     return logits
 

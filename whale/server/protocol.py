@@ -119,8 +119,24 @@ class NamedToolChoice(WireModel):
     function: ToolChoiceFunction
 
 
+class JsonSchemaFormat(WireModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
 class ResponseFormat(WireModel):
-    type: Literal["text", "json_object"] = "text"
+    # json_schema: OpenAI's shape, which the hosted DeepSeek API lacks; whale constrains the output to it
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type 'json_schema' needs 'json_schema': {'name': ..., 'schema': "
+                             "{...}}")
+        return self
 
 
 ReasoningEffort = Literal[tuple(REASONING_EFFORTS)]  # whale.chat.capabilities says what each one runs as

@@ -3,6 +3,7 @@ becomes prompt ids + SamplingParams + an output parser (the HTTP-free half of ev
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,8 +19,9 @@ from whale.chat import (
 )
 from whale.chat.capabilities import Capabilities, generation_defaults, resolve_thinking
 from whale.chat.conversation import ChatPrompt, chat_prompt
+from whale.errors import InvalidRequestError
 from whale.generation_defaults import GenerationDefaults
-from whale.sampling_params import SamplingParams
+from whale.sampling_params import SamplingParams, StructuredOutput
 from whale.server.errors import APIError
 from whale.server.model_names import NAME_THINKING, served_names
 
@@ -56,6 +58,8 @@ class ServedModel:
     effort_budgets: dict[str, int | None] = field(default_factory=lambda: dict(EFFORT_BUDGETS))
     thinking_budget: int | None = None  # the budget of a request that names none (None: max_tokens' answer room)
     min_answer_tokens: int = MIN_ANSWER_TOKENS
+    vocab_size: int = 0  # the model's (0: the tokenizer's); with eos_ids, what a grammar is compiled for
+    eos_ids: frozenset[int] = frozenset()
 
     def __post_init__(self) -> None:
         if self.defaults is None:
@@ -93,15 +97,34 @@ class ServedModel:
         limits = THINKING_MAX_TOKENS if thinking else CHAT_MAX_TOKENS
         max_tokens = self._max_tokens(len(ids), req.max_tokens, limits, clamp=clamp_max_tokens)
         budget = self.reasoning_budget(req, max_tokens) if prompt.reasoning is not None else None
+        structured = self.structured_output(req)
+        reasoning = prompt.reasoning if budget is not None or (structured and prompt.thinking) else None
         # thinking mode ignores the sampling knobs, as the DeepSeek API does
         params = self.defaults.sampling_params(
-            thinking_budget=budget, reasoning=prompt.reasoning if budget is not None else None,
+            thinking_budget=budget, reasoning=reasoning, structured_output=structured,
             temperature=None if thinking else req.temperature, top_p=None if thinking else req.top_p,
             presence_penalty=0.0 if thinking else (req.presence_penalty or 0.0),
             frequency_penalty=0.0 if thinking else (req.frequency_penalty or 0.0), max_tokens=max_tokens,
             stop=req.stop, seed=req.seed,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None)
         return PreparedRequest(req.model, ids, params, thinking, prompt.parser)
+
+    def structured_output(self, req: Any) -> StructuredOutput | None:
+        """The grammar a request's response_format asks for, checked here (a 400 naming what llguidance cannot
+        serve) on the request's worker thread, which also builds the tokenizer's grammar view once."""
+        kind = req.response_format.type if req.response_format is not None else "text"
+        if kind == "text":
+            return None
+        schema = req.response_format.json_schema.schema_ if kind == "json_schema" else {}
+        spec = StructuredOutput(kind, json.dumps(schema) if kind == "json_schema" else "")
+        from whale.engine.grammar import compile_grammar, grammar_tokenizer
+
+        try:
+            compile_grammar(spec, grammar_tokenizer(self.tokenizer, self.vocab_size or self.tokenizer.vocab_size,
+                                                    self.eos_ids))
+        except InvalidRequestError as exc:
+            raise APIError(400, str(exc), param="response_format") from exc
+        return spec
 
     def reasoning_budget(self, req: Any, max_tokens: int) -> int | None:
         """A thinking request's reasoning budget: its `thinking.budget_tokens`, else its reasoning_effort's, else
@@ -127,8 +150,9 @@ class ServedModel:
         thinking = self.thinking_for(req.model) if req.thinking is None else req.thinking.type == "enabled"
         tools = [t.model_dump(exclude_none=True) for t in req.tools or ()] if req.tool_choice != "none" else []
         messages = [m.as_template_dict() for m in req.messages]
-        if req.response_format is not None and req.response_format.type == "json_object":
-            messages = _with_json_instruction(messages)
+        if req.response_format is not None and req.response_format.type != "text":
+            schema = req.response_format.json_schema.schema_ if req.response_format.json_schema else None
+            messages = _with_json_instruction(messages, schema)
         prompt = chat_prompt(self.variant, self.tokenizer, messages, thinking=thinking, tools=tools,
                              prefix=req.prefix, effort=req.reasoning_effort, config=self.config)
         if prompt.thinking and (req.logprobs or req.top_logprobs is not None):
@@ -192,14 +216,17 @@ class ServedModel:
 _JSON_INSTRUCTION = "Reply with one valid JSON object and nothing else."
 
 
-def _with_json_instruction(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """JSON mode: the DeepSeek API asks the prompt to mention JSON; whale adds a one-line instruction to the
-    system prompt so a model that was not told still answers in JSON (no grammar constraint yet)."""
+def _with_json_instruction(messages: list[dict[str, Any]], schema: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """JSON mode: the DeepSeek API asks the prompt to mention JSON; whale adds a one-line instruction (with the
+    schema, if any) to the system prompt, so the model knows what the grammar will hold it to."""
+    instruction = _JSON_INSTRUCTION
+    if schema is not None:
+        instruction += f" It must follow this JSON schema: {json.dumps(schema, ensure_ascii=False)}"
     if messages and messages[0].get("role") == "system":
         first = dict(messages[0])
-        first["content"] = f"{_content_text(first.get('content'))}\n\n{_JSON_INSTRUCTION}"
+        first["content"] = f"{_content_text(first.get('content'))}\n\n{instruction}"
         return [first, *messages[1:]]
-    return [{"role": "system", "content": _JSON_INSTRUCTION}, *messages]
+    return [{"role": "system", "content": instruction}, *messages]
 
 
 def _content_text(content: Any) -> str:
@@ -216,4 +243,7 @@ def served_model_from_loaded(loaded: Any, max_model_len: int, name: str | None =
     # a GGUF's served id drops its quantisation suffix: SmolLM2-135M-Instruct.Q4_1 -> smollm2-135m-instruct
     default_name = re.sub(r"\.(q\d\w*|i?q\d\w*|f16|f32|bf16)$", "", stem.lower())
     defaults = generation_defaults(variant, loaded.generation_config, loaded.generation_config_source)
-    return ServedModel(name or default_name, loaded.tokenizer, variant, max_model_len, config, created, defaults)
+    from whale.engine.llm_engine import eos_token_ids
+
+    return ServedModel(name or default_name, loaded.tokenizer, variant, max_model_len, config, created, defaults,
+                       vocab_size=loaded.config.vocab_size, eos_ids=eos_token_ids(loaded))

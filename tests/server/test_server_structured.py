@@ -1,0 +1,114 @@
+"""Structured output on a tiny random DeepSeek-V3 checkpoint with the real DeepSeek tokenizer: random weights at
+temperature 1 write anything, so every answer that holds to its schema holds because of the grammar. Through the
+real server and the openai SDK: `json_schema` (nested objects, arrays, enums, anyOf, bounds) in chat and thinking
+mode, `json_object`, and the 400 for a schema llguidance cannot serve. Answers are checked by jsonschema-rs."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema_rs
+import openai
+import pytest
+from server_harness import serving, write_tiny_deepseek
+
+from whale.chat import ChatVariant
+from whale.sampling_params import SamplingParams, StructuredOutput
+
+ASK = [{"role": "user", "content": "Describe a person as JSON."}]
+SCHEMA = {
+    "type": "object", "additionalProperties": False,
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 3}, "maxItems": 2},
+        "address": {"type": "object", "additionalProperties": False, "required": ["city"],
+                    "properties": {"city": {"type": "string", "maxLength": 5}, "zip": {"type": "integer", "minimum": 0,
+                                                                                "maximum": 99999}}},
+        "contact": {"anyOf": [{"type": "null"}, {"type": "boolean"}, {"type": "integer", "minimum": 0,
+                                                                              "maximum": 9}]}},
+    "required": ["name", "age", "role", "tags", "address", "contact"]}
+FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return write_tiny_deepseek(tmp_path_factory.mktemp("checkpoints"))
+
+
+@pytest.fixture(scope="module")
+def served(tiny_path, default_llm):
+    from whale.models.loader import load_model
+
+    with serving(load_model(str(tiny_path), dtype="float32")) as (state, url):
+        yield state, openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+
+
+def test_every_answer_follows_the_schema(served):
+    _, client = served
+    finished = 0
+    for seed in range(12):
+        reply = client.chat.completions.create(model="deepseek-chat", messages=ASK, response_format=FORMAT,
+                                               temperature=1.0, seed=seed, max_tokens=120)
+        choice = reply.choices[0]
+        if choice.finish_reason == "stop":
+            jsonschema_rs.validate(SCHEMA, json.loads(choice.message.content))
+            finished += 1
+        else:  # max_tokens cut it: the partial text, said honestly
+            assert choice.finish_reason == "length" and choice.message.content.startswith("{")
+    assert finished >= 10
+
+
+def test_thinking_then_the_schema(served):
+    """The model thinks freely, its thinking is ended by the budget, and the answer follows the schema."""
+    _, client = served
+    for seed in range(4):
+        reply = client.chat.completions.create(model="deepseek-reasoner", messages=ASK, response_format=FORMAT,
+                                               seed=seed, max_tokens=160,
+                                               extra_body={"thinking": {"type": "enabled", "budget_tokens": 12}})
+        message = reply.choices[0].message
+        assert message.model_extra["reasoning_content"]
+        if reply.choices[0].finish_reason == "stop":
+            jsonschema_rs.validate(SCHEMA, json.loads(message.content))
+
+
+def test_json_object_starts_an_object_and_a_finished_one_parses(served):
+    _, client = served
+    for seed in range(3):
+        reply = client.chat.completions.create(model="deepseek-chat", messages=ASK, temperature=1.0, seed=seed,
+                                               response_format={"type": "json_object"}, max_tokens=40)
+        content = reply.choices[0].message.content
+        assert content.startswith("{")
+        if reply.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(content), dict)
+
+
+def test_a_schema_the_engine_cannot_serve_is_a_400_naming_the_keyword(served):
+    _, client = served
+    bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "not": {"type": "x"}}}}
+    with pytest.raises(openai.BadRequestError, match="not") as info:
+        client.chat.completions.create(model="deepseek-chat", messages=ASK, response_format=bad)
+    assert info.value.body["param"] == "response_format"
+    with pytest.raises(openai.UnprocessableEntityError, match="json_schema"):
+        client.chat.completions.create(model="deepseek-chat", messages=ASK, response_format={"type": "json_schema"})
+
+
+def test_r1_answers_after_its_tail(tiny_path, served):
+    """R1 ends thinking with "\\n</think>\\n\\n": the grammar starts after the whole tail (offline, LLM)."""
+    from whale import LLM
+
+    llm = LLM(str(tiny_path), dtype="float32")
+    llm.chat_variant = ChatVariant("r1")
+    prompt = llm.chat_prompt(ASK)
+    params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=200, thinking_budget=8,
+                             reasoning=prompt.reasoning,
+                             structured_output=StructuredOutput("json_schema", json.dumps(SCHEMA)))
+              for seed in range(4)]
+    outputs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": prompt.ids}] * len(params), params)]
+    for output in outputs:
+        reasoning, answer = output.text.split("</think>\n\n", 1)
+        assert answer.startswith("{")
+        if output.finish_reason == "stop":
+            jsonschema_rs.validate(SCHEMA, json.loads(answer))
+    assert any(output.finish_reason == "stop" for output in outputs)
