@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import random
 
-import openai
 import pytest
 from scripted_engine import deepseek_v32_served
-from server_harness import serving, write_tiny_deepseek
 
 from whale.chat import ChatVariant
 from whale.sampling_params import SamplingParams
@@ -20,11 +18,6 @@ from whale.server.protocol import ChatCompletionRequest
 
 ASK = [{"role": "user", "content": "What is 2 + 2?"}]
 EOS = 1
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return write_tiny_deepseek(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +45,8 @@ def test_the_budget_holds_over_seeded_requests_at_temperature_1(llm, variant):
         assert len(ids) > reasoning and ids[reasoning] != EOS  # an answer, and it does not end at once
 
 
-@pytest.fixture(scope="module")
-def served(tiny_path, default_llm):
-    from whale.models.loader import load_model
-
-    with serving(load_model(str(tiny_path), dtype="float32")) as (state, url):
-        yield state, openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
-
-
-def test_budget_tokens_reach_the_engine_and_usage_counts_exactly(served):
-    _, client = served
+def test_budget_tokens_reach_the_engine_and_usage_counts_exactly(tiny_server):
+    _, client = tiny_server
     for seed in range(5):
         reply = client.chat.completions.create(
             model="deepseek-reasoner", messages=ASK, max_tokens=40, seed=seed,

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 from scripted_engine import scripted_server
-from server_harness import serving, write_tiny_deepseek
+from server_harness import serving
 
 from whale.chat import render_fim
 
@@ -25,11 +25,6 @@ DSML_CALLS = ('Checking.\n\n<｜DSML｜function_calls>\n<｜DSML｜invoke name="
               '<｜DSML｜parameter name="days" string="false">[1, 2]</｜DSML｜parameter>\n</｜DSML｜invoke>\n'
               '<｜DSML｜invoke name="get_time">\n</｜DSML｜invoke>\n</｜DSML｜function_calls>')
 ASK = [{"role": "user", "content": "What is 2 + 2?"}]
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return write_tiny_deepseek(tmp_path_factory.mktemp("checkpoints"))
 
 
 @pytest.fixture(scope="module")

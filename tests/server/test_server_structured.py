@@ -10,7 +10,6 @@ import json
 import jsonschema_rs
 import openai
 import pytest
-from server_harness import serving, write_tiny_deepseek
 
 from whale.chat import ChatVariant
 from whale.sampling_params import SamplingParams, StructuredOutput
@@ -32,21 +31,8 @@ SCHEMA = {
 FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
 
 
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return write_tiny_deepseek(tmp_path_factory.mktemp("checkpoints"))
-
-
-@pytest.fixture(scope="module")
-def served(tiny_path, default_llm):
-    from whale.models.loader import load_model
-
-    with serving(load_model(str(tiny_path), dtype="float32")) as (state, url):
-        yield state, openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
-
-
-def test_every_answer_follows_the_schema(served):
-    _, client = served
+def test_every_answer_follows_the_schema(tiny_server):
+    _, client = tiny_server
     finished = 0
     for seed in range(12):
         reply = client.chat.completions.create(model="deepseek-chat", messages=ASK, response_format=FORMAT,
@@ -60,9 +46,9 @@ def test_every_answer_follows_the_schema(served):
     assert finished >= 10
 
 
-def test_thinking_then_the_schema(served):
+def test_thinking_then_the_schema(tiny_server):
     """The model thinks freely, its thinking is ended by the budget, and the answer follows the schema."""
-    _, client = served
+    _, client = tiny_server
     for seed in range(4):
         reply = client.chat.completions.create(model="deepseek-reasoner", messages=ASK, response_format=FORMAT,
                                                seed=seed, max_tokens=160,
@@ -73,8 +59,8 @@ def test_thinking_then_the_schema(served):
             jsonschema_rs.validate(SCHEMA, json.loads(message.content))
 
 
-def test_json_object_starts_an_object_and_a_finished_one_parses(served):
-    _, client = served
+def test_json_object_starts_an_object_and_a_finished_one_parses(tiny_server):
+    _, client = tiny_server
     for seed in range(3):
         reply = client.chat.completions.create(model="deepseek-chat", messages=ASK, temperature=1.0, seed=seed,
                                                response_format={"type": "json_object"}, max_tokens=40)
@@ -84,8 +70,8 @@ def test_json_object_starts_an_object_and_a_finished_one_parses(served):
             assert isinstance(json.loads(content), dict)
 
 
-def test_a_schema_the_engine_cannot_serve_is_a_400_naming_the_keyword(served):
-    _, client = served
+def test_a_schema_the_engine_cannot_serve_is_a_400_naming_the_keyword(tiny_server):
+    _, client = tiny_server
     bad = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "not": {"type": "x"}}}}
     with pytest.raises(openai.BadRequestError, match="not") as info:
         client.chat.completions.create(model="deepseek-chat", messages=ASK, response_format=bad)
@@ -94,7 +80,7 @@ def test_a_schema_the_engine_cannot_serve_is_a_400_naming_the_keyword(served):
         client.chat.completions.create(model="deepseek-chat", messages=ASK, response_format={"type": "json_schema"})
 
 
-def test_r1_answers_after_its_tail(tiny_path, served):
+def test_r1_answers_after_its_tail(tiny_path, tiny_server):
     """R1 ends thinking with "\\n</think>\\n\\n": the grammar starts after the whole tail (offline, LLM)."""
     from whale import LLM
 
