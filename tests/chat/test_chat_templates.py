@@ -227,10 +227,10 @@ def test_jinja_variant_renders_checkpoint_template():
 
 
 def test_transformers_apply_chat_template_agrees(tokenizer, v3_template):
-    from conftest import PACKAGE_DIR
+    from tokenizer_files import V3_DIR
     from transformers import AutoTokenizer  # a test dependency: a missing one fails here, never skips
 
-    hf = AutoTokenizer.from_pretrained(str(PACKAGE_DIR))
+    hf = AutoTokenizer.from_pretrained(str(V3_DIR))
     for messages in PLAIN_CORPUS + SYSTEM_CORPUS + TOOL_CORPUS:
         messages = [dict(m, content=m["content"] or "") for m in messages]  # transformers drops None keys
         text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

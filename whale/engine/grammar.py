@@ -38,10 +38,27 @@ def grammar_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) -
     with _tokenizers_lock:
         found = _tokenizers.get(tokenizer)
         if found is None:
-            found = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
-                                           eos_token=sorted(eos_ids)[0] if eos_ids else None)
+            try:
+                found = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
+                                               eos_token=sorted(eos_ids)[0] if eos_ids else None)
+            except ValueError as exc:
+                raise InvalidRequestError(f"this model's tokenizer cannot drive constrained output: {exc}") from exc
             _tokenizers[tokenizer] = found
         return found
+
+
+def token_marker(tokenizer: Any, grammar_view: llguidance.LLTokenizer) -> Any:
+    """`marker(text)` for whale.chat.forced_calls: a text that is one special token of the tokenizer is matched by
+    its id (`<[128806]>`: llguidance never matches special tokens as text), anything else as a string literal."""
+
+    def marker(text: str) -> str:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = list(getattr(ids, "ids", ids))
+        if len(ids) == 1 and grammar_view.is_special_token(ids[0]):
+            return f"<[{ids[0]}]>"
+        return json.dumps(text, ensure_ascii=False)
+
+    return marker
 
 
 def _json_grammar(schema: Any) -> str:

@@ -19,11 +19,13 @@ from whale.chat import (
 )
 from whale.chat.capabilities import Capabilities, generation_defaults, resolve_thinking
 from whale.chat.conversation import ChatPrompt, chat_prompt
+from whale.chat.forced_calls import forced_call_grammar
 from whale.errors import InvalidRequestError
 from whale.generation_defaults import GenerationDefaults
 from whale.sampling_params import SamplingParams, StructuredOutput
 from whale.server.errors import APIError
 from whale.server.model_names import NAME_THINKING, served_names
+from whale.server.protocol import NamedToolChoice
 
 # DeepSeek's documented max_tokens: (default, maximum) without and with thinking; FIM output is at most 4K
 CHAT_MAX_TOKENS, THINKING_MAX_TOKENS, FIM_MAX_TOKENS = (4096, 8192), (32768, 65536), (4096, 4096)
@@ -110,20 +112,29 @@ class ServedModel:
         return PreparedRequest(req.model, ids, params, thinking, prompt.parser)
 
     def structured_output(self, req: Any) -> StructuredOutput | None:
-        """The grammar a request's response_format asks for, checked here (a 400 naming what llguidance cannot
-        serve) on the request's worker thread, which also builds the tokenizer's grammar view once."""
+        """The grammar a request asks for: a forced tool call (`tool_choice` "required" or a named function, in the
+        model's own call format) or its response_format; checked here (a 400 naming what llguidance cannot serve)
+        on the request's worker thread, which also builds the tokenizer's grammar view once."""
+        forced = req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)
         kind = req.response_format.type if req.response_format is not None else "text"
-        if kind == "text":
+        if not forced and kind == "text":
             return None
-        schema = req.response_format.json_schema.schema_ if kind == "json_schema" else {}
-        spec = StructuredOutput(kind, json.dumps(schema) if kind == "json_schema" else "")
-        from whale.engine.grammar import compile_grammar, grammar_tokenizer
+        from whale.engine.grammar import compile_grammar, grammar_tokenizer, token_marker
 
+        param = "tool_choice" if forced else "response_format"
         try:
-            compile_grammar(spec, grammar_tokenizer(self.tokenizer, self.vocab_size or self.tokenizer.vocab_size,
-                                                    self.eos_ids))
+            view = grammar_tokenizer(self.tokenizer, self.vocab_size or self.tokenizer.vocab_size, self.eos_ids)
+            if forced:
+                name = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
+                tools = [t.model_dump(exclude_none=True) for t in req.tools or ()]
+                spec = StructuredOutput("grammar", forced_call_grammar(self.variant, tools, name,
+                                                                       token_marker(self.tokenizer, view)))
+            else:
+                schema = req.response_format.json_schema.schema_ if kind == "json_schema" else {}
+                spec = StructuredOutput(kind, json.dumps(schema) if kind == "json_schema" else "")
+            compile_grammar(spec, view)
         except InvalidRequestError as exc:
-            raise APIError(400, str(exc), param="response_format") from exc
+            raise APIError(400, str(exc), param=param) from exc
         return spec
 
     def reasoning_budget(self, req: Any, max_tokens: int) -> int | None:
