@@ -6,6 +6,7 @@ mode, `json_object`, and the 400 for a schema llguidance cannot serve. Answers a
 from __future__ import annotations
 
 import json
+import re
 
 import jsonschema_rs
 import openai
@@ -98,3 +99,24 @@ def test_r1_answers_after_its_tail(tiny_path, tiny_server):
         if output.finish_reason == "stop":
             jsonschema_rs.validate(SCHEMA, json.loads(answer))
     assert any(output.finish_reason == "stop" for output in outputs)
+
+
+def test_vllm_structured_outputs_extras(tiny_server):
+    """Clients written for vLLM send `structured_outputs` in extra_body: regex, choice, Lark grammar, JSON."""
+    _, client = tiny_server
+
+    def reply(**extra):
+        return client.chat.completions.create(model="deepseek-chat", messages=ASK, temperature=1.0, seed=1,
+                                              max_tokens=40, extra_body={"structured_outputs": extra})
+
+    assert re.fullmatch(r"[0-9]{3}-[a-z]{2}", reply(regex=r"[0-9]{3}-[a-z]{2}").choices[0].message.content)
+    assert reply(choice=["yes", "no way", "maybe"]).choices[0].message.content in ("yes", "no way", "maybe")
+    assert reply(grammar='start: "A" ("," "A")*\n').choices[0].message.content.split(",")[0] == "A"
+    answer = reply(json={"type": "object", "additionalProperties": False, "required": ["ok"],
+                         "properties": {"ok": {"type": "boolean"}}})
+    assert json.loads(answer.choices[0].message.content) in ({"ok": True}, {"ok": False})
+    with pytest.raises(openai.UnprocessableEntityError, match="exactly one"):
+        reply(regex="a", choice=["a"])
+    with pytest.raises(openai.BadRequestError) as info:
+        reply(regex="(unclosed")
+    assert info.value.body["param"] == "structured_outputs"

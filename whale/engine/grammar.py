@@ -8,7 +8,6 @@ allowed tokens are the grammar's next-token mask, from the end of thinking on in
 from __future__ import annotations
 
 import json
-import re
 import threading
 import weakref
 from collections.abc import Sequence
@@ -78,7 +77,8 @@ def grammar_text(spec: StructuredOutput) -> str:
         return llguidance.LLMatcher.grammar_from_regex(spec.value)
     if spec.kind == "choice":
         choices = json.loads(spec.value)
-        return llguidance.LLMatcher.grammar_from_regex("|".join(re.escape(str(c)) for c in choices))
+        alternatives = " | ".join(json.dumps(str(c), ensure_ascii=False) for c in choices)
+        return llguidance.LLMatcher.grammar_from_lark(f"start: {alternatives}\n")
     return llguidance.LLMatcher.grammar_from_lark(spec.value)
 
 

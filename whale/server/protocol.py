@@ -142,6 +142,25 @@ class ResponseFormat(WireModel):
 ReasoningEffort = Literal[tuple(REASONING_EFFORTS)]  # whale.chat.capabilities says what each one runs as
 
 
+class StructuredOutputs(WireModel):
+    """vLLM's `structured_outputs` (sent in `extra_body`), for clients written for vLLM: exactly one of a JSON schema
+    (`json`), a `regex`, a `choice` of strings, or a Lark `grammar` (llguidance's dialect)."""
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = Field(default=None, min_length=1)
+    choice: list[str] | None = Field(default=None, min_length=1)
+    grammar: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one(self) -> StructuredOutputs:
+        given = [name for name, value in (("json", self.json_), ("regex", self.regex), ("choice", self.choice),
+                                          ("grammar", self.grammar)) if value is not None]
+        if len(given) != 1:
+            raise ValueError("'structured_outputs' takes exactly one of 'json', 'regex', 'choice', 'grammar' "
+                             f"(got {', '.join(given) or 'none'})")
+        return self
+
+
 class StreamOptions(WireModel):
     include_usage: bool = False
 
@@ -180,6 +199,7 @@ class ChatCompletionRequest(WireModel):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     reasoning_effort: ReasoningEffort | None = None
     response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None  # vLLM's extra
     stop: StopField = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None

@@ -117,11 +117,12 @@ class ServedModel:
         on the request's worker thread, which also builds the tokenizer's grammar view once."""
         forced = req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)
         kind = req.response_format.type if req.response_format is not None else "text"
-        if not forced and kind == "text":
+        extra = req.structured_outputs
+        if not forced and kind == "text" and extra is None:
             return None
         from whale.engine.grammar import compile_grammar, grammar_tokenizer, token_marker
 
-        param = "tool_choice" if forced else "response_format"
+        param = "tool_choice" if forced else "response_format" if kind != "text" else "structured_outputs"
         try:
             view = grammar_tokenizer(self.tokenizer, self.vocab_size or self.tokenizer.vocab_size, self.eos_ids)
             if forced:
@@ -129,6 +130,8 @@ class ServedModel:
                 tools = [t.model_dump(exclude_none=True) for t in req.tools or ()]
                 spec = StructuredOutput("grammar", forced_call_grammar(self.variant, tools, name,
                                                                        token_marker(self.tokenizer, view)))
+            elif kind == "text":
+                spec = _vllm_structured_output(extra)
             else:
                 schema = req.response_format.json_schema.schema_ if kind == "json_schema" else {}
                 spec = StructuredOutput(kind, json.dumps(schema) if kind == "json_schema" else "")
@@ -222,6 +225,16 @@ class ServedModel:
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_special_tokens=False)) if text else 0
+
+
+def _vllm_structured_output(extra: Any) -> StructuredOutput:
+    if extra.json_ is not None:
+        return StructuredOutput("json_schema", extra.json_ if isinstance(extra.json_, str) else json.dumps(extra.json_))
+    if extra.regex is not None:
+        return StructuredOutput("regex", extra.regex)
+    if extra.choice is not None:
+        return StructuredOutput("choice", json.dumps(extra.choice))
+    return StructuredOutput("grammar", extra.grammar)
 
 
 _JSON_INSTRUCTION = "Reply with one valid JSON object and nothing else."
