@@ -1,6 +1,7 @@
 """What a grammar costs: the default model writing JSON held to a schema (llguidance), against the same model writing
 the same number of tokens unconstrained, at 1 and 16 concurrent requests, in the same run; and the grammar's own
-share of a step (the time spent computing masks, per token).
+share of a step (the time spent computing masks, per token). Then the sampler: a step's sampling for 1, 16 and 64
+rows with today's draw (inverse CDF) against torch.multinomial, which it replaced.
 
     .venv/bin/python bench/constrained.py [--rounds 3] [--publish]
 """
@@ -13,10 +14,11 @@ import statistics
 import sys
 import time
 
+import torch
 from report import Report, add_publish_option
 
 from whale import LLM, SamplingParams
-from whale.engine import grammar
+from whale.engine import grammar, sampler
 from whale.sampling_params import StructuredOutput
 
 SCHEMA = {"type": "object", "additionalProperties": False, "required": ["name", "age", "skills", "city"],
@@ -88,9 +90,40 @@ def main() -> int:
         c, f = statistics.median(constrained), statistics.median(free)
         report.line(f"| {batch} | {c:.1f} | {f:.1f} | {(1 - c / f) * 100:.1f}% | {statistics.median(masks):.3f} | "
                     f"{statistics.median(lengths):.0f} |")
+    report.line()
+    sampling_table(report, llm)
     if args.publish:
         report.publish()
     return 0
+
+
+def sampling_table(report: Report, llm: LLM) -> None:
+    """A step's sampling (temperature 0.7, seeded per row) for N rows, both draws in the same run."""
+    vocab = llm.loaded.config.vocab_size
+    report.line(f"Sampling one step at temperature 0.7, per-row seeds, vocabulary {vocab}: ms per step")
+    report.line()
+    report.line("| rows | inverse CDF (whale) | torch.multinomial | speed-up |")
+    report.line("|---:|---:|---:|---:|")
+
+    def multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    ours = sampler.draw
+    for rows in (1, 16, 64):
+        logits = torch.randn(rows, vocab) * 3
+        states = [sampler.SamplingState(SamplingParams(temperature=0.7, seed=i), []) for i in range(rows)]
+        timings = {}
+        for name, draw in (("whale", ours), ("multinomial", multinomial)):
+            sampler.draw = draw
+            for _ in range(3):
+                [sampler.sample_one(row, state) for row, state in zip(logits, states, strict=True)]
+            start = time.perf_counter()
+            for _ in range(10):
+                [sampler.sample_one(row, state) for row, state in zip(logits, states, strict=True)]
+            timings[name] = (time.perf_counter() - start) / 10 * 1e3
+        sampler.draw = ours
+        report.line(f"| {rows} | {timings['whale']:.2f} | {timings['multinomial']:.2f} | "
+                    f"{timings['multinomial'] / timings['whale']:.1f}x |")
 
 
 if __name__ == "__main__":

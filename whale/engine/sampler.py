@@ -95,6 +95,16 @@ def _constrain(logits: torch.Tensor, constraint: Constraint) -> torch.Tensor:
     return logits
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from `probs` by inverse CDF: one uniform number from the request's own generator (so a seed gives
+    the same tokens whatever else is in the batch) against the cumulative sum in float64. torch.multinomial does the
+    same job ~20x slower on a CPU (2 ms against 0.09 ms for 49k tokens): at 16 rows it was most of a step's sampling."""
+    cumulative = probs.double().cumsum(0)
+    point = torch.rand((), generator=generator, dtype=torch.float64) * cumulative[-1]
+    # the first token whose cumulative sum passes the point: never one of probability 0
+    return int(torch.searchsorted(cumulative, point.reshape(1), right=True).clamp_(max=len(probs) - 1))
+
+
 def sample_one(logits: torch.Tensor, state: SamplingState, constraint: Constraint | None = None) -> SampledToken:
     """logits: [vocab] float32 for one request. `constraint`: what the request's controllers allow next (a forced
     token, banned ones); logprobs stay the model's own distribution."""
@@ -115,7 +125,7 @@ def sample_one(logits: torch.Tensor, state: SamplingState, constraint: Constrain
         if torch.isnan(logits).any():
             raise FloatingPointError("the logits hold NaN")
         probs = _filter(logits / p.temperature, p).softmax(-1)
-        token = int(torch.multinomial(probs, 1, generator=state.generator))
+        token = draw(probs, state.generator)
     if raw_logprobs is None:
         return SampledToken(token)
     top = None
