@@ -125,6 +125,23 @@ def test_whale_chat_picks_the_thinking_mode(tiny_path, default_llm):
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "thinking" in done.stderr
 
 
+def test_whale_chat_holds_a_thinking_budget(tiny_path, default_llm):
+    import subprocess
+    import sys
+
+    from whale import LLM, SamplingParams
+
+    done = subprocess.run([sys.executable, "-m", "whale.cli", "chat", "--model", str(tiny_path), "--dtype", "float32",
+                           "--thinking", "on", "--thinking-budget", "3", "--temperature", "0", "--max-tokens", "12"],
+                          input="What is 2 + 2?\n/exit\n", capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    reply = done.stdout.split("\n> ")[1]
+    expected = LLM(str(tiny_path), dtype="float32").chat(ASK, SamplingParams(temperature=0, max_tokens=12),
+                                                         thinking=True, thinking_budget=3).message
+    assert expected["content"] and len(expected["reasoning_content"]) > 0
+    assert reply.startswith(expected["reasoning_content"]) and expected["content"].strip() in reply
+
+
 def test_thinking_refuses_logprobs(client):
     with pytest.raises(openai.BadRequestError, match="thinking mode"):
         client.chat.completions.create(model="deepseek-reasoner", messages=ASK, logprobs=True)

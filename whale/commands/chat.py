@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 import sys
 from typing import TYPE_CHECKING, TextIO
@@ -13,6 +14,7 @@ from whale.errors import InvalidRequestError, WhaleError
 if TYPE_CHECKING:
     from whale.chat import ChatDelta
     from whale.chat.conversation import ChatPrompt
+    from whale.sampling_params import SamplingParams
 
 HELP = "Type a message; Ctrl-C stops a reply, /reset starts over, /exit (or Ctrl-D) quits."
 STOPPED = " [stopped]"
@@ -26,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--system", default=None, help="a system prompt")
     parser.add_argument("--thinking", choices=("on", "off"), default=None,
                         help="thinking mode on models that have both (V3.1, V3.2, V4); default: the model's own")
+    parser.add_argument("--thinking-budget", type=int, default=None,
+                        help="at most this many reasoning tokens per reply, then the end of thinking is forced")
     parser.add_argument("--reasoning-effort", choices=("low", "medium", "high", "xhigh", "max"), default=None,
                         help="as the API's reasoning_effort (V4: the effort preamble; low and medium run as high, "
                              "xhigh as max); default high")
@@ -84,6 +88,13 @@ def _sampling(params, args: argparse.Namespace, defaults) -> str:
     return f"{chosen} (defaults from {defaults.source})"
 
 
+def _budgeted(params: SamplingParams, prompt: ChatPrompt, budget: int | None) -> SamplingParams:
+    """The reply's params with the reasoning budget, where the reply thinks."""
+    if budget is None or prompt.reasoning is None:
+        return params
+    return dataclasses.replace(params, thinking_budget=budget, reasoning=prompt.reasoning)
+
+
 def run(args: argparse.Namespace) -> int:
     from whale.chat.capabilities import resolve_thinking
     from whale.llm import LLM
@@ -118,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         messages.append({"role": "user", "content": line})
         try:
             prompt = llm.chat_prompt(messages, thinking=thinking, reasoning_effort=args.reasoning_effort)
-            reply = stream_reply(llm.engine, prompt, params)
+            reply = stream_reply(llm.engine, prompt, _budgeted(params, prompt, args.thinking_budget))
         except WhaleError as exc:  # e.g. the conversation outgrew the context: say so, keep the session
             print(f"({exc}; /reset starts over)")
             messages.pop()

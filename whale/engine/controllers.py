@@ -90,7 +90,9 @@ class ThinkingBudget:
 
     The end is forced at a clean point: within the last WINDOW tokens before the cap, after a sentence end; within
     the last CHAR_ZONE, at the first whole character; at the cap, whatever the text (a UTF-8 character spans at most
-    four byte tokens, so the zone always holds a whole-character point unless single tokens are wider). After the
+    four byte tokens, so the zone always holds a whole-character point). Small budgets scale the window and
+    the zone down to half and an eighth of the budget (under 32 tokens the cap may fall inside a character), so a
+    budget of 3 is 3 tokens of thinking. After the
     thinking ends, by force or by the model, the first answer token may not end the sequence: no empty answers.
     `text()` is the request's text so far and `clean()` whether it ends on a whole character."""
 
@@ -156,9 +158,11 @@ class ThinkingBudget:
         slack = self._budget - state.count - len(self._spec.forced_end)
         if slack <= 0:
             return True
-        if slack > self.WINDOW or not self._clean():
+        # small budgets scale the window and the zone down, so that they are not spent on them
+        window, zone = min(self.WINDOW, self._budget // 2), min(self.CHAR_ZONE, self._budget // 8)
+        if slack > window or not self._clean():
             return False
-        return slack <= self.CHAR_ZONE or self._text().rstrip(" ").endswith(SENTENCE_ENDS)
+        return slack <= zone or self._text().rstrip(" ").endswith(SENTENCE_ENDS)
 
 
 def build_controllers(params: SamplingParams, eos_ids: frozenset[int], text: Callable[[], str],
