@@ -120,3 +120,20 @@ def test_vllm_structured_outputs_extras(tiny_server):
     with pytest.raises(openai.BadRequestError) as info:
         reply(regex="(unclosed")
     assert info.value.body["param"] == "structured_outputs"
+
+
+def test_a_hundred_seeded_answers_follow_the_schema(tiny_path, default_llm):
+    """Offline, one batch of 100 seeded requests at temperature 1: every finished answer validates."""
+    from whale import LLM
+
+    llm = LLM(str(tiny_path), dtype="float32", max_num_seqs=100)
+    prompt = llm.chat_prompt(ASK, thinking=False)
+    spec = StructuredOutput("json_schema", json.dumps(SCHEMA))
+    params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=150, structured_output=spec)
+              for seed in range(100)]
+    outputs = [o.outputs[0] for o in llm.generate([{"prompt_token_ids": prompt.ids}] * len(params), params)]
+    finished = [o for o in outputs if o.finish_reason == "stop"]
+    for output in finished:
+        jsonschema_rs.validate(SCHEMA, json.loads(output.text))
+    assert len(finished) >= 95
+    assert len({o.text for o in finished}) > 90  # a hundred different answers, not one answer a hundred times

@@ -78,3 +78,16 @@ def test_each_formats_own_call_grammar(llm, variant):
         # random weights may chain calls until max_tokens: the calls that closed are whole and valid
         assert output.outputs[0].finish_reason in ("stop", "length")
         _check_calls(parse_output(llm.chat_prompt(ASK, tools=TOOLS).parser, output.outputs[0].text)["tool_calls"])
+
+
+def test_a_hundred_forced_calls_in_dsml(llm):
+    """One batch of 100 seeded requests at temperature 1, V3.2's DSML: every closed call is get_time, valid."""
+    llm.chat_variant = ChatVariant("v3.2")
+    prompt = llm.chat_prompt(ASK, tools=TOOLS, thinking=False)
+    view = grammar_tokenizer(llm.tokenizer, llm.loaded.config.vocab_size, llm.engine.eos_token_ids)
+    grammar = forced_call_grammar("v3.2", TOOLS, "get_time", token_marker(llm.tokenizer, view))
+    params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=120,
+                             structured_output=StructuredOutput("grammar", grammar)) for seed in range(100)]
+    for output in llm.generate([{"prompt_token_ids": prompt.ids}] * len(params), params):
+        calls = parse_output(llm.chat_prompt(ASK, tools=TOOLS, thinking=False).parser, output.outputs[0].text)
+        assert set(_check_calls(calls["tool_calls"])) == {"get_time"}
