@@ -8,6 +8,7 @@ import signal
 import sys
 from typing import TYPE_CHECKING, TextIO
 
+from whale.chat.capabilities import REASONING_EFFORTS
 from whale.commands.generate import add_model_options, add_sampling_options, set_threads
 from whale.errors import InvalidRequestError, WhaleError
 
@@ -30,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="thinking mode on models that have both (V3.1, V3.2, V4); default: the model's own")
     parser.add_argument("--thinking-budget", type=int, default=None,
                         help="at most this many reasoning tokens per reply, then the end of thinking is forced")
-    parser.add_argument("--reasoning-effort", choices=("low", "medium", "high", "xhigh", "max"), default=None,
+    parser.add_argument("--reasoning-effort", choices=tuple(REASONING_EFFORTS), default=None,
                         help="as the API's reasoning_effort (V4: the effort preamble; low and medium run as high, "
                              "xhigh as max); default high")
     parser.set_defaults(func=run)

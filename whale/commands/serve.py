@@ -13,6 +13,7 @@ from typing import Any
 
 import uvicorn
 
+from whale.chat.capabilities import REASONING_EFFORTS
 from whale.commands.generate import add_model_options, set_threads
 from whale.errors import InvalidRequestError
 from whale.generation_defaults import RULE
@@ -108,9 +109,9 @@ def _effort_budgets(text: str) -> dict[str, int | None]:
     budgets: dict[str, int | None] = {}
     for item in text.split(","):
         effort, _, value = item.partition("=")
-        if effort.strip() not in ("low", "medium", "high", "xhigh", "max") or not value:
-            raise argparse.ArgumentTypeError(f"{item!r}: write EFFORT=N or EFFORT=none, EFFORT one of low, medium, "
-                                             "high, xhigh, max")
+        if effort.strip() not in REASONING_EFFORTS or not value:
+            raise argparse.ArgumentTypeError(f"{item!r}: write EFFORT=N or EFFORT=none, EFFORT one of "
+                                             f"{', '.join(REASONING_EFFORTS)}")
         budgets[effort.strip()] = None if value.strip() == "none" else int(value)
     return budgets
 

@@ -100,7 +100,6 @@ class GrammarController:
     def __init__(self, grammar: str, tokenizer: llguidance.LLTokenizer, vocab_size: int,
                  reasoning: ReasoningSpec | None):
         self._matcher = llguidance.LLMatcher(tokenizer, grammar, limits=LIMITS)
-        self._vocab = vocab_size
         self._bitmask = torch.full(((vocab_size + 31) // 32,), -1, dtype=torch.int32)
         tail: tuple[int, ...] = ()
         if reasoning is not None:
@@ -110,10 +109,6 @@ class GrammarController:
         self._phase = "thinking" if reasoning is not None else "active"
         self._tail_done = 0
         self._history: list[tuple[str, int, bool]] = []  # (phase, tail_done, consumed by the matcher) per token
-
-    @property
-    def error(self) -> str | None:
-        return self._matcher.get_error() if self._matcher.is_error() else None
 
     def allowed(self) -> Constraint | None:
         if self._phase == "tail":
@@ -126,8 +121,7 @@ class GrammarController:
 
     def accept(self, token_ids: Sequence[int]) -> None:
         for token in token_ids:
-            consumed = False
-            self._history.append((self._phase, self._tail_done, False))
+            before, consumed = (self._phase, self._tail_done), False
             if self._phase == "thinking":
                 if token == self._end_id:
                     self._phase = "tail" if self._tail else "active"
@@ -137,7 +131,7 @@ class GrammarController:
                     self._phase = "active"
             else:
                 consumed = self._matcher.consume_token(token)
-            self._history[-1] = (*self._history[-1][:2], consumed)
+            self._history.append((*before, consumed))
 
     def rollback(self, n: int) -> None:
         undone = 0

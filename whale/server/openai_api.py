@@ -50,18 +50,24 @@ def _message(gen: Generation, collected: Collected) -> tuple[dict[str, Any], str
     return message, finish
 
 
+def _reasoning_tokens(gen: Generation, collected: Collected, reasoning: str) -> int:
+    """The engine's exact count where it keeps one (a thinking budget), else the reasoning text's length in tokens,
+    at most the completion's."""
+    if collected.reasoning_tokens is not None:
+        return collected.reasoning_tokens
+    return min(gen.state.served.count_tokens(reasoning), collected.usage_counts()[1])
+
+
 def chat_body(gen: Generation, collected: Collected) -> dict[str, Any]:
     message, finish = _message(gen, collected)
     logprobs = None
     if gen.prepared.params.logprobs is not None:
         logprobs = {"content": [e for d in collected.deltas for e in gen.logprob_entries(d)]}
     prompt, completion, cached = collected.usage_counts()
-    reasoning = collected.reasoning_tokens
-    if reasoning is None:  # the engine did not count them: the reasoning text's length in tokens
-        reasoning = gen.state.served.count_tokens(message.get("reasoning_content") or "")
+    reasoning = _reasoning_tokens(gen, collected, message.get("reasoning_content") or "")
     return {**gen.header(chunk=False),
             "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}],
-            "usage": usage_body(prompt, completion, cached, min(reasoning, completion))}
+            "usage": usage_body(prompt, completion, cached, reasoning)}
 
 
 def _chat_delta_body(gen: Generation, piece: ChatDelta) -> dict[str, Any]:
@@ -104,9 +110,7 @@ async def chat_events(gen: Generation, items: AsyncIterator[StreamItem], include
     yield _chunk(gen, {"content": ""}, "tool_calls" if run.called and finish == "stop" else finish)
     if include_usage:
         prompt, completion, cached = run.collected.usage_counts()
-        reasoning_tokens = run.collected.reasoning_tokens
-        if reasoning_tokens is None:
-            reasoning_tokens = min(gen.state.served.count_tokens(run.reasoning), completion)
+        reasoning_tokens = _reasoning_tokens(gen, run.collected, run.reasoning)
         yield sse({**gen.header(chunk=True), "choices": [], "usage": usage_body(prompt, completion, cached,
                                                                                reasoning_tokens)})
     yield sse("[DONE]")

@@ -20,6 +20,8 @@ from whale.chat import (
 from whale.chat.capabilities import Capabilities, generation_defaults, resolve_thinking
 from whale.chat.conversation import ChatPrompt, chat_prompt
 from whale.chat.forced_calls import forced_call_grammar
+from whale.engine.grammar import compile_grammar, grammar_tokenizer, token_marker
+from whale.engine.llm_engine import eos_token_ids
 from whale.errors import InvalidRequestError
 from whale.generation_defaults import GenerationDefaults
 from whale.sampling_params import SamplingParams, StructuredOutput
@@ -120,8 +122,6 @@ class ServedModel:
         extra = req.structured_outputs
         if not forced and kind == "text" and extra is None:
             return None
-        from whale.engine.grammar import compile_grammar, grammar_tokenizer, token_marker
-
         param = "tool_choice" if forced else "response_format" if kind != "text" else "structured_outputs"
         try:
             view = grammar_tokenizer(self.tokenizer, self.vocab_size or self.tokenizer.vocab_size, self.eos_ids)
@@ -267,7 +267,5 @@ def served_model_from_loaded(loaded: Any, max_model_len: int, name: str | None =
     # a GGUF's served id drops its quantisation suffix: SmolLM2-135M-Instruct.Q4_1 -> smollm2-135m-instruct
     default_name = re.sub(r"\.(q\d\w*|i?q\d\w*|f16|f32|bf16)$", "", stem.lower())
     defaults = generation_defaults(variant, loaded.generation_config, loaded.generation_config_source)
-    from whale.engine.llm_engine import eos_token_ids
-
     return ServedModel(name or default_name, loaded.tokenizer, variant, max_model_len, config, created, defaults,
                        vocab_size=loaded.config.vocab_size, eos_ids=eos_token_ids(loaded))
