@@ -112,3 +112,18 @@ def test_min_tokens_and_combining():
     rule.rollback(1)
     assert combine([rule.allowed(), Constraint(only=9)]) == Constraint(only=9)
     assert combine([None, None]) is None
+
+
+def test_a_complete_grammar_lets_the_model_end_with_any_of_its_eos_tokens(tokenizer):
+    """Models end with more than one token (SmolLM2: <|endoftext|> and <|im_end|>); the grammar allows each."""
+    from whale.engine.grammar import GrammarController, compile_grammar, grammar_tokenizer
+    from whale.engine.sampler import allowed_tokens
+    from whale.sampling_params import StructuredOutput
+
+    eos_ids = frozenset({EOS, 0})
+    view = grammar_tokenizer(tokenizer, 129280, eos_ids)
+    grammar = compile_grammar(StructuredOutput("choice", '["yes"]'), view)
+    controller = GrammarController(grammar, view, 129280, None)
+    controller.accept(tokenizer.encode("yes", add_special_tokens=False))
+    allowed = allowed_tokens(controller.allowed().mask, 129280).nonzero().flatten().tolist()
+    assert allowed == sorted(eos_ids)

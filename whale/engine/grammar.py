@@ -38,8 +38,9 @@ def grammar_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) -
         found = _tokenizers.get(tokenizer)
         if found is None:
             try:
+                # every end-of-sequence token: a grammar that is complete lets the model end with any of them
                 found = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
-                                               eos_token=sorted(eos_ids)[0] if eos_ids else None)
+                                               eos_token=sorted(eos_ids) or None)
             except ValueError as exc:
                 raise InvalidRequestError(f"this model's tokenizer cannot drive constrained output: {exc}") from exc
             _tokenizers[tokenizer] = found
