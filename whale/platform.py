@@ -51,6 +51,17 @@ def cpu_has_bf16() -> bool:
     return bool(cpu_flags() & _BF16_FLAGS)
 
 
+@functools.cache
+def onednn_packs_bf16() -> bool:
+    """Whether oneDNN can pack a bf16 weight for its GEMM on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT;
+    asked of oneDNN itself, once)."""
+    try:
+        torch.ops.mkldnn._reorder_linear_weight(torch.zeros(16, 16, dtype=torch.bfloat16))
+    except RuntimeError:
+        return False
+    return True
+
+
 def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 

@@ -14,6 +14,7 @@ import torch
 from dense_checkpoints import VOCAB, tiny_dense_checkpoint
 
 from whale import LLM, SamplingParams
+from whale.platform import onednn_packs_bf16
 
 _NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
@@ -141,7 +142,9 @@ def test_a_4bit_gguf_with_layers_the_int4_kernel_cannot_take(tmp_path, kernels):
 FULLY_4BIT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
 
 
-@pytest.mark.parametrize("batch", [2, 6])
+@pytest.mark.parametrize("batch", [2, pytest.param(6, marks=pytest.mark.skipif(
+    not onednn_packs_bf16(), reason="the stack's bf16 GEMM side needs oneDNN's bf16 packing (AVX-512 BW/VL/DQ or "
+    "AVX-NE-CONVERT); without it the stack serves steps of up to INT4_MAX_ROWS tokens only"))])
 def test_the_compiled_layer_stack_equals_the_python_layers(tmp_path, batch):
     """whale/models/dense_stack.py against the Python layer loop over the same kernels, on a fully 4-bit Q4_0
     model: decode steps of 2 tokens run the stack's int4 side, steps of 6 its bf16 GEMM side (the hybrid

@@ -18,11 +18,12 @@ NO_TWIN = torch.empty(0)
 
 
 def _kernels(linear: nn.Module) -> tuple[Int4Linear, PackedBF16Linear | None] | None:
-    """(the 4-bit kernel, its packed bf16 twin if any) of a linear the stack can run, else None."""
+    """(the 4-bit kernel, its oneDNN-packed bf16 twin if any) of a linear the stack can run, else None."""
     small, large = (linear.small, linear.large) if isinstance(linear, RowSwitchLinear) else (linear, None)
     if not isinstance(small, Int4Linear) or small.bias is not None or getattr(large, "bias", None) is not None:
         return None
-    return small, large if isinstance(large, PackedBF16Linear) else None
+    packed = isinstance(large, PackedBF16Linear) and large.packed is not None  # not where oneDNN cannot pack bf16
+    return small, large if packed else None
 
 
 class DecodeStack:

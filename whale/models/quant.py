@@ -21,6 +21,7 @@ from torch import nn
 
 from whale.kernels import cpu_ops
 from whale.models.layers import in_prompt_step
+from whale.platform import onednn_packs_bf16
 from whale.weights.gguf import GGUFTensor, hf_tensor_name, unpermute_rope_rows
 
 # Most rows each weight-only kernel takes before the packed bf16 GEMM is faster (bench/kernels.py on the Zen 4
@@ -164,13 +165,19 @@ class Q8Linear(nn.Module):
 class PackedBF16Linear(nn.Module):
     """A bf16 linear whose weight oneDNN reorders once into its GEMM's blocked layout (`F.linear` on a plain
     bf16 weight reorders it on every call: ~1.7x slower at 16 rows). Computes in bf16 and answers in bf16, as
-    Int4Linear does, so both sides of a RowSwitchLinear hand the same dtype on."""
+    Int4Linear does, so both sides of a RowSwitchLinear hand the same dtype on. Where oneDNN cannot pack bf16
+    (AVX2-only CPUs, which `auto` never gives this kernel: bf16 is not in their hardware), the plain bf16 weight
+    goes through `F.linear`: slow, but the same numbers, so an explicit `kernels="hybrid"` runs anywhere."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features = weight.shape[0]
         # an opaque oneDNN tensor: a plain attribute, not a buffer (state_dict and .to() cannot handle it)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16))
+        self.packed = self.weight = None
+        if onednn_packs_bf16():
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(torch.bfloat16))
+        else:
+            self.weight = weight.to(torch.bfloat16)
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -180,7 +187,10 @@ class PackedBF16Linear(nn.Module):
         padded = gemm_rows(count)
         if padded != count:
             rows = F.pad(rows, (0, 0, 0, padded - count))
-        out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")[:count]
+        if self.packed is not None:
+            out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")[:count]
+        else:
+            out = F.linear(rows, self.weight)[:count]
         if self.bias is not None:
             out = out + self.bias
         return out.view(*shape[:-1], self.out_features)
