@@ -155,7 +155,7 @@ def test_hybrid_falls_back_to_int4_when_the_bf16_twins_do_not_fit(monkeypatch):
 def test_auto_picks_hybrid_only_where_bf16_is_in_hardware(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr("whale.platform.cpu_flags", lambda: frozenset({"avx2", "fma"}))
-    assert cpu_weight_kernels("auto", None, cpu) == "dense"
+    assert cpu_weight_kernels("auto", None, cpu) == "int4"
     monkeypatch.setattr("whale.platform.cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
     assert cpu_weight_kernels("auto", None, cpu) == "hybrid"
     assert cpu_weight_kernels("auto", "float32", cpu) == "dense"  # an explicit dtype means dense in that dtype

@@ -35,14 +35,17 @@ def cpu_flags() -> frozenset[str]:
 def cpu_weight_kernels(requested: str | None, dtype: str | torch.dtype | None, device: torch.device) -> str:
     """Which linear kernels a CPU model runs: "int4" (weight-only 4-bit from the checkpoint's own 4-bit blocks,
     bf16 activations), "hybrid" (int4 for calls of a few rows, a packed bf16 GEMM for more: batches, prefill)
-    or "dense" (the compute dtype). `auto` picks hybrid only when the dtype was left to us and the CPU does bf16
-    in hardware; on AVX2-only CPUs bf16 is hundreds of times slower, so dense fp32 stays."""
+    or "dense" (the compute dtype). `auto`, when the dtype was left to us: hybrid where the CPU does bf16 in
+    hardware, else int4 (on an AVX2-only EPYC the int4 kernel decodes the default model 4.4x faster than fp32:
+    71 against 16 tok/s; its bf16 GEMM twins would be hundreds of times slower there). A checkpoint without 4-bit
+    blocks runs dense whatever is picked here (the loader requantizes nothing)."""
     if requested not in (None, "auto", *WEIGHT_KERNELS):
         raise InvalidRequestError(f"weight kernels {requested!r} are not one of: auto, {', '.join(WEIGHT_KERNELS)}")
     if requested not in (None, "auto"):
         return requested
-    fast_bf16 = device.type == "cpu" and cpu_has_bf16()
-    return "hybrid" if fast_bf16 and dtype in (None, "auto") else "dense"
+    if device.type != "cpu" or dtype not in (None, "auto"):
+        return "dense"
+    return "hybrid" if cpu_has_bf16() else "int4"
 
 
 def cpu_has_bf16() -> bool:
