@@ -1,7 +1,8 @@
 """What a grammar costs: the default model writing JSON held to a schema (llguidance), against the same model writing
 the same number of tokens unconstrained, at 1 and 16 concurrent requests, in the same run; and the grammar's own
 share of a step (the time spent computing masks, per token). Then the sampler: a step's sampling for 1, 16 and 64
-rows with today's draw (inverse CDF) against torch.multinomial, which it replaced.
+rows in one batched call, one call per row, and the per-row sampler it replaced, on the default model's, DeepSeek's
+and the Qwen distills' vocabularies.
 
     .venv/bin/python bench/constrained.py [--rounds 3] [--publish]
 """
@@ -97,33 +98,59 @@ def main() -> int:
     return 0
 
 
+def previous_sample(logits: torch.Tensor, state: sampler.SamplingState) -> int:
+    """The sampler the engine ran before, one row at a time, for the settings measured here: temperature, top-p by
+    sorting the whole vocabulary, an inverse-CDF draw over it in float64."""
+    p = state.params
+    logits = logits / p.temperature
+    sorted_logits, order = logits.sort(descending=True)
+    probs = sorted_logits.softmax(-1)
+    drop = (probs.cumsum(-1) - probs) >= p.top_p
+    drop[0] = False
+    probs = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf")).softmax(-1)
+    cumulative = probs.double().cumsum(0)
+    point = torch.rand((), generator=state.generator, dtype=torch.float64) * cumulative[-1]
+    return int(torch.searchsorted(cumulative, point.reshape(1), right=True).clamp_(max=len(probs) - 1))
+
+
 def sampling_table(report: Report, llm: LLM) -> None:
-    """A step's sampling (temperature 0.7, seeded per row) for N rows, both draws in the same run."""
-    vocab = llm.loaded.config.vocab_size
-    report.line(f"Sampling one step at temperature 0.7, per-row seeds, vocabulary {vocab}: ms per step")
+    """A step's sampling with R1's recommended settings (temperature 0.6, top_p 0.95), seeded per row: the batched
+    sampler in one call, the same sampler one call per row, and the sampler it replaced (per row), same run."""
+    report.line("Sampling one step at temperature 0.6, top_p 0.95, per-row seeds: ms per step; the batched sampler "
+                "in one call, one call per row, and the per-row sampler it replaced (top-p by a full sort)")
     report.line()
-    report.line("| rows | inverse CDF (whale) | torch.multinomial | speed-up |")
-    report.line("|---:|---:|---:|---:|")
+    report.line("| vocabulary | rows | batched | batched, a call per row | previous | speed-up over previous |")
+    report.line("|---|---:|---:|---:|---:|---:|")
+    vocabularies = {f"{llm.loaded.config.vocab_size} (default model)": llm.loaded.config.vocab_size,
+                    "129280 (DeepSeek V3)": 129280, "152064 (Qwen2 distills)": 152064}
+    for name, vocab in vocabularies.items():
+        for rows in (1, 16, 64):
+            logits = torch.randn(rows, vocab) * 3
+            states = [sampler.SamplingState(SamplingParams(temperature=0.6, top_p=0.95, seed=i), [])
+                      for i in range(rows)]
 
-    def multinomial(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-        return int(torch.multinomial(probs, 1, generator=generator))
+            def batched(logits=logits, states=states):
+                sampler.sample_batch(logits.clone(), states)
 
-    ours = sampler.draw
-    for rows in (1, 16, 64):
-        logits = torch.randn(rows, vocab) * 3
-        states = [sampler.SamplingState(SamplingParams(temperature=0.7, seed=i), []) for i in range(rows)]
-        timings = {}
-        for name, draw in (("whale", ours), ("multinomial", multinomial)):
-            sampler.draw = draw
-            for _ in range(3):
-                [sampler.sample_one(row, state) for row, state in zip(logits, states, strict=True)]
-            start = time.perf_counter()
-            for _ in range(10):
-                [sampler.sample_one(row, state) for row, state in zip(logits, states, strict=True)]
-            timings[name] = (time.perf_counter() - start) / 10 * 1e3
-        sampler.draw = ours
-        report.line(f"| {rows} | {timings['whale']:.2f} | {timings['multinomial']:.2f} | "
-                    f"{timings['multinomial'] / timings['whale']:.1f}x |")
+            def per_row(logits=logits, states=states):
+                for row, state in zip(logits, states, strict=True):
+                    sampler.sample_batch(row.unsqueeze(0).clone(), [state])
+
+            def previous(logits=logits, states=states):
+                for row, state in zip(logits, states, strict=True):
+                    previous_sample(row, state)
+
+            timings = {}
+            for label, fn in (("batched", batched), ("per row", per_row), ("previous", previous)):
+                for _ in range(2):
+                    fn()
+                start = time.perf_counter()
+                repeats = max(3, 48 // rows)
+                for _ in range(repeats):
+                    fn()
+                timings[label] = (time.perf_counter() - start) / repeats * 1e3
+            report.line(f"| {name} | {rows} | {timings['batched']:.2f} | {timings['per row']:.2f} | "
+                        f"{timings['previous']:.2f} | {timings['previous'] / timings['batched']:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -1,18 +1,29 @@
-"""The sampler: each knob checked against a hand computation on a small vocabulary."""
+"""The sampler: each knob checked against a hand computation on a small vocabulary, and the batch against its
+rows sampled alone."""
 
 from __future__ import annotations
 
 import math
+import random
 
+import numpy as np
 import pytest
 import torch
 
 from whale.engine.controllers import Constraint
-from whale.engine.sampler import SamplingState, apply_penalties, sample_one
+from whale.engine.sampler import SampledToken, SamplingState, apply_penalties, sample_batch
 from whale.errors import InvalidRequestError
 from whale.sampling_params import SamplingParams
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, -1.0, 3.0])
+
+
+def sample_one(logits: torch.Tensor, state: SamplingState, constraint: Constraint | None = None) -> SampledToken:
+    """One row through the batch sampler; a failed row raises its exception."""
+    result = sample_batch(logits.unsqueeze(0), [state], [constraint])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
 
 
 def _draws(params: SamplingParams, n: int = 400, logits: torch.Tensor = LOGITS) -> list[int]:
@@ -30,13 +41,6 @@ def test_a_single_nan_logit_fails_the_request(temperature):
     poisoned[2] = float("nan")
     with pytest.raises(FloatingPointError, match="NaN"):
         sample_one(poisoned, SamplingState(SamplingParams(temperature=temperature, seed=0), []))
-
-
-def test_sampling_leaves_the_callers_logits_alone():
-    logits = LOGITS.clone()
-    params = SamplingParams(temperature=1.0, seed=0, repetition_penalty=1.5, presence_penalty=0.5)
-    sample_one(logits, SamplingState(params, [0, 4], [4]), Constraint(banned=frozenset({1})))
-    assert torch.equal(logits, LOGITS)
 
 
 def test_top_k_one_is_greedy_and_top_k_two_keeps_two_tokens():
@@ -81,16 +85,16 @@ def test_same_seed_same_tokens_different_seed_different_tokens():
 
 
 def test_penalties_match_the_openai_and_ctrl_formulas():
-    state = SamplingState(SamplingParams(frequency_penalty=0.5, presence_penalty=0.25), [3])
-    state.output_token_ids.extend([0, 0, 2])
-    out = apply_penalties(LOGITS.clone(), state)
+    state = SamplingState(SamplingParams(frequency_penalty=0.5, presence_penalty=0.25), [3], [0, 0, 2])
+    out = LOGITS.clone().unsqueeze(0)
+    apply_penalties(out, [state])
     # logit - count * frequency - presence, only for generated tokens (the prompt token 3 is untouched)
-    assert out.tolist() == pytest.approx([2.0 - 2 * 0.5 - 0.25, 1.0, 0.5 - 0.5 - 0.25, -1.0, 3.0])
-    state = SamplingState(SamplingParams(repetition_penalty=2.0), [3])
-    state.output_token_ids.append(0)
-    out = apply_penalties(LOGITS.clone(), state)
+    assert out[0].tolist() == pytest.approx([2.0 - 2 * 0.5 - 0.25, 1.0, 0.5 - 0.5 - 0.25, -1.0, 3.0])
+    state = SamplingState(SamplingParams(repetition_penalty=2.0), [3], [0])
+    out = LOGITS.clone().unsqueeze(0)
+    apply_penalties(out, [state])
     # positive logits divided, negative multiplied, over prompt and output tokens
-    assert out.tolist() == pytest.approx([1.0, 1.0, 0.5, -2.0, 3.0])
+    assert out[0].tolist() == pytest.approx([1.0, 1.0, 0.5, -2.0, 3.0])
 
 
 def test_logprobs_are_the_log_softmax_of_the_raw_logits():
@@ -117,3 +121,153 @@ def test_constraints_bind_and_logprobs_stay_the_models():
 def test_invalid_parameters_say_what_to_change(bad, field):
     with pytest.raises(InvalidRequestError, match=field):
         SamplingParams(**bad)
+
+
+def _bitmask(allowed: set[int], vocab: int) -> torch.Tensor:
+    words = [0] * ((vocab + 31) // 32)
+    for token in allowed:
+        words[token // 32] |= 1 << (token % 32)
+    return torch.tensor([w - (1 << 32) if w >= 1 << 31 else w for w in words], dtype=torch.int32)
+
+
+def _reference(logits: np.ndarray, params: SamplingParams, prompt: list[int], output: list[int],
+               constraint: Constraint | None, uniform: float | None) -> int:
+    """One row by the textbook, in float64 numpy, independent of the sampler's code."""
+    x = logits.astype(np.float64).copy()
+    if params.repetition_penalty != 1.0:
+        for t in set(prompt) | set(output):
+            x[t] = x[t] / params.repetition_penalty if x[t] > 0 else x[t] * params.repetition_penalty
+    for t in set(output):
+        x[t] -= output.count(t) * params.frequency_penalty + params.presence_penalty
+    if constraint is not None and constraint.only is not None:
+        return constraint.only
+    if constraint is not None:
+        keep = np.ones_like(x, dtype=bool) if constraint.mask is None else np.array(
+            [(int(constraint.mask[t // 32]) >> (t % 32)) & 1 == 1 for t in range(len(x))])
+        keep[list(constraint.banned)] = False
+        x[~keep] = -np.inf
+    if params.greedy:
+        return int(np.argmax(x))
+    x = x / params.temperature
+    order = np.argsort(-x, kind="stable")
+    if 0 < params.top_k < len(x):
+        x[x < x[order[params.top_k - 1]]] = -np.inf
+    probs = np.exp(x - x.max())
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        sorted_probs = probs[order]
+        before = np.cumsum(sorted_probs) - sorted_probs
+        drop = before >= params.top_p
+        drop[0] = False
+        probs[order[drop]] = 0.0
+        probs /= probs.sum()
+    if params.min_p > 0:
+        probs[probs < params.min_p * probs.max()] = 0.0
+    cumulative = np.cumsum(probs / probs.sum())
+    return int(min(np.searchsorted(cumulative, uniform * cumulative[-1], side="right"), len(x) - 1))
+
+
+def _mixed_batch(vocab: int, rows: int, rng: random.Random):
+    """Rows with every knob in many combinations (seeded), their prompts, outputs and constraints."""
+    cases = []
+    for i in range(rows):
+        params = SamplingParams(
+            temperature=rng.choice([0.0, 0.3, 0.7, 1.0, 1.5]), top_k=rng.choice([-1, -1, 5, 50]),
+            top_p=rng.choice([1.0, 1.0, 0.9, 0.5]), min_p=rng.choice([0.0, 0.0, 0.05]),
+            repetition_penalty=rng.choice([1.0, 1.0, 1.3]), frequency_penalty=rng.choice([0.0, 0.5]),
+            presence_penalty=rng.choice([0.0, 0.4]), logprobs=rng.choice([None, 0, 3]), seed=1000 + i)
+        prompt = [rng.randrange(vocab) for _ in range(rng.randrange(1, 30))]
+        output = [rng.randrange(vocab) for _ in range(rng.randrange(0, 20))]
+        constraint = rng.choice([None, None, Constraint(only=rng.randrange(vocab)),
+                                 Constraint(banned=frozenset(rng.sample(range(vocab), 40))),
+                                 Constraint(mask=_bitmask(set(rng.sample(range(vocab), 300)), vocab)),
+                                 Constraint(banned=frozenset(range(0, vocab, 2)),
+                                            mask=_bitmask(set(rng.sample(range(vocab), 300)), vocab))])
+        cases.append((params, prompt, output, constraint))
+    return cases
+
+
+def test_a_mixed_batch_matches_a_float64_reference_row_by_row():
+    vocab, rows = 3001, 48
+    rng = random.Random(0)
+    cases = _mixed_batch(vocab, rows, rng)
+    logits = torch.randn(rows, vocab) * 4
+    states = [SamplingState(p, prompt, output) for p, prompt, output, _ in cases]
+    # the uniform number each seeded row will draw, from a twin of its generator
+    uniforms = [None if p.greedy else float(torch.rand((), generator=torch.Generator().manual_seed(p.seed),
+                                                       dtype=torch.float64)) for p, *_ in cases]
+    results = sample_batch(logits.clone(), states, [c for *_, c in cases])
+    for row, ((params, prompt, output, constraint), result) in enumerate(zip(cases, results, strict=True)):
+        expected = _reference(logits[row].numpy(), params, prompt, output, constraint, uniforms[row])
+        assert result.token_id == expected, (row, params, constraint)
+        if params.logprobs is not None:
+            raw = logits[row].double().log_softmax(-1)
+            assert result.logprob == pytest.approx(float(raw[expected]), abs=1e-4)
+            if params.logprobs:
+                values, ids = raw.topk(params.logprobs)
+                expected_top = dict(zip(ids.tolist(), values.tolist(), strict=True))
+                assert result.top_logprobs == pytest.approx(expected_top, abs=1e-4)
+            else:
+                assert result.top_logprobs is None
+
+
+def test_a_seeded_row_gives_the_same_tokens_alone_and_in_any_batch():
+    vocab = 4000
+    rng = random.Random(1)
+    target = SamplingParams(temperature=0.8, top_p=0.9, top_k=100, seed=42, presence_penalty=0.3)
+    alone, output = [], []
+    steps = [torch.randn(vocab) * 3 for _ in range(20)]
+    state = SamplingState(target, [1, 2, 3], output)
+    for logits in steps:
+        token = sample_batch(logits.unsqueeze(0).clone(), [state])[0].token_id
+        alone.append(token)
+        output.append(token)
+    batched, output = [], []
+    state = SamplingState(target, [1, 2, 3], output)
+    for logits in steps:
+        others = _mixed_batch(vocab, rng.randrange(1, 16), rng)
+        position = rng.randrange(len(others) + 1)
+        states = [SamplingState(p, prompt, out) for p, prompt, out, _ in others]
+        constraints = [c for *_, c in others]
+        states.insert(position, state)
+        constraints.insert(position, None)
+        batch = torch.randn(len(states), vocab) * 3
+        batch[position] = logits
+        token = sample_batch(batch, states, constraints)[position].token_id
+        batched.append(token)
+        output.append(token)
+    assert batched == alone
+
+
+def test_a_failing_row_fails_alone():
+    vocab = 100
+
+    def broken(output_ids, logits):
+        raise RuntimeError("processor bug")
+
+    logits = torch.randn(4, vocab)
+    logits[1, 7] = float("nan")
+    states = [SamplingState(SamplingParams(temperature=0), []),
+              SamplingState(SamplingParams(temperature=1.0, seed=0), []),
+              SamplingState(SamplingParams(temperature=0, logits_processors=[broken]), []),
+              SamplingState(SamplingParams(temperature=1.0, seed=1), [])]
+    empty = Constraint(mask=torch.zeros((vocab + 31) // 32, dtype=torch.int32))
+    results = sample_batch(logits.clone(), states, [None, None, None, empty])
+    assert results[0].token_id == int(logits[0].argmax())
+    assert isinstance(results[1], FloatingPointError) and "NaN" in str(results[1])
+    assert isinstance(results[2], RuntimeError) and "processor bug" in str(results[2])
+    assert isinstance(results[3], ValueError) and "allows no token" in str(results[3])
+
+
+@pytest.mark.parametrize("top_p", [0.5, 0.99])
+def test_a_nucleus_wider_than_the_first_candidates_is_found(top_p):
+    """Nearly flat logits over 5000 tokens: the nucleus holds thousands of tokens, far past the first 64 looked at."""
+    vocab = 5000
+    logits = torch.randn(24, vocab) * 0.05
+    params = [SamplingParams(temperature=1.0, top_p=top_p, seed=s) for s in range(24)]
+    uniforms = [float(torch.rand((), generator=torch.Generator().manual_seed(s), dtype=torch.float64))
+                for s in range(24)]
+    results = sample_batch(logits.clone(), [SamplingState(p, []) for p in params])
+    expected = [_reference(logits[i].numpy(), params[i], [], [], None, uniforms[i]) for i in range(24)]
+    assert [r.token_id for r in results] == expected
+    assert len(set(expected)) > 12  # the draws spread over the wide nucleus

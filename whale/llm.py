@@ -54,7 +54,7 @@ def _output(request: Request) -> RequestOutput:
     completion = CompletionOutput(0, request.text, list(request.output_token_ids),
                                   request.cumulative_logprob if logprobs is not None else None, logprobs,
                                   request.finish_reason, request.stop_reason)
-    return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, [completion],
+    return RequestOutput(request.request_id, request.prompt, request.prompt_token_ids[:], [completion],
                          request.status.finished, request.num_cached_tokens, prompt_logprobs)
 
 

@@ -41,6 +41,32 @@ class StreamDelta:
     reasoning_tokens: int | None = None  # reasoning tokens so far, where the engine tracks them (a thinking budget)
 
 
+# commands from the event loop to the engine thread
+@dataclass(frozen=True)
+class AddRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class AbortRequest:
+    request_id: str
+
+
+@dataclass(frozen=True)
+class FailAll:
+    message: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    pass
+
+
+EngineCommand = AddRequest | AbortRequest | FailAll | Stop
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -53,7 +79,7 @@ class _Stream:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine | Callable[[], LLMEngine], max_waiting: int = 256):
         self.max_waiting = max_waiting
-        self._commands: queue.Queue = queue.Queue()
+        self._commands: queue.Queue[EngineCommand] = queue.Queue()
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._stopped = False
@@ -82,7 +108,7 @@ class AsyncEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
-        self._commands.put(("add", request_id, list(prompt_token_ids), params))
+        self._commands.put(AddRequest(request_id, list(prompt_token_ids), params))
         finished = False
         try:
             while not finished:
@@ -94,16 +120,16 @@ class AsyncEngine:
         finally:
             self._streams.pop(request_id, None)
             if not finished:  # cancelled or closed early: free its blocks now
-                self._commands.put(("abort", request_id))
+                self._commands.put(AbortRequest(request_id))
 
     def fail_all(self, message: str) -> None:
         """End every request in flight with a RequestFailedError(message) (a server draining on shutdown); the
         streams end as any failed request does. Safe from any thread."""
-        self._commands.put(("fail_all", message))
+        self._commands.put(FailAll(message))
 
     def shutdown(self) -> None:
         self._stopped = True
-        self._commands.put(("stop",))
+        self._commands.put(Stop())
         self._thread.join(timeout=30)
 
     # -- the engine thread ------------------------------------------------------------------------------------
@@ -112,22 +138,21 @@ class AsyncEngine:
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.deltas.put_nowait, item)
 
-    def _handle(self, command: tuple) -> None:
-        kind = command[0]
-        if kind == "add":
-            _, request_id, prompt_ids, params = command
-            if request_id not in self._streams:
-                return  # cancelled before it reached the engine
-            try:
-                self.engine.add_request(prompt_ids, params, request_id=request_id)
-            except WhaleError as exc:
-                self._deliver(request_id, exc)
-            except Exception as exc:  # noqa: BLE001 - a bug in taking one request must not stop the engine thread
-                self._deliver(request_id, RequestFailedError(f"the engine could not take this request: {exc}"))
-        elif kind == "abort":
-            self.engine.abort(command[1])
-        elif kind == "fail_all":
-            self._fail_all(RequestFailedError(command[1]))
+    def _handle(self, command: EngineCommand) -> None:
+        match command:
+            case AddRequest(request_id, prompt_ids, params):
+                if request_id not in self._streams:
+                    return  # cancelled before it reached the engine
+                try:
+                    self.engine.add_request(prompt_ids, params, request_id=request_id)
+                except WhaleError as exc:
+                    self._deliver(request_id, exc)
+                except Exception as exc:  # noqa: BLE001 - a bug in taking one request must not stop the engine thread
+                    self._deliver(request_id, RequestFailedError(f"the engine could not take this request: {exc}"))
+            case AbortRequest(request_id):
+                self.engine.abort(request_id)
+            case FailAll(message):
+                self._fail_all(RequestFailedError(message))
 
     def _delta(self, request: Request) -> StreamDelta | Exception | None:
         stream = self._streams.get(request.request_id)
@@ -141,7 +166,7 @@ class AsyncEngine:
         first = stream.sent_tokens == 0 and request.params.prompt_logprobs is not None
         delta = StreamDelta(request.request_id, text[stream.sent_text:], tokens[stream.sent_tokens:],
                             request.logprobs[stream.sent_logprobs:], request.status.finished,
-                            request.finish_reason, request.stop_reason, len(request.prompt_token_ids),
+                            request.finish_reason, request.stop_reason, request.num_prompt_tokens,
                             len(tokens), request.num_cached_tokens, request.prompt_logprobs if first else None,
                             request.reasoning_tokens)
         stream.sent_text, stream.sent_tokens, stream.sent_logprobs = len(text), len(tokens), len(request.logprobs)
@@ -162,7 +187,7 @@ class AsyncEngine:
             except queue.Empty:
                 command = None
             while command is not None:
-                if command[0] == "stop":
+                if isinstance(command, Stop):
                     return
                 self._handle(command)
                 try:

@@ -48,7 +48,7 @@ def grammar_tokenizer(tokenizer: Any, vocab_size: int, eos_ids: Sequence[int]) -
 
 
 def token_marker(tokenizer: Any, grammar_view: llguidance.LLTokenizer) -> Any:
-    """`marker(text)` for whale.chat.forced_calls: a text that is one special token of the tokenizer is matched by
+    """`marker(text)` for whale.chat.constrained_calls: a text that is one special token of the tokenizer is matched by
     its id (`<[128806]>`: llguidance never matches special tokens as text), anything else as a string literal."""
 
     def marker(text: str) -> str:

@@ -16,7 +16,7 @@ import torch
 from whale.engine.paged_attention import DEFAULT_KV_CACHE_BYTES, create_cache
 from whale.engine.request import Request
 from whale.engine.runner import ModelRunner
-from whale.engine.sampler import sample_one, score_tokens
+from whale.engine.sampler import sample_batch, score_tokens
 from whale.engine.scheduler import Scheduler, SchedulerConfig
 from whale.errors import InvalidRequestError
 from whale.models.loader import LoadedModel
@@ -89,7 +89,7 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._id_counter)}"
         if request_id in self.requests:
             raise InvalidRequestError(f"request id {request_id!r} is already in use")
-        request = Request(request_id, list(prompt_token_ids), params, self.tokenizer, limit, self.eos_token_ids, prompt,
+        request = Request(request_id, prompt_token_ids, params, self.tokenizer, limit, self.eos_token_ids, prompt,
                           self.model_config.vocab_size)
         self.requests[request_id] = request
         self.scheduler.add(request)
@@ -146,17 +146,26 @@ class LLMEngine:
                 sampling_rows.append(row)
         if not sampling_rows:
             return []
-        logits = self.runner.logits(hidden.last(sampling_rows))
-        produced = []
-        for logits_row, row in zip(logits, sampling_rows, strict=True):
-            request = batch.requests[row]
-            produced.append(request)
+        produced = [batch.requests[row] for row in sampling_rows]
+        # what each request's controllers allow next (a controller failing ends its own request only)
+        live, constraints = [], []
+        for index, request in enumerate(produced):
             try:
-                sampled = sample_one(logits_row, request.sampling, request.constraint())
-            except Exception as exc:  # noqa: BLE001 - e.g. a logits processor raising: only this request ends
-                self._fail(request, f"sampling failed: {exc}")
+                constraints.append(request.constraint())
+            except Exception as exc:  # noqa: BLE001
+                self._fail(request, f"the request's output controls failed: {exc}")
                 continue
-            request.append(sampled)
+            live.append(index)
+        if not live:
+            return produced
+        logits = self.runner.logits(hidden.last([sampling_rows[i] for i in live]))
+        requests = [produced[i] for i in live]
+        results = sample_batch(logits, [r.sampling for r in requests], constraints)  # one masked sample
+        for request, result in zip(requests, results, strict=True):
+            if isinstance(result, Exception):  # e.g. a logits processor raising: only this request ends
+                self._fail(request, f"sampling failed: {result}")
+                continue
+            request.append(result)
             if request.status.finished:
                 del self.requests[request.request_id]
                 self.scheduler.finish(request)

@@ -3,13 +3,50 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import InitVar, dataclass, field
+from itertools import islice
 
 from whale.engine.controllers import Constraint, Controller, build_controllers, combine
 from whale.engine.detokenizer import IncrementalDetokenizer
 from whale.engine.sampler import SampledToken, SamplingState
 from whale.sampling_params import SamplingParams
 from whale.tokenizer import Tokenizer
+
+
+class TokenView(Sequence[int]):
+    """A read-only window on a token list, from `start` to `stop` (None: its end): the list grows in place and an
+    open-ended view with it, so nobody copies a sequence to read it."""
+
+    __slots__ = ("_tokens", "_start", "_stop")
+
+    def __init__(self, tokens: list[int], start: int = 0, stop: int | None = None):
+        self._tokens, self._start, self._stop = tokens, start, stop
+
+    def _end(self) -> int:
+        return len(self._tokens) if self._stop is None else self._stop
+
+    def __len__(self) -> int:
+        return self._end() - self._start
+
+    def __getitem__(self, index):  # an int, or a slice (a new list)
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            return self._tokens[self._start + start:self._start + stop:step]
+        if not -len(self) <= index < len(self):
+            raise IndexError("token index out of range")
+        return self._tokens[self._start + index % len(self)]
+
+    def __iter__(self) -> Iterator[int]:
+        return islice(self._tokens, self._start, self._end())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and self[:] == list(other)
+
+    __hash__ = None  # it changes as the request runs
+
+    def __repr__(self) -> str:
+        return f"TokenView({self[:]})"
 
 
 class RequestStatus(enum.Enum):
@@ -28,7 +65,7 @@ class RequestStatus(enum.Enum):
 @dataclass
 class Request:
     request_id: str
-    prompt_token_ids: list[int]
+    prompt_ids: InitVar[Sequence[int]]  # copied: the request owns its tokens
     params: SamplingParams
     tokenizer: Tokenizer
     max_total_tokens: int  # the model's context length: generation ends there
@@ -46,8 +83,11 @@ class Request:
     cumulative_logprob: float = 0.0
     error: str | None = None
 
-    def __post_init__(self) -> None:
-        self.sampling = SamplingState(self.params, self.prompt_token_ids)
+    def __post_init__(self, prompt_ids: Sequence[int]) -> None:
+        # one list, prompt then output, appended in place; everyone else reads views of it
+        self._tokens = list(prompt_ids)
+        self.num_prompt_tokens = len(self._tokens)
+        self.sampling = SamplingState(self.params, self.prompt_token_ids, self.output_token_ids)
         self.detokenizer = IncrementalDetokenizer(self.tokenizer, self.params.skip_special_tokens)
         self.text = ""
         self.controllers: list[Controller] = build_controllers(
@@ -55,16 +95,20 @@ class Request:
             self.tokenizer, self.vocab_size)
 
     @property
-    def output_token_ids(self) -> list[int]:
-        return self.sampling.output_token_ids
+    def prompt_token_ids(self) -> TokenView:
+        return TokenView(self._tokens, 0, self.num_prompt_tokens)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+    def output_token_ids(self) -> TokenView:
+        return TokenView(self._tokens, self.num_prompt_tokens)
+
+    @property
+    def all_token_ids(self) -> TokenView:
+        return TokenView(self._tokens)
 
     @property
     def num_tokens(self) -> int:
-        return len(self.prompt_token_ids) + len(self.output_token_ids)
+        return len(self._tokens)
 
     @property
     def finish_reason(self) -> str | None:
@@ -73,12 +117,12 @@ class Request:
     def append(self, sampled: SampledToken) -> None:
         """Record a sampled token, then decide whether the request is finished."""
         token = sampled.token_id
-        self.output_token_ids.append(token)
+        self._tokens.append(token)
         if sampled.logprob is not None:
             self.logprobs.append(sampled)
             self.cumulative_logprob += sampled.logprob
         p = self.params
-        count = len(self.output_token_ids)
+        count = len(self._tokens) - self.num_prompt_tokens
         if count >= p.min_tokens and not p.ignore_eos and token in self.eos_token_ids:
             self._finish(RequestStatus.FINISHED_STOPPED, None)
         elif count >= p.min_tokens and token in (p.stop_token_ids or ()):
@@ -90,7 +134,7 @@ class Request:
         if not self.status.finished and p.stop_strings and count >= p.min_tokens:
             self._check_stop_strings(len(delta))
         if not self.status.finished and (count >= (p.max_tokens or self.max_total_tokens)
-                                         or len(self.all_token_ids) >= self.max_total_tokens):
+                                         or len(self._tokens) >= self.max_total_tokens):
             self._finish(RequestStatus.FINISHED_LENGTH, None)
         if self.status.finished and not isinstance(self.stop_reason, str):
             self.text += self.detokenizer.flush()  # a character cut off by the end, as U+FFFD

@@ -98,6 +98,7 @@ class AnthropicTool(WireModel):
     name: str
     description: str | None = None
     input_schema: dict[str, Any] = Field(default_factory=lambda: {"type": "object"})
+    strict: bool | None = None  # Anthropic's structured outputs: the input follows input_schema
 
     @field_validator("name")
     @classmethod
@@ -203,7 +204,8 @@ def to_chat_request(body: CountTokensRequest, served: ServedModel) -> ChatComple
     if choice == "tool":
         tool_choice = {"type": "function", "function": {"name": body.tool_choice.name}}
     tools = [{"type": "function", "function": {"name": t.name, "description": t.description,
-                                               "parameters": t.input_schema}} for t in body.tools or ()]
+                                               "parameters": t.input_schema, "strict": t.strict}}
+             for t in body.tools or ()]
     model = anthropic_model(body.model, served.model_ids)
     generation = {}
     if isinstance(body, MessagesRequest):  # a max_tokens past the limits is clamped by prepare_chat, not refused

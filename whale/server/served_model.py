@@ -18,8 +18,8 @@ from whale.chat import (
     render_fim,
 )
 from whale.chat.capabilities import Capabilities, generation_defaults, resolve_thinking
+from whale.chat.constrained_calls import forced_call_grammar, has_strict_tools, strict_tools_grammar
 from whale.chat.conversation import ChatPrompt, chat_prompt
-from whale.chat.forced_calls import forced_call_grammar
 from whale.engine.grammar import compile_grammar, grammar_tokenizer, token_marker
 from whale.engine.llm_engine import eos_token_ids
 from whale.errors import InvalidRequestError
@@ -115,25 +115,35 @@ class ServedModel:
 
     def structured_output(self, req: Any) -> StructuredOutput | None:
         """The grammar a request asks for: a forced tool call (`tool_choice` "required" or a named function, in the
-        model's own call format) or its response_format; checked here (a 400 naming what llguidance cannot serve)
-        on the request's worker thread, which also builds the tokenizer's grammar view once."""
+        model's own call format), a reply that answers or calls `strict` tools (their arguments held to their
+        schemas; the answer to the response_format's JSON, if any), or its response_format; checked here (a 400
+        naming what llguidance cannot serve) on the request's worker thread, which also builds the tokenizer's
+        grammar view once."""
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or ()] if req.tool_choice != "none" else []
         forced = req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)
+        strict = not forced and has_strict_tools(tools)
         kind = req.response_format.type if req.response_format is not None else "text"
         extra = req.structured_outputs
-        if not forced and kind == "text" and extra is None:
+        if not forced and not strict and kind == "text" and extra is None:
             return None
-        param = "tool_choice" if forced else "response_format" if kind != "text" else "structured_outputs"
+        if strict and extra is not None:
+            raise APIError(400, "structured_outputs cannot be combined with strict tools: give the answer's JSON "
+                           "schema as response_format, or drop `strict` from the tools", param="structured_outputs")
+        param = "tool_choice" if forced else "tools" if strict else "response_format" if kind != "text" else (
+            "structured_outputs")
+        schema = req.response_format.json_schema.schema_ if kind == "json_schema" else {}
         try:
             view = grammar_tokenizer(self.tokenizer, self.vocab_size or self.tokenizer.vocab_size, self.eos_ids)
+            marker = token_marker(self.tokenizer, view)
             if forced:
                 name = req.tool_choice.function.name if isinstance(req.tool_choice, NamedToolChoice) else None
-                tools = [t.model_dump(exclude_none=True) for t in req.tools or ()]
-                spec = StructuredOutput("grammar", forced_call_grammar(self.variant, tools, name,
-                                                                       token_marker(self.tokenizer, view)))
+                spec = StructuredOutput("grammar", forced_call_grammar(self.variant, tools, name, marker))
+            elif strict:
+                answer = None if kind == "text" else {"type": "object", **schema}
+                spec = StructuredOutput("grammar", strict_tools_grammar(self.variant, tools, marker, answer))
             elif kind == "text":
                 spec = _vllm_structured_output(extra)
             else:
-                schema = req.response_format.json_schema.schema_ if kind == "json_schema" else {}
                 spec = StructuredOutput(kind, json.dumps(schema) if kind == "json_schema" else "")
             compile_grammar(spec, view)
         except InvalidRequestError as exc:
