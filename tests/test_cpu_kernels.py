@@ -56,6 +56,23 @@ def test_rotary_rotates_the_leading_heads_in_place_and_leaves_the_rest():
     assert torch.equal(x[:, 4:], original[:, 4:])
 
 
+def test_mask_logits_sets_minus_infinity_where_a_bit_is_clear_in_the_masked_rows_only():
+    generator = torch.Generator().manual_seed(6)
+    vocab = 1000  # not a multiple of 32: the last word is partly past the vocabulary
+    logits = torch.randn(5, vocab, generator=generator)
+    words = torch.randint(-2 ** 31, 2 ** 31 - 1, (3, 32), generator=generator, dtype=torch.int32)
+    words[1] = 0  # a row where nothing is allowed
+    words[2, :10] = -1  # whole words allowed
+    rows = [4, 0, 2]
+    out = logits.clone()
+    cpu_ops().mask_logits_(out, words, torch.tensor(rows))
+    for k, row in enumerate(rows):  # bit v of word v // 32, written out
+        allowed = [(int(words[k, v // 32]) >> (v % 32)) & 1 == 1 for v in range(vocab)]
+        expected = [x if keep else float("-inf") for x, keep in zip(logits[row].tolist(), allowed, strict=True)]
+        assert out[row].tolist() == expected
+    assert torch.equal(out[[1, 3]], logits[[1, 3]])
+
+
 def test_paged_attention_reads_each_tokens_visible_context_from_the_blocks():
     generator = torch.Generator().manual_seed(2)
     heads, kv_heads, dim, block = 6, 2, 16, 4

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from whale.engine.controllers import Constraint
+from whale.kernels import cpu_ops
 from whale.sampling_params import SamplingParams
 
 
@@ -91,15 +92,21 @@ def _constrain(logits: torch.Tensor, constraints: Sequence[Constraint | None], f
     """In place: each row limited to what its constraint allows; a row whose grammar allows nothing fails."""
     masked = [i for i, c in enumerate(constraints) if c is not None and c.only is None and c.mask is not None]
     if masked:  # one unpacking and one fill for every grammar in the batch
-        allowed = allowed_tokens(torch.stack([constraints[i].mask for i in masked]), logits.shape[1])
-        rows = logits[masked].masked_fill_(~allowed, float("-inf"))
-        # the model gives every allowed token -inf: pick among them evenly
-        hopeless = ~torch.isfinite(rows).any(1)
-        rows[hopeless] = torch.where(allowed[hopeless], 0.0, float("-inf"))
-        logits[masked] = rows
-        for i, empty in zip(masked, (~allowed.any(1)).tolist(), strict=True):
+        words = torch.stack([constraints[i].mask for i in masked])
+        for i, empty in zip(masked, (words == 0).all(1).tolist(), strict=True):
             if empty:
                 failed[i] = ValueError("the output grammar allows no token here")
+        ops = cpu_ops() if logits.device.type == "cpu" and logits.dtype == torch.float32 else None
+        if ops is not None:  # in place, one pass (the compiled kernel)
+            ops.mask_logits_(logits, words, torch.tensor(masked))
+        else:
+            rows = _subset(logits, masked).masked_fill_(~allowed_tokens(words, logits.shape[1]), float("-inf"))
+            if rows is not logits:
+                logits[masked] = rows
+        # the model gives every allowed token -inf: pick among them evenly
+        for index in (_subset(logits, masked).amax(1) == float("-inf")).nonzero().flatten().tolist():
+            row = masked[index]
+            logits[row] = torch.where(allowed_tokens(words[index], logits.shape[1]), 0.0, float("-inf"))
     for i, constraint in enumerate(constraints):
         if constraint is None:
             continue
@@ -220,7 +227,10 @@ def draw(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 
 def _subset(tensor: torch.Tensor, rows: list[int]) -> torch.Tensor:
-    return tensor if len(rows) == len(tensor) else tensor[rows]
+    """The rows (a copy), or the tensor itself when they are all of it, in order."""
+    if rows == list(range(len(tensor))):
+        return tensor
+    return tensor.index_select(0, torch.tensor(rows))
 
 
 def sample_batch(logits: torch.Tensor, states: Sequence[SamplingState],

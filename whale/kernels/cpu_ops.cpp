@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -337,6 +338,42 @@ class DenseDecodeStack {
   int64_t int4_max_rows_;
 };
 
+// logits[rows[k]] = -inf wherever bit v of words[k] (word v / 32, bit v % 32) is clear: the output grammars'
+// allowed-token bitmasks applied in place, one pass (a bool unpack and masked_fill took ~3 ms at 16 x 49k).
+void mask_logits_(torch::Tensor logits, torch::Tensor words, torch::Tensor rows) {
+  check_float(logits, "logits");
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous(), "logits: [rows, vocab], contiguous");
+  TORCH_CHECK(words.scalar_type() == torch::kInt32 && words.dim() == 2 && words.is_contiguous(),
+              "words: int32 [masked rows, words], contiguous");
+  TORCH_CHECK(rows.scalar_type() == torch::kLong && rows.numel() == words.size(0), "rows: int64, one per mask");
+  const int64_t vocab = logits.size(1), width = words.size(1);
+  TORCH_CHECK(width * 32 >= vocab, "words: too few for the vocabulary");
+  float* base = logits.data_ptr<float>();
+  const int32_t* bits = words.data_ptr<int32_t>();
+  const int64_t* row_ids = rows.data_ptr<int64_t>();
+  const float inf = std::numeric_limits<float>::infinity();
+  at::parallel_for(0, words.size(0), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t k = begin; k < end; ++k) {
+      TORCH_CHECK(row_ids[k] >= 0 && row_ids[k] < logits.size(0), "rows: out of range");
+      float* row = base + row_ids[k] * vocab;
+      const uint32_t* word = reinterpret_cast<const uint32_t*>(bits + k * width);
+      for (int64_t w = 0; w * 32 < vocab; ++w) {
+        const uint32_t allowed = word[w];
+        if (allowed == 0xFFFFFFFFu) continue;
+        const int64_t first = w * 32, count = std::min<int64_t>(32, vocab - first);
+        float* out = row + first;
+        if (allowed == 0) {
+          std::fill(out, out + count, -inf);
+          continue;
+        }
+        for (int64_t b = 0; b < count; ++b) {  // branch-free: random bits would mispredict half the time
+          out[b] = ((allowed >> b) & 1u) ? out[b] : -inf;
+        }
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<DenseDecodeStack>(m, "DenseDecodeStack")
       .def(pybind11::init<std::vector<torch::Tensor>, int64_t, int64_t, int64_t, double, double, int64_t>())
@@ -346,4 +383,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rotary_", &rotary_, "rotate the leading heads in place");
   m.def("q8_0_linear", &q8_0_linear, "x W^T from Q8_0 blocks");
   m.def("paged_attention", &paged_attention, "attention over paged K/V storage");
+  m.def("mask_logits_", &mask_logits_, "-inf where an allowed-token bitmask is clear, in place");
 }
