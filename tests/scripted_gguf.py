@@ -1,4 +1,5 @@
-"""A tiny GGUF in a real model's layout and with its real tokenizer, whose weights make it write one chosen text.
+"""A tiny GGUF in a real model's layout and with its real tokenizer, whose weights make it write one chosen text
+(or, `write_random_qwen2_gguf`, random weights that write anything over the whole vocabulary).
 
 Random weights write anything, so they cannot show that what a distill writes (reasoning, a tool call) reaches the
 client as `reasoning_content` and `tool_calls` through the whole path: GGUF tokenizer, engine, detokenizer, chat
@@ -89,14 +90,7 @@ def distinct_token_path(tokenizer: Tokenizer, text: str, avoid: set[int]) -> lis
 def write_scripted_qwen2_gguf(path: Path, tokenizer_json: dict, chat_template: str, start: int, path_ids: list[int],
                               eos: int, bos: int) -> Path:
     """A one-layer qwen2 GGUF that, after token `start`, writes `path_ids` then `eos`."""
-    vocab = tokenizer_json["model"]["vocab"]
-    added = {entry["id"]: entry for entry in tokenizer_json["added_tokens"]}
-    size = max(max(vocab.values()), max(added)) + 1
-    tokens, types = [""] * size, [NORMAL] * size
-    for piece, token_id in vocab.items():
-        tokens[token_id] = piece
-    for token_id, entry in added.items():
-        tokens[token_id], types[token_id] = entry["content"], CONTROL if entry["special"] else USER_DEFINED
+    size = _vocab_size(tokenizer_json)
     chain = [start, *path_ids, eos]
     hidden = max(32, -(-len(chain) // 32) * 32)
     embed = np.zeros((size, hidden), np.float16)
@@ -104,6 +98,35 @@ def write_scripted_qwen2_gguf(path: Path, tokenizer_json: dict, chat_template: s
     for step, (current, following) in enumerate(zip(chain, chain[1:], strict=False)):
         embed[current, step] = 1.0  # after the final RMSNorm: sqrt(hidden) on dimension `step`
         output[following, step] = LEAD / hidden ** 0.5
+    return _write_qwen2_gguf(path, tokenizer_json, chat_template, eos, bos, embed, output, np.zeros)
+
+
+def write_random_qwen2_gguf(path: Path, tokenizer_json: dict, chat_template: str, eos: int, bos: int,
+                            seed: int = 0) -> Path:
+    """A one-layer qwen2 GGUF with random weights (hidden 32): it writes anything, over the whole vocabulary."""
+    rng = np.random.default_rng(seed)
+    size, hidden = _vocab_size(tokenizer_json), 32
+    embed = rng.standard_normal((size, hidden)).astype(np.float16)
+    output = (rng.standard_normal((size, hidden)) * 0.5).astype(np.float16)
+    return _write_qwen2_gguf(path, tokenizer_json, chat_template, eos, bos, embed, output,
+                             lambda shape, dtype: (rng.standard_normal(shape) * 0.1).astype(dtype))
+
+
+def _vocab_size(tokenizer_json: dict) -> int:
+    added = [entry["id"] for entry in tokenizer_json["added_tokens"]]
+    return max(max(tokenizer_json["model"]["vocab"].values()), *added) + 1
+
+
+def _write_qwen2_gguf(path: Path, tokenizer_json: dict, chat_template: str, eos: int, bos: int, embed: np.ndarray,
+                      output: np.ndarray, layer_weights) -> Path:
+    """The GGUF: the tokenizer with its token types as llama.cpp writes them, one layer whose weights
+    `layer_weights(shape, dtype)` makes (zeros: the layer adds nothing), unit norms."""
+    size, hidden = embed.shape
+    tokens, types = [""] * size, [NORMAL] * size
+    for piece, token_id in tokenizer_json["model"]["vocab"].items():
+        tokens[token_id] = piece
+    for entry in tokenizer_json["added_tokens"]:
+        tokens[entry["id"]], types[entry["id"]] = entry["content"], CONTROL if entry["special"] else USER_DEFINED
     heads, head_dim, ffn = 2, hidden // 2, 32
     writer = gguf.GGUFWriter(str(path), "qwen2")
     writer.add_name(path.stem)
@@ -125,15 +148,15 @@ def write_scripted_qwen2_gguf(path: Path, tokenizer_json: dict, chat_template: s
     writer.add_eos_token_id(eos)
     writer.add_add_bos_token(True)
     writer.add_chat_template(chat_template)
-    zeros = {"blk.0.attn_q.weight": (hidden, hidden), "blk.0.attn_k.weight": (hidden, hidden),
+    layer = {"blk.0.attn_q.weight": (hidden, hidden), "blk.0.attn_k.weight": (hidden, hidden),
              "blk.0.attn_v.weight": (hidden, hidden), "blk.0.attn_output.weight": (hidden, hidden),
              "blk.0.ffn_gate.weight": (ffn, hidden), "blk.0.ffn_up.weight": (ffn, hidden),
              "blk.0.ffn_down.weight": (hidden, ffn)}
     writer.add_tensor("token_embd.weight", embed)
-    for name, shape in zeros.items():
-        writer.add_tensor(name, np.zeros(shape, np.float32))
+    for name, shape in layer.items():
+        writer.add_tensor(name, layer_weights(shape, np.float32))
     for name in ("blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"):
-        writer.add_tensor(name, np.zeros(heads * head_dim, np.float32))
+        writer.add_tensor(name, layer_weights((heads * head_dim,), np.float32))
     for name in ("blk.0.attn_norm.weight", "blk.0.ffn_norm.weight", "output_norm.weight"):
         writer.add_tensor(name, np.ones(hidden, np.float32))
     writer.add_tensor("output.weight", output)

@@ -36,13 +36,18 @@ def test_the_budget_holds_over_seeded_requests_at_temperature_1(llm, variant):
     budgets = [rng.randint(1, 40) for _ in range(50)]
     params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=budget + 16, thinking_budget=budget,
                              reasoning=spec) for seed, budget in enumerate(budgets)]
-    outputs = llm.generate([{"prompt_token_ids": prompt.ids}] * len(params), params)
+    assert_budgets_held(llm.generate([{"prompt_token_ids": prompt.ids}] * len(params), params), budgets, spec, EOS)
+
+
+def assert_budgets_held(outputs, budgets: list[int], spec, eos: int) -> None:
+    """Each output's reasoning (up to the end of thinking and the format's tail after it) is within its budget,
+    and an answer follows that does not end at once."""
     for budget, output in zip(budgets, outputs, strict=True):
         ids = output.outputs[0].token_ids
         assert spec.end_id in ids, "thinking was not ended"
         reasoning = ids.index(spec.end_id) + 1 + (len(spec.forced_end) - 1 - spec.forced_end.index(spec.end_id))
         assert max(len(spec.forced_end), 1) <= reasoning <= max(budget, len(spec.forced_end))
-        assert len(ids) > reasoning and ids[reasoning] != EOS  # an answer, and it does not end at once
+        assert len(ids) > reasoning and ids[reasoning] != eos
 
 
 def test_budget_tokens_reach_the_engine_and_usage_counts_exactly(tiny_server):
