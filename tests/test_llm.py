@@ -84,3 +84,28 @@ def test_out_of_vocabulary_ids_and_bad_prompts_are_refused(default_llm):
         default_llm.generate({"prompt_token_ids": []}, SamplingParams())
     with pytest.raises(InvalidRequestError, match="prompt_token_ids"):
         default_llm.generate([{"text": "hi"}], SamplingParams())
+
+
+def test_a_logits_processor_class_is_built_per_request(default_llm):
+    """LLM.generate shares one SamplingParams between prompts: a processor given as a class gets an instance per
+    request, whose state (here: the tokens it saw, and a ban on repeating the previous token) is that request's."""
+    built = []
+
+    class NoRepeats:
+        def __init__(self):
+            self.seen: list[list[int]] = []
+            built.append(self)
+
+        def __call__(self, output_ids, logits):
+            self.seen.append(list(output_ids))
+            if output_ids:
+                logits[output_ids[-1]] = float("-inf")
+            return logits
+
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logits_processors=[NoRepeats])
+    outputs = default_llm.generate(["The sea", "One, two, three,", "Whales"], params)
+    assert len(built) == 3
+    for output, processor in zip(outputs, built, strict=True):
+        ids = output.outputs[0].token_ids
+        assert processor.seen == [ids[:i] for i in range(len(ids))]  # its own request's tokens, each step
+        assert all(a != b for a, b in zip(ids, ids[1:], strict=False))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -66,8 +66,10 @@ class SamplingParams:
     reasoning: ReasoningSpec | None = None
     # output that follows a grammar; in thinking mode (with `reasoning`) from the end of thinking on
     structured_output: StructuredOutput | None = None
-    # each called as processor(output_token_ids, logits) -> logits before sampling: a hook for users
-    logits_processors: list[Callable[[list[int], torch.Tensor], torch.Tensor]] = field(default_factory=list)
+    # each called as processor(output_token_ids, logits) -> logits before sampling: a hook for users; a class is
+    # instantiated once per request (state kept per request, though LLM.generate shares these params between prompts)
+    logits_processors: list[Callable[[Sequence[int], torch.Tensor], torch.Tensor] | type] = field(
+        default_factory=list)
     stop_strings: tuple[str, ...] = field(init=False, default=())
 
     def __post_init__(self) -> None:

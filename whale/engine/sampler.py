@@ -28,6 +28,9 @@ class SamplingState:
     _prompt_ids: torch.Tensor | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
+        # the user's hook, built per request: a class is instantiated for this request alone (its state is the
+        # request's), a function or an object is used as given
+        self.logits_processors = [p() if isinstance(p, type) else p for p in self.params.logits_processors]
         if not self.params.greedy:
             self.generator = torch.Generator()
             if self.params.seed is not None:
@@ -246,7 +249,7 @@ def sample_batch(logits: torch.Tensor, states: Sequence[SamplingState],
     apply_penalties(logits, states)
     for i, state in enumerate(states):
         try:
-            for processor in state.params.logits_processors:
+            for processor in state.logits_processors:
                 logits[i] = processor(state.output_token_ids, logits[i])
         except Exception as exc:  # noqa: BLE001 - a user's hook raising fails its own request
             failed[i] = exc
