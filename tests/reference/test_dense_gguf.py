@@ -145,13 +145,15 @@ FULLY_4BIT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, 
 @pytest.mark.parametrize("batch", [2, pytest.param(6, marks=pytest.mark.skipif(
     not onednn_packs_bf16(), reason="the stack's bf16 GEMM side needs oneDNN's bf16 packing (AVX-512 BW/VL/DQ or "
     "AVX-NE-CONVERT); without it the stack serves steps of up to INT4_MAX_ROWS tokens only"))])
-def test_the_compiled_layer_stack_equals_the_python_layers(tmp_path, batch):
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_the_compiled_layer_stack_equals_the_python_layers(tmp_path, batch, kind):
     """whale/models/dense_stack.py against the Python layer loop over the same kernels, on a fully 4-bit Q4_0
-    model: decode steps of 2 tokens run the stack's int4 side, steps of 6 its bf16 GEMM side (the hybrid
-    kernels' switch). Bit-identical, so the greedy tokens and their logprobs are equal."""
-    _, reference = tiny_dense_checkpoint("llama", tmp_path / "hf", **FULLY_4BIT)
+    model (Llama; Qwen2, whose q/k/v biases the stack adds): decode steps of 2 tokens run the stack's int4 side,
+    steps of 6 its bf16 GEMM side (the hybrid kernels' switch). Bit-identical, so the greedy tokens and their
+    logprobs are equal."""
+    _, reference = tiny_dense_checkpoint(kind, tmp_path / "hf", **FULLY_4BIT)
     path = tmp_path / "q4.gguf"
-    write_dense_gguf(reference, path, "llama", layer_type="Q4_0")
+    write_dense_gguf(reference, path, kind, layer_type="Q4_0")
     llm = LLM(str(path), kernels="hybrid", enable_prefix_caching=False)
     generator = torch.Generator().manual_seed(5)
     prompts = [{"prompt_token_ids": torch.randint(3, VOCAB, (n,), generator=generator).tolist()}

@@ -2,9 +2,10 @@
 (`DenseDecodeStack` in whale/kernels/cpu_ops.cpp) instead of a Python loop over ~25 eager ops a layer.
 
 It serves decode steps (a few new tokens per sequence: what the paged cache's compiled attention takes) on CPU,
-for Llama/Qwen2-shaped layers without biases or q/k norms whose linears are all 4-bit: Int4Linear for steps of
-up to INT4_MAX_ROWS tokens, and with the hybrid kernels' packed bf16 twins for bigger batches too. Anything else
-runs the Python layers, which compute the same thing (tests/test_cpu_kernels.py compares the two)."""
+for Llama/Qwen2-shaped layers (Qwen2's fp32 q/k/v biases included; no q/k norms) whose linears are all 4-bit:
+Int4Linear for steps of up to INT4_MAX_ROWS tokens, and with the hybrid kernels' packed bf16 twins for bigger
+batches too. Anything else runs the Python layers, which compute the same thing (tests/reference/test_dense_gguf.py
+compares the two)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ from whale.models.quant import INT4_MAX_ROWS, Int4Linear, PackedBF16Linear, RowS
 NO_TWIN = torch.empty(0)
 
 
-def _kernels(linear: nn.Module) -> tuple[Int4Linear, PackedBF16Linear | None] | None:
-    """(the 4-bit kernel, its oneDNN-packed bf16 twin if any) of a linear the stack can run, else None."""
+def _kernels(linear: nn.Module, with_bias: bool = False) -> tuple[Int4Linear, PackedBF16Linear | None] | None:
+    """(the 4-bit kernel, its oneDNN-packed bf16 twin if any) of a linear the stack can run, else None; a bias only
+    `with_bias` (the fused q/k/v projection, which the stack adds it to)."""
     small, large = (linear.small, linear.large) if isinstance(linear, RowSwitchLinear) else (linear, None)
-    if not isinstance(small, Int4Linear) or small.bias is not None or getattr(large, "bias", None) is not None:
+    if not isinstance(small, Int4Linear):
+        return None
+    if not with_bias and (small.bias is not None or getattr(large, "bias", None) is not None):
         return None
     packed = isinstance(large, PackedBF16Linear) and large.packed is not None  # not where oneDNN cannot pack bf16
     return small, large if packed else None
@@ -50,15 +54,20 @@ def build_decode_stack(model: nn.Module) -> DecodeStack | None:
         attention, mlp = layer.self_attn, layer.mlp
         if attention.qkv_proj is None or mlp.gate_up_proj is None:
             return None
+        qkv_bias = NO_TWIN
         for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj):
-            kernels = _kernels(linear)
+            kernels = _kernels(linear, with_bias=linear is attention.qkv_proj)
             if kernels is None:
                 return None
             int4, twin = kernels
+            if linear is attention.qkv_proj and int4.bias is not None:
+                if int4.bias.dtype != torch.float32:  # the stack adds it in fp32, as Python does an fp32 bias
+                    return None
+                qkv_bias = int4.bias.detach()  # the twin holds the same values (add_gemm_kernels)
             every_twin = every_twin and twin is not None
             weights += [int4.packed, int4.scale_zero, NO_TWIN if twin is None else twin.packed]
         following = layers[index + 1].input_layernorm if index + 1 < len(layers) else model.model.norm
-        weights += [layer.post_attention_layernorm.weight.detach(), following.weight.detach()]
+        weights += [layer.post_attention_layernorm.weight.detach(), following.weight.detach(), qkv_bias]
     head = layers[0].self_attn
     compiled = ops.DenseDecodeStack(weights, head.num_heads, head.num_kv_heads, head.head_dim, config.rms_norm_eps,
                                     head.scale, INT4_MAX_ROWS)
