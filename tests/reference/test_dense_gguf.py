@@ -18,7 +18,8 @@ from whale.platform import onednn_packs_bf16
 
 _NAMES = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
           "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+          "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+          "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}  # Qwen3's
 
 
 def _permute(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -145,13 +146,15 @@ FULLY_4BIT = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, 
 @pytest.mark.parametrize("batch", [2, pytest.param(6, marks=pytest.mark.skipif(
     not onednn_packs_bf16(), reason="the stack's bf16 GEMM side needs oneDNN's bf16 packing (AVX-512 BW/VL/DQ or "
     "AVX-NE-CONVERT); without it the stack serves steps of up to INT4_MAX_ROWS tokens only"))])
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3"])
 def test_the_compiled_layer_stack_equals_the_python_layers(tmp_path, batch, kind):
     """whale/models/dense_stack.py against the Python layer loop over the same kernels, on a fully 4-bit Q4_0
-    model (Llama; Qwen2, whose q/k/v biases the stack adds): decode steps of 2 tokens run the stack's int4 side,
-    steps of 6 its bf16 GEMM side (the hybrid kernels' switch). Bit-identical, so the greedy tokens and their
-    logprobs are equal."""
-    _, reference = tiny_dense_checkpoint(kind, tmp_path / "hf", **FULLY_4BIT)
+    model (Llama; Qwen2, whose q/k/v biases the stack adds; Qwen3, whose q/k norms it applies): decode steps of 2
+    tokens run the stack's int4 side, steps of 6 its bf16 GEMM side (the hybrid kernels' switch). Bit-identical,
+    so the greedy tokens and their logprobs are equal."""
+    # Qwen3's config sets head_dim apart from hidden / heads: here the same, so every row count tiles the packing
+    sizes = FULLY_4BIT | ({"head_dim": 16} if kind == "qwen3" else {})
+    _, reference = tiny_dense_checkpoint(kind, tmp_path / "hf", **sizes)
     path = tmp_path / "q4.gguf"
     write_dense_gguf(reference, path, kind, layer_type="Q4_0")
     llm = LLM(str(path), kernels="hybrid", enable_prefix_caching=False)

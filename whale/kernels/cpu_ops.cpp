@@ -278,18 +278,19 @@ torch::Tensor packed_bf16_linear(const torch::Tensor& x, const torch::Tensor& pa
 
 }  // namespace
 
-// A dense decoder's layers (Llama / Qwen2-style: q/k/v biases or none, no q/k norm) with 4-bit weight-only linears, run for
+// A dense decoder's layers (Llama / Qwen2 / Qwen3-style: q/k/v biases, q/k norms, or neither) with 4-bit weight-only linears, run for
 // a step in one call: what the Python layer loop does, minus ~150 us of interpreter and dispatch overhead per
 // layer, which at batch 1 cost as much as the matmuls themselves. Steps of more than `int4_max_rows` tokens use
 // each linear's packed bf16 twin (the hybrid kernels' GEMM side), which must then be given.
 class DenseDecodeStack {
  public:
   static constexpr int64_t kGroupSize = 32;  // weights per Q4_0/Q4_1 block (quant.GROUP_SIZE)
-  static constexpr int64_t kPerLayer = 15;   // tensors per layer in the constructor's list
+  static constexpr int64_t kPerLayer = 17;   // tensors per layer in the constructor's list
 
   // per layer: qkv, o, gate_up, down as (int4 packed, scale_zero, packed bf16 twin or an empty tensor)
   // triples, then post_attention_layernorm's weight and the following norm's (the next layer's input norm, or
-  // the final norm), then the fused q/k/v bias (fp32; Qwen2) or an empty tensor
+  // the final norm), then the fused q/k/v bias (fp32; Qwen2) or an empty tensor, then the per-head q and k
+  // norms' weights (Qwen3) or two empty tensors
   DenseDecodeStack(std::vector<torch::Tensor> weights, int64_t heads, int64_t kv_heads, int64_t head_dim,
                    double eps, double scale, int64_t int4_max_rows)
       : weights_(std::move(weights)), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(eps),
@@ -311,6 +312,11 @@ class DenseDecodeStack {
       auto qkv = linear(x, w, gemm).to(torch::kFloat32);  // a new tensor: bf16 out of either kernel
       if (w[14].numel() > 0) qkv.add_(w[14]);  // as Python's bf16 + fp32 bias: the sum in fp32
       qkv = qkv.view({tokens, q_heads + kv_heads_, head_dim_});
+      if (w[15].numel() > 0) {  // Qwen3: each head's q and k through its RMSNorm, as the Python layer does
+        qkv = at::cat({at::rms_norm(qkv.narrow(1, 0, heads_), {head_dim_}, w[15], eps_),
+                       at::rms_norm(qkv.narrow(1, heads_, kv_heads_), {head_dim_}, w[16], eps_),
+                       qkv.narrow(1, q_heads, kv_heads_)}, 1);
+      }
       rotary_(qkv, cos, signed_sin, q_heads);
       auto attention = paged_attention(qkv.narrow(1, 0, heads_), qkv.narrow(1, heads_, kv_heads_),
                                        qkv.narrow(1, q_heads, kv_heads_), k_stores.select(0, layer),

@@ -2,7 +2,7 @@
 (`DenseDecodeStack` in whale/kernels/cpu_ops.cpp) instead of a Python loop over ~25 eager ops a layer.
 
 It serves decode steps (a few new tokens per sequence: what the paged cache's compiled attention takes) on CPU,
-for Llama/Qwen2-shaped layers (Qwen2's fp32 q/k/v biases included; no q/k norms) whose linears are all 4-bit:
+for Llama-, Qwen2- and Qwen3-shaped layers (Qwen2's fp32 q/k/v biases, Qwen3's q/k norms) whose linears are all 4-bit:
 Int4Linear for steps of up to INT4_MAX_ROWS tokens, and with the hybrid kernels' packed bf16 twins for bigger
 batches too. Anything else runs the Python layers, which compute the same thing (tests/reference/test_dense_gguf.py
 compares the two)."""
@@ -46,7 +46,7 @@ class DecodeStack:
 def build_decode_stack(model: nn.Module) -> DecodeStack | None:
     """The compiled stack for a loaded, fused DenseForCausalLM, or None where it cannot serve the model."""
     ops, config = cpu_ops(), model.config
-    if ops is None or config.qk_norm:
+    if ops is None:
         return None
     layers = model.model.layers
     weights, every_twin = [], True
@@ -68,6 +68,8 @@ def build_decode_stack(model: nn.Module) -> DecodeStack | None:
             weights += [int4.packed, int4.scale_zero, NO_TWIN if twin is None else twin.packed]
         following = layers[index + 1].input_layernorm if index + 1 < len(layers) else model.model.norm
         weights += [layer.post_attention_layernorm.weight.detach(), following.weight.detach(), qkv_bias]
+        norms = (attention.q_norm, attention.k_norm) if attention.q_norm is not None else ()  # Qwen3's
+        weights += [n.weight.detach() for n in norms] or [NO_TWIN, NO_TWIN]
     head = layers[0].self_attn
     compiled = ops.DenseDecodeStack(weights, head.num_heads, head.num_kv_heads, head.head_dim, config.rms_norm_eps,
                                     head.scale, INT4_MAX_ROWS)
