@@ -94,7 +94,7 @@ def allowed_tokens(mask: torch.Tensor, vocab_size: int) -> torch.Tensor:
 def _constrain(logits: torch.Tensor, constraints: Sequence[Constraint | None], failed: dict[int, Exception]) -> None:
     """In place: each row limited to what its constraint allows; a row whose grammar allows nothing fails."""
     masked = [i for i, c in enumerate(constraints) if c is not None and c.only is None and c.mask is not None]
-    if masked:  # one unpacking and one fill for every grammar in the batch
+    if masked:  # every grammar of the batch at once
         words = torch.stack([constraints[i].mask for i in masked])
         for i, empty in zip(masked, (words == 0).all(1).tolist(), strict=True):
             if empty:
