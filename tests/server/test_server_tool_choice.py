@@ -123,7 +123,7 @@ def _lift(opening: list[int], reasoning=None, at: int = 2):
                                               ("v3.2", "\n\n<｜DSML｜function_calls>"),
                                               ("r1-distill-qwen", "<tool_call>")])
 def test_strict_tools_hold_the_calls_a_model_starts(llm, variant, opening):
-    """`tool_choice: "auto"` with strict tools, 20 seeded requests at temperature 1 whose model opens a call section
+    """`tool_choice: "auto"` with strict tools, 12 seeded requests at temperature 1 whose model opens a call section
     early: with the grammar every call that closes names a tool and follows its schema; without it, the same
     model's calls never do (random weights write random arguments)."""
     llm.chat_variant = ChatVariant(variant)
@@ -134,16 +134,16 @@ def test_strict_tools_hold_the_calls_a_model_starts(llm, variant, opening):
     lift = _lift(llm.tokenizer.encode(opening, add_special_tokens=False), prompt.reasoning)
     outcomes = {}
     for held in (True, False):
-        params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=160, logits_processors=[lift],
+        params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=100, logits_processors=[lift],
                                  thinking_budget=8 if prompt.thinking else None, reasoning=prompt.reasoning,
                                  structured_output=StructuredOutput("grammar", grammar) if held else None)
-                  for seed in range(20)]
+                  for seed in range(12)]
         outputs = llm.generate([{"prompt_token_ids": prompt.ids}] * len(params), params)
         calls = [parse_output(llm.chat_prompt(ASK, tools=STRICT_TOOLS, thinking=thinking).parser,  # a fresh parser
                               o.outputs[0].text)["tool_calls"] for o in outputs]
         outcomes[held] = calls
     valid = [c for c in outcomes[True] if c]
-    assert len(valid) >= 10  # most requests close their call within max_tokens
+    assert len(valid) >= 8  # most requests close their call within max_tokens
     for calls in valid:
         _check_calls(calls)
     for calls in outcomes[False]:
