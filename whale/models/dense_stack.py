@@ -15,7 +15,7 @@ from torch import nn
 from whale.kernels import cpu_ops
 from whale.models.quant import INT4_MAX_ROWS, Int4Linear, PackedBF16Linear, RowSwitchLinear
 
-NO_TWIN = torch.empty(0)
+ABSENT = torch.empty(0)  # the stack's list holds this where a layer has no such tensor (twin, bias, norms)
 
 
 def _kernels(linear: nn.Module, with_bias: bool = False) -> tuple[Int4Linear, PackedBF16Linear | None] | None:
@@ -54,7 +54,7 @@ def build_decode_stack(model: nn.Module) -> DecodeStack | None:
         attention, mlp = layer.self_attn, layer.mlp
         if attention.qkv_proj is None or mlp.gate_up_proj is None:
             return None
-        qkv_bias = NO_TWIN
+        qkv_bias = ABSENT
         for linear in (attention.qkv_proj, attention.o_proj, mlp.gate_up_proj, mlp.down_proj):
             kernels = _kernels(linear, with_bias=linear is attention.qkv_proj)
             if kernels is None:
@@ -65,11 +65,11 @@ def build_decode_stack(model: nn.Module) -> DecodeStack | None:
                     return None
                 qkv_bias = int4.bias.detach()  # the twin holds the same values (add_gemm_kernels)
             every_twin = every_twin and twin is not None
-            weights += [int4.packed, int4.scale_zero, NO_TWIN if twin is None else twin.packed]
+            weights += [int4.packed, int4.scale_zero, ABSENT if twin is None else twin.packed]
         following = layers[index + 1].input_layernorm if index + 1 < len(layers) else model.model.norm
         weights += [layer.post_attention_layernorm.weight.detach(), following.weight.detach(), qkv_bias]
         norms = (attention.q_norm, attention.k_norm) if attention.q_norm is not None else ()  # Qwen3's
-        weights += [n.weight.detach() for n in norms] or [NO_TWIN, NO_TWIN]
+        weights += [n.weight.detach() for n in norms] or [ABSENT, ABSENT]
     head = layers[0].self_attn
     compiled = ops.DenseDecodeStack(weights, head.num_heads, head.num_kv_heads, head.head_dim, config.rms_norm_eps,
                                     head.scale, INT4_MAX_ROWS)

@@ -119,7 +119,7 @@ class ServedModel:
         schemas; the answer to the response_format's JSON, if any), or its response_format; checked here (a 400
         naming what llguidance cannot serve) on the request's worker thread, which also builds the tokenizer's
         grammar view once."""
-        tools = [t.model_dump(exclude_none=True) for t in req.tools or ()] if req.tool_choice != "none" else []
+        tools = _request_tools(req)
         forced = req.tool_choice == "required" or isinstance(req.tool_choice, NamedToolChoice)
         strict = not forced and has_strict_tools(tools)
         kind = req.response_format.type if req.response_format is not None else "text"
@@ -172,7 +172,7 @@ class ServedModel:
         """The ChatCompletionRequest's conversation ready for the engine (whale.chat.conversation), refusing what
         the model cannot do."""
         thinking = self.thinking_for(req.model) if req.thinking is None else req.thinking.type == "enabled"
-        tools = [t.model_dump(exclude_none=True) for t in req.tools or ()] if req.tool_choice != "none" else []
+        tools = _request_tools(req)
         messages = [m.as_template_dict() for m in req.messages]
         if req.response_format is not None and req.response_format.type != "text":
             schema = req.response_format.json_schema.schema_ if req.response_format.json_schema else None
@@ -267,6 +267,11 @@ def _content_text(content: Any) -> str:
     if isinstance(content, list):
         return "".join(p.get("text", "") for p in content if isinstance(p, dict))
     return content or ""
+
+
+def _request_tools(req: Any) -> list[dict[str, Any]]:
+    """The tools a ChatCompletionRequest offers the model, as dicts (none with `tool_choice: "none"`)."""
+    return [t.model_dump(exclude_none=True) for t in req.tools or ()] if req.tool_choice != "none" else []
 
 
 def served_model_from_loaded(loaded: Any, max_model_len: int, name: str | None = None,
