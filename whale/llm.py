@@ -69,7 +69,8 @@ class LLM:
                  device: str | None = None, kernels: str = "auto", **engine_options):
         """`kernels`: the linears' kernels (auto, dense, int4, hybrid; `whale.platform.cpu_weight_kernels`).
         `engine_options` are EngineConfig fields: max_num_seqs, max_num_batched_tokens, block_size,
-        kv_cache_bytes, num_kv_blocks, enable_prefix_caching."""
+        kv_cache_bytes, num_kv_blocks, enable_prefix_caching, max_model_len, speculative ("ngram": prompt-lookup
+        drafts), num_speculative_tokens."""
         self.loaded = load_model(model, dtype=dtype, device=device, kernels=kernels)
         self.engine = LLMEngine(self.loaded, EngineConfig(**engine_options))
         self.tokenizer = self.loaded.tokenizer

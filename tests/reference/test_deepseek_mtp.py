@@ -3,6 +3,7 @@ transformers' own decoder layer: h' = eh_proj([enorm(embed(t+1)) ; hnorm(h_t)]) 
 
 from __future__ import annotations
 
+import pytest
 import torch
 from deepseek_checkpoints import reference_model, write_checkpoint
 from safetensors.torch import load_file
@@ -64,3 +65,50 @@ def test_checkpoint_without_mtp_tensors_drops_the_mtp_layer(tmp_path):
     write_checkpoint("v3", directory)
     loaded = load_model(str(directory), dtype="float32", device="cpu")
     assert loaded.config.num_nextn_predict_layers == 1 and loaded.model.num_mtp_layers == 0
+
+
+@torch.inference_mode()
+def test_the_engine_drafts_what_the_mtp_layer_predicts_and_keeps_greedy_replies(tmp_path):
+    """`speculative="mtp"`: after every step, each request's draft is the argmax of the reference composition's
+    draft logits over its tokens so far (the last position, with the token just sampled); the replies equal the
+    engine's without drafts, at one draft a step and at three (the layer reused on its own output)."""
+    from whale import SamplingParams
+    from whale.engine.llm_engine import EngineConfig, LLMEngine
+
+    directory = tmp_path / "v3_mtp"
+    reference = write_checkpoint("v3", directory, seed=0, mtp=True)
+    loaded = load_model(str(directory), dtype="float32", device="cpu")
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = [PROMPT, PROMPT[:5] + [9, 9, 9], PROMPT * 3]
+    plain = LLMEngine(loaded, EngineConfig())
+    expected = [plain.add_request(p, params) for p in prompts]
+    while plain.has_unfinished():
+        plain.step()
+    engine = LLMEngine(loaded, EngineConfig(speculative="mtp", block_size=4, max_num_batched_tokens=20))
+    requests = [engine.add_request(p, params) for p in prompts]
+    checked = 0
+    while engine.has_unfinished():
+        engine.step()
+        for request in requests:
+            if request.draft_token_ids:
+                ids = torch.tensor(list(request.all_token_ids))
+                assert request.draft_token_ids == [int(_reference_draft_logits(reference, directory, ids)[-1].argmax())]
+                checked += 1
+    assert checked >= 20
+    assert [list(r.output_token_ids) for r in requests] == [list(r.output_token_ids) for r in expected]
+    deep = LLMEngine(loaded, EngineConfig(speculative="mtp", num_speculative_tokens=3))
+    requests = [deep.add_request(p, params) for p in prompts]
+    while deep.has_unfinished():
+        deep.step()
+    assert [list(r.output_token_ids) for r in requests] == [list(r.output_token_ids) for r in expected]
+    assert deep.speculation.drafted > 3 * 12
+
+
+def test_mtp_drafts_need_the_mtp_layer(tmp_path):
+    from whale.engine.llm_engine import EngineConfig, LLMEngine
+    from whale.errors import InvalidRequestError
+
+    write_checkpoint("v3", tmp_path)
+    loaded = load_model(str(tmp_path), dtype="float32", device="cpu")
+    with pytest.raises(InvalidRequestError, match="multi-token-prediction layer"):
+        LLMEngine(loaded, EngineConfig(speculative="mtp"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from types import SimpleNamespace
 
 import jsonschema_rs
 import pytest
@@ -64,3 +65,40 @@ def test_every_finished_distill_answer_follows_the_schema(distill):
         else:
             assert completion.finish_reason == "length" and answer.startswith("{")
     assert finished >= 40
+
+
+def test_budget_and_schema_hold_the_same_with_drafts(distill):
+    """Speculative decoding with drafts that are right in long runs (the reply given without drafts, every 5th
+    token wrong), including inside the forced end of thinking and the grammar's stretches: the same replies, so
+    the same budgets and schemas hold."""
+    from replay_proposer import ReplayProposer
+
+    from whale.engine.llm_engine import EngineConfig, LLMEngine
+
+    prompt = distill.chat_prompt(ASK)
+    spec = StructuredOutput("json_schema", json.dumps(SCHEMA))
+    budgets = [3, 9, 17, 30] * 2
+    params = [SamplingParams(temperature=1.0, seed=seed, max_tokens=90, thinking_budget=budget,
+                             reasoning=prompt.reasoning, structured_output=spec if seed % 2 else None)
+              for seed, budget in enumerate(budgets)]
+    ids = [f"r{i}" for i in range(len(params))]
+
+    def run(engine):
+        requests = [engine.add_request(prompt.ids, p, request_id=i) for p, i in zip(params, ids, strict=True)]
+        while engine.has_unfinished():
+            engine.step()
+        return requests
+
+    plain = run(LLMEngine(distill.loaded, EngineConfig()))
+    engine = LLMEngine(distill.loaded, EngineConfig())
+    engine.proposer = ReplayProposer({i: list(r.output_token_ids) for i, r in zip(ids, plain, strict=True)},
+                                     distill.loaded.config.vocab_size, wrong_every=5)
+    engine.num_speculative_tokens = 6
+    drafted = run(engine)
+    assert [list(r.output_token_ids) for r in drafted] == [list(r.output_token_ids) for r in plain]
+    assert engine.speculation.accepted > 200
+    outputs = [SimpleNamespace(outputs=[SimpleNamespace(token_ids=list(r.output_token_ids))]) for r in drafted]
+    assert_budgets_held(outputs, budgets, prompt.reasoning, DISTILL_QWEN_EOS)
+    for request in drafted[1::2]:
+        if request.finish_reason == "stop":
+            jsonschema_rs.validate(SCHEMA, json.loads(request.text.split("</think>", 1)[1]))

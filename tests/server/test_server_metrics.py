@@ -55,6 +55,27 @@ def test_metrics_after_traffic(default_url):
     # the 135M model decodes at most a few hundred tokens/s here: no sample may claim more than 1,000
     assert _value(text, 'whale_decode_tokens_per_second_bucket{le="1000.0"}') == _value(
         text, "whale_decode_tokens_per_second_count") == 2
+    assert _value(text, "whale_spec_decode_draft_tokens_total") == 0  # speculation is off
+
+
+def test_speculative_decoding_through_the_server(default_llm):
+    """`--speculative ngram`: a copying reply is the one the plain server gives, in fewer steps, and /metrics
+    counts the drafts the engine verified and kept."""
+    text = "The quick brown fox jumps over the lazy dog while the farmer watches from the old red barn."
+    body = {"model": "deepseek-chat", "temperature": 0, "max_tokens": 40,
+            "messages": [{"role": "user", "content": f"Repeat this sentence exactly: {text}"}]}
+    replies = []
+    for method in ("off", "ngram"):
+        options = {**DEFAULT_OPTIONS, "engine_options": {**DEFAULT_OPTIONS["engine_options"], "speculative": method}}
+        with serving(default_llm.loaded, **options) as (state, url):
+            replies.append(openai.OpenAI(base_url=f"{url}/v1", api_key="-").chat.completions.create(**body))
+            metrics = httpx.get(f"{url}/metrics").text
+    assert replies[0].choices[0].message.content == replies[1].choices[0].message.content
+    drafted, accepted = (_value(metrics, f"whale_spec_decode_{kind}_tokens_total") for kind in ("draft", "accepted"))
+    verifications = _value(metrics, "whale_spec_decode_verifications_total")
+    assert 0 < accepted <= drafted and verifications > 0
+    assert _value(metrics, "whale_spec_decode_acceptance_ratio") == pytest.approx(accepted / drafted)
+    assert _value(metrics, "whale_spec_decode_mean_accepted_length") == pytest.approx(1 + accepted / verifications)
 
 
 @pytest.fixture(scope="module")

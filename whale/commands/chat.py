@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING, TextIO
 
 from whale.chat.capabilities import REASONING_EFFORTS
-from whale.commands.generate import add_model_options, add_sampling_options, set_threads
+from whale.commands.generate import add_model_options, add_sampling_options, engine_options, set_threads
 from whale.errors import InvalidRequestError, WhaleError
 
 if TYPE_CHECKING:
@@ -101,8 +101,7 @@ def run(args: argparse.Namespace) -> int:
     from whale.llm import LLM
 
     set_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
-              max_model_len=args.max_model_len)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels, **engine_options(args))
     params = llm.get_default_sampling_params(temperature=args.temperature, top_p=args.top_p,
                                              max_tokens=args.max_tokens)
     if llm.chat_variant is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from whale.engine.proposers import SPECULATIVE_METHODS
 from whale.errors import InvalidRequestError
 from whale.generation_defaults import RULE
 from whale.platform import WEIGHT_KERNELS
@@ -16,12 +17,25 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--kernels", default="auto", choices=("auto", *WEIGHT_KERNELS),
-                        help="CPU linear kernels: auto picks hybrid on AVX-512-bf16 CPUs for 4-bit GGUFs, else "
-                             "dense; int4 keeps every step's rows independent of the batch (docs/performance.md)")
+                        help="CPU linear kernels: auto picks, for 4-bit GGUFs, hybrid on CPUs with bf16 hardware and "
+                             "int4 on the others, else dense; int4 keeps every step's rows independent of the batch "
+                             "(docs/performance.md)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model's math (default: torch's, one per physical core)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="cap the context (prompt + reply) below the model's own, in tokens")
+    parser.add_argument("--speculative", default="off", choices=SPECULATIVE_METHODS,
+                        help="speculative decoding: ngram drafts tokens by prompt lookup (copies of the prompt and "
+                             "the reply so far; editing, extraction and rewriting gain most), mtp with a DeepSeek "
+                             "checkpoint's multi-token-prediction layer; the replies are the same as without")
+    parser.add_argument("--num-speculative-tokens", type=int, default=None,
+                        help="draft tokens verified per step, 1-7 (default: 3 for ngram, 1 for mtp)")
+
+
+def engine_options(args: argparse.Namespace) -> dict:
+    """The EngineConfig fields the model options set."""
+    return {"max_model_len": args.max_model_len, "speculative": args.speculative,
+            "num_speculative_tokens": args.num_speculative_tokens}
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
@@ -55,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
     from whale.llm import LLM
 
     set_threads(args.threads)
-    llm = LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
-              max_model_len=args.max_model_len)
+    llm = LLM(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels, **engine_options(args))
     params = llm.get_default_sampling_params(temperature=args.temperature, top_p=args.top_p,
                                              max_tokens=args.max_tokens, seed=args.seed)
     if args.chat:

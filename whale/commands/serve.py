@@ -14,7 +14,7 @@ from typing import Any
 import uvicorn
 
 from whale.chat.capabilities import REASONING_EFFORTS
-from whale.commands.generate import add_model_options, set_threads
+from whale.commands.generate import add_model_options, engine_options, set_threads
 from whale.errors import InvalidRequestError
 from whale.generation_defaults import RULE
 
@@ -127,8 +127,8 @@ def run(args: argparse.Namespace) -> int:
         set_threads(args.threads)
         state = load_state(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
                            served_model_name=args.served_model_name,
-                           chat_format=args.chat_format, engine_options={"max_num_seqs": args.max_num_seqs,
-                                                           "max_model_len": args.max_model_len},
+                           chat_format=args.chat_format,
+                           engine_options={"max_num_seqs": args.max_num_seqs, **engine_options(args)},
                            max_waiting=args.max_waiting, api_keys=keys, protect_metrics=args.protect_metrics,
                            max_concurrent_requests=args.max_concurrent_requests,
                            max_request_bytes=args.max_request_bytes,

@@ -4,6 +4,16 @@ The scheduler (scheduler.py) picks each step's tokens under a token budget: deco
 of many requests, which the runner (runner.py) flattens into one ragged batch for one forward. The model reads
 and writes the paged KV cache (paged_attention.py) through the step's layout; finished and aborted requests
 release their blocks at once, which stay cached for prefix hits until evicted.
+
+With speculative decoding (`EngineConfig.speculative`), a proposer (proposers.py) guesses a few tokens after each
+decoding request's last one; the next step computes them behind it, and the sampler verifies them one position
+at a time: it samples each position from the target's own logits, with every control of the request applied
+(penalties, grammar, budget, stops, the request's seeded generator), and moves on to the next position only while
+the token drawn equals the draft. Every token is drawn exactly as without speculation, in the same order from the
+same generator, so the output distribution, a seeded reply and every constraint are unchanged; a draft only
+decides how many tokens one forward yields. No controller ever sees a token it must take back, and the cache keeps
+the K/V of rejected drafts only in slots the next step overwrites (blocks are registered for prefix hits only
+as far as verified tokens fill them).
 """
 
 from __future__ import annotations
@@ -14,10 +24,11 @@ from dataclasses import dataclass
 import torch
 
 from whale.engine.paged_attention import DEFAULT_KV_CACHE_BYTES, create_cache
+from whale.engine.proposers import VerifiedStep, build_proposer
 from whale.engine.request import Request
-from whale.engine.runner import ModelRunner
+from whale.engine.runner import ModelRunner, StepHidden
 from whale.engine.sampler import sample_batch, score_tokens
-from whale.engine.scheduler import Scheduler, SchedulerConfig
+from whale.engine.scheduler import ScheduledBatch, Scheduler, SchedulerConfig
 from whale.errors import InvalidRequestError
 from whale.models.loader import LoadedModel
 from whale.sampling_params import SamplingParams
@@ -34,6 +45,27 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_bytes
     enable_prefix_caching: bool = True
     max_model_len: int | None = None  # caps the context below the model's (None: the model's, or the cache's)
+    speculative: str = "off"  # draft proposer: off, ngram, mtp (proposers.SPECULATIVE_METHODS)
+    num_speculative_tokens: int | None = None  # drafts per step (None: the proposer's default)
+
+
+@dataclass
+class SpeculationStats:
+    """Speculative decoding so far: draft tokens verified, accepted, and the request-steps that verified any
+    (each yields its accepted drafts plus one token of its own)."""
+
+    drafted: int = 0
+    accepted: int = 0
+    verifications: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verifying forward: accepted drafts + the one the target always gives."""
+        return 1 + self.accepted / self.verifications if self.verifications else 0.0
 
 
 def eos_token_ids(loaded: LoadedModel) -> frozenset[int]:
@@ -59,6 +91,9 @@ class LLMEngine:
                                   c.block_size, c.kv_cache_bytes, c.enable_prefix_caching)
         self.scheduler = Scheduler(SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens), self.cache.blocks)
         self.runner = ModelRunner(loaded, self.cache)
+        self.proposer, self.num_speculative_tokens = build_proposer(c.speculative, c.num_speculative_tokens,
+                                                                    loaded.model, self.cache)
+        self.speculation = SpeculationStats()
         self.requests: dict[str, Request] = {}
         self._id_counter = itertools.count()
 
@@ -100,15 +135,21 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request now and free its blocks."""
-        request = self.requests.pop(request_id, None)
+        request = self.requests.get(request_id)
         if request is not None:
             request.abort()
-            self.scheduler.finish(request)
+            self._retire(request)
+
+    def _retire(self, request: Request) -> None:
+        """Drop a finished request: its blocks go back (cached), its proposer state goes."""
+        self.requests.pop(request.request_id, None)
+        self.scheduler.finish(request)
+        if self.proposer is not None:
+            self.proposer.release(request.request_id)
 
     def _fail(self, request: Request, message: str) -> None:
         request.fail(message)
-        self.requests.pop(request.request_id, None)
-        self.scheduler.finish(request)
+        self._retire(request)
 
     def _score_prompt(self, request: Request, hidden: torch.Tensor) -> None:
         """Record the prompt logprobs this step's tokens of `request` give (the rows at positions
@@ -135,38 +176,101 @@ class LLMEngine:
             for request in batch.requests:
                 self._fail(request, f"the model failed on this batch: {exc}")
             return batch.requests
+        starts = [r.num_computed_tokens for r in batch.requests]
         sampling_rows = []
-        for row, (request, count) in enumerate(zip(batch.requests, batch.num_new_tokens, strict=True)):
+        for row, (request, count, drafts) in enumerate(zip(batch.requests, batch.num_new_tokens, batch.drafts,
+                                                           strict=True)):
             if request.params.prompt_logprobs is not None:
                 self._score_prompt(request, hidden.of(row))
-            request.num_computed_tokens += count
-            self.cache.blocks.register_full_blocks(request.request_id, request.all_token_ids,
-                                                   request.num_computed_tokens)
+            request.num_computed_tokens += count - len(drafts)  # the drafts' K/V count once verified
             if request.num_computed_tokens == request.num_tokens:  # not mid-way through a prefill
                 sampling_rows.append(row)
-        if not sampling_rows:
-            return []
+            else:
+                self._register(request)
         produced = [batch.requests[row] for row in sampling_rows]
-        # what each request's controllers allow next (a controller failing ends its own request only)
-        live, constraints = [], []
-        for index, request in enumerate(produced):
-            try:
-                constraints.append(request.constraint())
-            except Exception as exc:  # noqa: BLE001
-                self._fail(request, f"the request's output controls failed: {exc}")
-                continue
-            live.append(index)
-        if not live:
-            return produced
-        logits = self.runner.logits(hidden.last([sampling_rows[i] for i in live]))
-        requests = [produced[i] for i in live]
-        results = sample_batch(logits, [r.sampling for r in requests], constraints)  # one masked sample
-        for request, result in zip(requests, results, strict=True):
-            if isinstance(result, Exception):  # e.g. a logits processor raising: only this request ends
-                self._fail(request, f"sampling failed: {result}")
-                continue
-            request.append(result)
-            if request.status.finished:
-                del self.requests[request.request_id]
-                self.scheduler.finish(request)
+        accepted = dict(zip(sampling_rows, self._sample(batch, hidden, sampling_rows), strict=True))
+        if self.proposer is not None:
+            self._propose(batch, hidden, starts, accepted)
         return produced
+
+    def _register(self, request: Request) -> None:
+        self.cache.blocks.register_full_blocks(request.request_id, request.all_token_ids,
+                                               request.num_computed_tokens)
+
+    def _sample(self, batch: ScheduledBatch, hidden: StepHidden, rows: list[int]) -> list[int]:
+        """Sample the next token of each request of `rows` (indices into the batch) and verify its drafts: one
+        masked batch per position, position j for the requests whose tokens so far all equalled their drafts.
+        Returns per row the drafts accepted."""
+        if not rows:
+            return []
+        requests = [batch.requests[row] for row in rows]
+        drafts = [batch.drafts[row] for row in rows]
+        logits = self.runner.logits(hidden.tails(rows, [len(d) + 1 for d in drafts]))
+        first = list(itertools.accumulate([0] + [len(d) + 1 for d in drafts]))  # each request's first row
+        accepted = [0] * len(rows)
+        active = list(range(len(rows)))
+        for position in itertools.count():
+            # what each request's controllers allow next (a controller failing ends its own request only)
+            live, constraints = [], []
+            for i in active:
+                try:
+                    constraints.append(requests[i].constraint())
+                except Exception as exc:  # noqa: BLE001
+                    self._fail(requests[i], f"the request's output controls failed: {exc}")
+                    continue
+                live.append(i)
+            if not live:
+                break
+            picked = [first[i] + position for i in live]
+            position_logits = logits if picked == list(range(len(logits))) else logits[picked]
+            results = sample_batch(position_logits, [requests[i].sampling for i in live], constraints)
+            active = []
+            for i, result in zip(live, results, strict=True):
+                request = requests[i]
+                if isinstance(result, Exception):  # e.g. a logits processor raising: only this request ends
+                    self._fail(request, f"sampling failed: {result}")
+                    continue
+                request.append(result)
+                if request.status.finished:
+                    self._settle(request, accepted[i], drafts[i])
+                elif position < len(drafts[i]) and result.token_id == drafts[i][position]:
+                    accepted[i] += 1
+                    active.append(i)
+                else:
+                    self._settle(request, accepted[i], drafts[i])
+            if not active:
+                break
+        return accepted
+
+    def _settle(self, request: Request, accepted: int, drafts: list[int]) -> None:
+        """A request's verification is over: its accepted drafts' K/V count as computed, its full blocks become
+        prefix hits; a finished request leaves."""
+        request.num_computed_tokens += accepted
+        self._register(request)
+        if drafts:
+            stats = self.speculation
+            stats.drafted += len(drafts)
+            stats.accepted += accepted
+            stats.verifications += 1
+        if request.status.finished:
+            self._retire(request)
+
+    def _propose(self, batch: ScheduledBatch, hidden: StepHidden, starts: list[int],
+                 accepted: dict[int, int]) -> None:
+        """Draft the next tokens of every request that goes on decoding."""
+        verified = [hidden.of(row)[:count - len(drafts) + accepted.get(row, 0)]
+                    for row, (count, drafts) in enumerate(zip(batch.num_new_tokens, batch.drafts, strict=True))]
+        room = [self._draft_room(r) for r in batch.requests]
+        step = VerifiedStep(batch.requests, verified, starts)
+        for request, drafts in zip(batch.requests, self.proposer.propose(step, room), strict=True):
+            request.draft_token_ids = drafts
+
+    def _draft_room(self, request: Request) -> int:
+        """How many drafts the request can use next step: none unless it is decoding; never past its length
+        limits (the drafts and the token after them must fit)."""
+        if request.status.finished or request.num_computed_tokens != request.num_tokens - 1:
+            return 0
+        limit = request.max_total_tokens
+        if request.params.max_tokens is not None:
+            limit = min(limit, request.num_prompt_tokens + request.params.max_tokens)
+        return max(0, min(self.num_speculative_tokens, limit - request.num_tokens - 1))

@@ -77,6 +77,9 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V are in the cache
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache on first admission
     num_preemptions: int = 0
+    # speculative decoding: tokens a proposer guessed to follow, fed to the next step after the last token and
+    # kept only as far as the target's own sampling agrees (never part of the request's tokens until then)
+    draft_token_ids: list[int] = field(default_factory=list)
     logprobs: list[SampledToken] = field(default_factory=list)
     # with params.prompt_logprobs: per prompt token, how likely it was after the ones before it (None for the first)
     prompt_logprobs: list[SampledToken | None] = field(default_factory=lambda: [None])

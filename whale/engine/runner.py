@@ -23,9 +23,12 @@ class StepHidden:
     hidden: torch.Tensor
     offsets: list[int]
 
-    def last(self, requests: list[int]) -> torch.Tensor:
-        """The hidden state of the last scheduled token of each of `requests` (indices into the batch)."""
-        return self.hidden[[self.offsets[i + 1] - 1 for i in requests]]
+    def tails(self, requests: list[int], counts: list[int]) -> torch.Tensor:
+        """The hidden states of the last counts[j] scheduled tokens of each of `requests` (indices into the
+        batch), request after request."""
+        rows = [r for i, n in zip(requests, counts, strict=True) for r in range(self.offsets[i + 1] - n,
+                                                                                  self.offsets[i + 1])]
+        return self.hidden if rows == list(range(len(self.hidden))) else self.hidden[rows]
 
     def of(self, request: int) -> torch.Tensor:
         return self.hidden[self.offsets[request]:self.offsets[request + 1]]
@@ -38,15 +41,17 @@ class ModelRunner:
     def execute(self, batch: ScheduledBatch) -> StepHidden:
         """The final hidden state of every scheduled token, by request."""
         ids, positions = [], []
-        for request, count in zip(batch.requests, batch.num_new_tokens, strict=True):
+        for request, count, drafts in zip(batch.requests, batch.num_new_tokens, batch.drafts, strict=True):
             start = request.num_computed_tokens
-            ids.extend(request.all_token_ids[start:start + count])
+            ids.extend(request.all_token_ids[start:start + count - len(drafts)])
+            ids.extend(drafts)
             positions.extend(range(start, start + count))
         layout = StepLayout.build([self.cache.blocks.block_table(r.request_id) for r in batch.requests],
                                   [r.num_computed_tokens for r in batch.requests], batch.num_new_tokens,
                                   self.cache.block_size, self.device)
         self.cache.set_layout(layout)
-        decoding = all(_decoding(r, count) for r, count in zip(batch.requests, batch.num_new_tokens, strict=True))
+        decoding = all(_decoding(r, count, len(drafts))
+                       for r, count, drafts in zip(batch.requests, batch.num_new_tokens, batch.drafts, strict=True))
         try:
             with prompt_step(not decoding):
                 hidden = self.model(torch.tensor(ids, device=self.device),
@@ -60,7 +65,9 @@ class ModelRunner:
         return self.model.compute_logits(hidden).cpu()
 
 
-def _decoding(request: Request, count: int) -> bool:
-    """Whether the request's new tokens are one decode token (its last sampled one), rather than prompt tokens
-    or tokens recomputed after a preemption."""
-    return count == 1 and bool(request.output_token_ids) and request.num_computed_tokens == request.num_tokens - 1
+def _decoding(request: Request, count: int, drafts: int) -> bool:
+    """Whether the request's new tokens are a decode token (its last sampled one) and its drafts, rather than
+    prompt tokens or tokens recomputed after a preemption. A draft verified in a decode step is computed as it
+    would have been as that step's decode token: speculation does not change a greedy reply."""
+    return (count == 1 + drafts and bool(request.output_token_ids)
+            and request.num_computed_tokens == request.num_tokens - 1)

@@ -2,7 +2,8 @@
 (a decode token or the next prefill chunk), then admits waiting requests FCFS while the budget, `max_num_seqs`
 and the KV blocks last. A prefill longer than the budget is chunked across steps, mixed with decodes. When blocks
 run out, the most recently admitted request is preempted: its blocks are freed and it is recomputed later
-(its prefix-cached blocks usually make that cheap)."""
+(its prefix-cached blocks usually make that cheap). A decoding request's draft tokens (speculative decoding) ride
+along behind its last token while the budget and the blocks allow, and are dropped before anyone is preempted."""
 
 from __future__ import annotations
 
@@ -22,12 +23,14 @@ class SchedulerConfig:
 @dataclass
 class ScheduledBatch:
     requests: list[Request] = field(default_factory=list)
-    num_new_tokens: list[int] = field(default_factory=list)
+    num_new_tokens: list[int] = field(default_factory=list)  # drafts included
+    drafts: list[list[int]] = field(default_factory=list)  # the draft tokens that end each request's new tokens
     preempted: list[Request] = field(default_factory=list)
 
-    def add(self, request: Request, count: int) -> None:
+    def add(self, request: Request, count: int, drafts: list[int] | None = None) -> None:
         self.requests.append(request)
         self.num_new_tokens.append(count)
+        self.drafts.append(drafts or [])
 
 
 class Scheduler:
@@ -48,6 +51,7 @@ class Scheduler:
         self.running.remove(victim)
         self.blocks.free(victim.request_id)
         victim.num_computed_tokens = 0
+        victim.draft_token_ids = []
         victim.status = RequestStatus.WAITING
         victim.num_preemptions += 1
         self.waiting.appendleft(victim)
@@ -57,14 +61,19 @@ class Scheduler:
         for request in list(self.running):
             if request not in self.running or budget == 0:
                 continue  # preempted earlier in this loop
-            count = min(request.num_tokens - request.num_computed_tokens, budget)
+            pending = request.num_tokens - request.num_computed_tokens
+            drafts = request.draft_token_ids[:max(0, budget - 1)] if pending == 1 else []
+            request.draft_token_ids = []
+            count = min(pending + len(drafts), budget)
+            if drafts and not self.blocks.grow(request.request_id, request.num_computed_tokens + count):
+                drafts, count = [], pending  # no blocks for the drafts: decode without them
             while not self.blocks.grow(request.request_id, request.num_computed_tokens + count):
                 victim = self.running[-1]
                 self._preempt(victim, batch)
                 if victim is request:
                     break
             else:
-                batch.add(request, count)
+                batch.add(request, count, drafts)
                 budget -= count
         return budget
 

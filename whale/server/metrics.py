@@ -1,7 +1,7 @@
 """Prometheus metrics (prometheus-client, one registry per server): requests by route and status; per generation,
 time to first token, the gap between tokens and the decode rate, each recorded as its tokens arrive from the
 engine, streaming or not; prompt, cached and generated tokens; and, read from the engine when /metrics is
-scraped, queue depth and KV-cache usage."""
+scraped, queue depth, KV-cache usage and speculative decoding's drafts (verified, accepted)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from whale.engine.async_engine import StreamDelta
@@ -31,6 +31,9 @@ class EngineGauges:
     waiting: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    draft_tokens: int = 0  # speculative decoding: drafts verified, accepted, request-steps that verified any
+    accepted_draft_tokens: int = 0
+    verifications: int = 0
 
 
 class _ScrapeTimeGauges(Collector):
@@ -40,7 +43,7 @@ class _ScrapeTimeGauges(Collector):
         self._gauges = gauges
         self._in_flight = in_flight
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         gauges = self._gauges()
         usage = gauges.kv_blocks_used / gauges.kv_blocks_total if gauges.kv_blocks_total else 0.0
         for name, help_text, value in (
@@ -51,6 +54,18 @@ class _ScrapeTimeGauges(Collector):
                 ("whale_kv_cache_blocks_total", "KV-cache blocks in all.", gauges.kv_blocks_total),
                 ("whale_kv_cache_usage_ratio", "Share of KV-cache blocks in use.", usage)):
             yield GaugeMetricFamily(name, help_text, value=value)
+        for name, help_text, value in (
+                ("whale_spec_decode_draft_tokens", "Draft tokens verified (speculative decoding).",
+                 gauges.draft_tokens),
+                ("whale_spec_decode_accepted_tokens", "Draft tokens accepted.", gauges.accepted_draft_tokens),
+                ("whale_spec_decode_verifications", "Request-steps that verified drafts; each also yields one "
+                                                    "token of its own.", gauges.verifications)):
+            yield CounterMetricFamily(name, help_text, value=value)
+        rate = gauges.accepted_draft_tokens / gauges.draft_tokens if gauges.draft_tokens else 0.0
+        length = 1 + gauges.accepted_draft_tokens / gauges.verifications if gauges.verifications else 0.0
+        yield GaugeMetricFamily("whale_spec_decode_acceptance_ratio", "Share of draft tokens accepted.", value=rate)
+        yield GaugeMetricFamily("whale_spec_decode_mean_accepted_length",
+                                "Tokens per verifying step: accepted drafts + 1.", value=length)
 
 
 class Metrics:
@@ -145,6 +160,8 @@ def engine_gauges(async_engine: object) -> EngineGauges:
     scheduler = getattr(engine, "scheduler", None)
     if scheduler is None:
         return EngineGauges()
-    blocks = engine.cache.blocks
+    blocks, speculation = engine.cache.blocks, engine.speculation
     return EngineGauges(running=len(scheduler.running), waiting=len(scheduler.waiting),
-                        kv_blocks_used=blocks.num_blocks - blocks.num_free_blocks, kv_blocks_total=blocks.num_blocks)
+                        kv_blocks_used=blocks.num_blocks - blocks.num_free_blocks, kv_blocks_total=blocks.num_blocks,
+                        draft_tokens=speculation.drafted, accepted_draft_tokens=speculation.accepted,
+                        verifications=speculation.verifications)
