@@ -35,7 +35,9 @@ from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 path, tokens, threads, drafts = sys.argv[1], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 with open(sys.argv[2]) as handle:
     prompts = json.load(handle)
+# drafts need every position's logits kept (logits_all), as llama-cpp-python's speculative example does
 model = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=4096, verbose=False,
+                        logits_all=bool(drafts),
                         draft_model=LlamaPromptLookupDecoding(num_pred_tokens=drafts) if drafts else None)
 def run(prompt, count):
     model.reset()
@@ -99,8 +101,9 @@ def peer_run(gguf: Path, prompts: list[list[int]], tokens: int, threads: int, dr
 
 
 def deepseek_verify_cost(report: Report, threads: int) -> None:
-    """Tiny DeepSeek-V3: ms per decode step at 1 token, and per verifying step of K drafts all refused / all
-    accepted (a proposer that drafts a known reply, or its wrong tokens)."""
+    """Tiny DeepSeek-V3 with its MTP layer: ms per decode step at 1 token; per verifying step of K drafts all
+    refused / all accepted (a proposer that drafts a known reply, or its wrong tokens); and the MTP proposer itself
+    (random weights: its acceptance means nothing, its cost does)."""
     import sys
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -111,7 +114,7 @@ def deepseek_verify_cost(report: Report, threads: int) -> None:
     from whale.engine.llm_engine import EngineConfig, LLMEngine
 
     with tempfile.TemporaryDirectory() as directory:
-        write_checkpoint("v3", Path(directory), seed=3)
+        write_checkpoint("v3", Path(directory), seed=3, mtp=True)
         loaded = LLM(directory, dtype="float32").loaded
     prompt, tokens = list(range(2, 34)), 129
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
@@ -136,22 +139,26 @@ def deepseek_verify_cost(report: Report, threads: int) -> None:
         reference.step()
     reply = list(request.output_token_ids)
     report.line()
-    report.line(f"Tiny DeepSeek-V3 (4 layers, 16 experts, fp32, {threads} threads), {tokens - 1} greedy tokens "
-                "after the first, best of 3: the cost of verifying drafts")
+    config = loaded.config
+    report.line(f"Tiny DeepSeek-V3 ({config.num_hidden_layers} layers + MTP, {config.n_routed_experts} experts, "
+                f"hidden {config.hidden_size}, fp32, {threads} threads), {tokens - 1} greedy tokens after the first, "
+                "best of 3: the cost of verifying drafts")
     report.line()
-    report.line("| drafts per step | acceptance | steps | ms/step | tok/s | vs no drafts |")
-    report.line("|---:|---:|---:|---:|---:|---:|")
+    report.line("| proposer | drafts per step | acceptance | steps | ms/step | tok/s | vs no drafts |")
+    report.line("|---|---:|---:|---:|---:|---:|---:|")
     base_rate = (tokens - 1) / seconds
-    report.line(f"| 0 | - | {steps} | {1000 * seconds / steps:.2f} | {base_rate:.0f} | 1.00x |")
-    for drafts in (1, 3):
-        for wrong in (1, 0):  # every draft token wrong (0% accepted), or none wrong (100%)
-            engine = LLMEngine(loaded, EngineConfig())
+    report.line(f"| none | 0 | - | {steps} | {1000 * seconds / steps:.2f} | {base_rate:.0f} | 1.00x |")
+    cases = [(f"forced {'0' if wrong else '100'}%", drafts, wrong) for drafts in (1, 3) for wrong in (1, 0)]
+    for name, drafts, wrong in [*cases, ("mtp", 1, None), ("mtp", 3, None)]:
+        engine = LLMEngine(loaded, EngineConfig(speculative="mtp" if wrong is None else "off",
+                                                num_speculative_tokens=drafts if wrong is None else None))
+        if wrong is not None:  # every draft token wrong (0% accepted), or none wrong (100%)
             engine.proposer = ReplayProposer({"r": reply}, 256, wrong_every=wrong)
             engine.num_speculative_tokens = drafts
-            seconds, steps = timed(engine)
-            rate = (tokens - 1) / seconds
-            report.line(f"| {drafts} | {engine.speculation.acceptance_rate:.0%} | {steps} | "
-                        f"{1000 * seconds / steps:.2f} | {rate:.0f} | {rate / base_rate:.2f}x |")
+        seconds, steps = timed(engine)
+        rate = (tokens - 1) / seconds
+        report.line(f"| {name} | {drafts} | {engine.speculation.acceptance_rate:.0%} | {steps} | "
+                    f"{1000 * seconds / steps:.2f} | {rate:.0f} | {rate / base_rate:.2f}x |")
 
 
 def main() -> None:
@@ -174,9 +181,9 @@ def main() -> None:
     tokenizer = llm.tokenizer
     prompts = [llm.chat_prompt([{"role": "user", "content": f"Repeat this document exactly:\n\n{doc}"}]).ids
                for doc in documents(tokenizer, STREAMS)]
-    engines = {"off": LLMEngine(llm.loaded, EngineConfig(enable_prefix_caching=False)),
-               "ngram": LLMEngine(llm.loaded, EngineConfig(enable_prefix_caching=False, speculative="ngram",
-                                                           num_speculative_tokens=args.drafts))}
+    # prefix caching on: rounds after the first skip the prefill, which the figures leave out anyway
+    engines = {"off": LLMEngine(llm.loaded, EngineConfig()),
+               "ngram": LLMEngine(llm.loaded, EngineConfig(speculative="ngram", num_speculative_tokens=args.drafts))}
     for engine in engines.values():  # warm-up
         whale_run(engine, [prompts[0][:64]], 8)
     cases = {"1 stream": prompts[:1], f"{STREAMS} streams": prompts}

@@ -22,7 +22,7 @@ def test_generate_prints_the_greedy_completion(default_llm):
     from whale import SamplingParams
 
     done = _whale("generate", "The capital of France is", "--max-tokens", "8", "--kernels", "dense",
-                  "--temperature", "0")
+                  "--temperature", "0", "--speculative", "ngram")  # drafts never change a greedy reply
     assert done.returncode == 0, done.stderr  # dense fp32 kernels: the same weights and math as default_llm
     expected = default_llm.generate("The capital of France is", SamplingParams(temperature=0, max_tokens=8))
     assert done.stdout == expected[0].outputs[0].text + "\n"
@@ -117,6 +117,8 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path):
     assert done.stderr.startswith("whale generate: error: cannot resolve model") and done.stderr.count("\n") == 1
     done = _whale("generate", "hi", "--temperature", "-1")
     assert (done.returncode, done.stderr) == (2, "whale generate: error: temperature must be >= 0\n")
+    done = _whale("generate", "hi", "--speculative", "mtp")
+    assert done.returncode == 2 and "needs a DeepSeek checkpoint" in done.stderr and done.stderr.count("\n") == 1
     assert _whale("no-such-command").returncode == 2
 
 

@@ -150,6 +150,37 @@ def test_greedy_deepseek_replies_are_the_same_with_drafts(deepseek):
     assert replayed.speculation.accepted > 40
 
 
+class FailingProposer:
+    def propose(self, step, room):
+        raise RuntimeError("out of memory")
+
+    def release(self, request_id):
+        pass
+
+
+def test_a_failing_proposer_costs_the_drafts_only(deepseek, caplog):
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    plain = _outputs(_run(LLMEngine(deepseek, EngineConfig()), [[5, 6, 7]], params))
+    engine = LLMEngine(deepseek, EngineConfig())
+    engine.proposer, engine.num_speculative_tokens = FailingProposer(), 2
+    assert _outputs(_run(engine, [[5, 6, 7]], params)) == plain
+    assert "the draft proposer failed" in caplog.text and "out of memory" in caplog.text
+
+
+def test_an_abort_mid_speculation_frees_everything(deepseek):
+    engine = LLMEngine(deepseek, EngineConfig(speculative="ngram", block_size=4))
+    total = engine.cache.blocks.num_free_blocks
+    params = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    requests = [engine.add_request([5, 6, 7, 5, 6, 7, 5, 6], params) for _ in range(3)]
+    while not any(r.draft_token_ids for r in requests):
+        engine.step()
+    engine.abort(requests[1].request_id)
+    assert requests[1].finish_reason == "abort" and requests[1].request_id not in engine.proposer._indexes
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.cache.blocks.num_free_blocks == total and not engine.proposer._indexes
+
+
 # -- sampling: the same distribution -------------------------------------------------------------------------------
 
 def test_seeded_sampled_replies_and_logprobs_are_the_same_with_drafts(int4, prompts):

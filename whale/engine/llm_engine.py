@@ -19,6 +19,7 @@ as far as verified tokens fill them).
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +34,7 @@ from whale.errors import InvalidRequestError
 from whale.models.loader import LoadedModel
 from whale.sampling_params import SamplingParams
 
+log = logging.getLogger("whale.engine")
 PROMPT_SCORING_ROWS = 256  # prompt positions whose logits are computed at once (256 x a 152K vocabulary: 156 MB)
 
 
@@ -261,8 +263,12 @@ class LLMEngine:
         verified = [hidden.of(row)[:count - len(drafts) + accepted.get(row, 0)]
                     for row, (count, drafts) in enumerate(zip(batch.num_new_tokens, batch.drafts, strict=True))]
         room = [self._draft_room(r) for r in batch.requests]
-        step = VerifiedStep(batch.requests, verified, starts)
-        for request, drafts in zip(batch.requests, self.proposer.propose(step, room), strict=True):
+        try:
+            proposed = self.proposer.propose(VerifiedStep(batch.requests, verified, starts), room)
+        except Exception as exc:  # noqa: BLE001 - drafts only save time: without them every request goes on
+            log.warning("the draft proposer failed; this step's requests decode without drafts: %s", exc)
+            return
+        for request, drafts in zip(batch.requests, proposed, strict=True):
             request.draft_token_ids = drafts
 
     def _draft_room(self, request: Request) -> int:
