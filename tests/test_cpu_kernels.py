@@ -104,6 +104,38 @@ def test_paged_attention_reads_each_tokens_visible_context_from_the_blocks():
             assert torch.allclose(out[t, h].double(), probs @ values[:, kv], atol=1e-5)
 
 
+def test_paged_attention_over_long_contexts_is_the_same_for_a_token_alone_or_in_any_batch():
+    """Contexts of several 256-position chunks (split-K), tokens ending just before, on and after chunk edges: each
+    output is softmax attention (float64 reference), and bit-identical when the token is computed alone."""
+    generator = torch.Generator().manual_seed(3)
+    heads, kv_heads, dim, slots = 4, 2, 16, 4096
+    k_store = torch.randn(slots, kv_heads, dim, generator=generator)
+    v_store = torch.randn(slots, kv_heads, dim, generator=generator)
+    permutation = torch.randperm(slots, generator=generator)  # scattered storage rows
+    lens = [[511, 512, 513], [700], [1, 2], [257]]  # per sequence, its tokens' context lengths
+    width = 700
+    context_index = torch.stack([permutation[i * width:(i + 1) * width] for i in range(len(lens))])
+    token_seq = torch.tensor([s for s, seq_lens in enumerate(lens) for _ in seq_lens])
+    token_len = torch.tensor([n for seq_lens in lens for n in seq_lens])
+    slot_mapping = context_index[token_seq, token_len - 1]
+    tokens = len(token_seq)
+    q = torch.randn(tokens, heads, dim, generator=generator)
+    k = k_store[slot_mapping].clone()  # the new rows are the stored ones: writing them changes nothing
+    v = v_store[slot_mapping].clone()
+    out = cpu_ops().paged_attention(q, k, v, k_store, v_store, slot_mapping, context_index, token_seq, token_len,
+                                    0.25)
+    for t in range(tokens):
+        slots_seen = context_index[token_seq[t], :token_len[t]]
+        keys, values = k_store[slots_seen].double(), v_store[slots_seen].double()
+        for h in range(heads):
+            probs = torch.softmax(keys[:, h // 2] @ q[t, h].double() * 0.25, dim=0)
+            assert torch.allclose(out[t, h].double(), probs @ values[:, h // 2], atol=1e-5)
+        alone = cpu_ops().paged_attention(q[t:t + 1], k[t:t + 1], v[t:t + 1], k_store, v_store, slot_mapping[t:t + 1],
+                                          context_index[token_seq[t]:token_seq[t] + 1], torch.tensor([0]),
+                                          token_len[t:t + 1], 0.25)
+        assert torch.equal(alone[0], out[t])
+
+
 def test_paged_attention_refuses_a_layout_pointing_outside_the_storage():
     store = torch.zeros(16, 1, 8)
     q, k, v = torch.randn(1, 2, 8), torch.randn(1, 1, 8), torch.randn(1, 1, 8)

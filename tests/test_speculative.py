@@ -303,16 +303,29 @@ def test_drafts_never_pass_a_length_limit(int4, prompts):
 
 
 def test_refused_drafts_never_reach_the_prefix_cache(int4, prompts):
-    """Half the drafts are wrong; then the reply, fed back as a prompt, is served from the blocks the drafted run
-    left: it continues exactly as it does on an engine without a prefix cache."""
+    """Half the drafts are wrong. Every block the drafted run registers for prefix hits holds, bit for bit, the
+    K/V the plain engine registers under the same hash; and its reply, fed back as a prompt, is served from those
+    blocks and continues as on the plain engine."""
+
+    def run_and_follow(engine):
+        (first,) = _run(engine, [prompts[2]], GREEDY, ["r"])
+        (hit,) = _run(engine, [list(first.all_token_ids)], GREEDY, ["again"])
+        return first, hit
+
+    plain = LLMEngine(int4, EngineConfig(block_size=4))
+    expected_first, expected_hit = run_and_follow(plain)
     engine = LLMEngine(int4, EngineConfig(block_size=4))
-    plain = _run(LLMEngine(int4, EngineConfig(enable_prefix_caching=False)), [prompts[2]])
     engine.proposer, engine.num_speculative_tokens = ReplayProposer(
-        {"r": _outputs(plain)[0]}, 49152, wrong_every=2), 3
-    (first,) = _run(engine, [prompts[2]], GREEDY, ["r"])
-    assert engine.speculation.accepted < engine.speculation.drafted
-    follow = list(first.all_token_ids)
-    (hit,) = _run(engine, [follow], GREEDY, ["again"])
-    assert hit.num_cached_tokens >= len(follow) - 8  # the drafted reply's blocks were hits
-    (cold,) = _run(LLMEngine(int4, EngineConfig(enable_prefix_caching=False)), [follow])
-    assert list(hit.output_token_ids) == list(cold.output_token_ids)
+        {"r": list(expected_first.output_token_ids)}, 49152, wrong_every=2), 3
+    first, hit = run_and_follow(engine)
+    assert 0 < engine.speculation.accepted < engine.speculation.drafted
+    assert list(first.output_token_ids) == list(expected_first.output_token_ids)
+    assert hit.num_cached_tokens == expected_hit.num_cached_tokens >= first.num_tokens - 8
+    assert list(hit.output_token_ids) == list(expected_hit.output_token_ids)
+    size = engine.cache.block_size
+    assert engine.cache.blocks.cached.keys() == plain.cache.blocks.cached.keys()
+    for block_hash, block in engine.cache.blocks.cached.items():
+        other = plain.cache.blocks.cached[block_hash]
+        for name, store in engine.cache.stores.items():
+            assert torch.equal(store[:, block * size:(block + 1) * size],
+                               plain.cache.stores[name][:, other * size:(other + 1) * size])

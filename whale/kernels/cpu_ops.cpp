@@ -177,8 +177,17 @@ void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor signed_sin, int64
 // Paged attention for tokens that each see a prefix of their sequence's context, read straight from the
 // block storage (no gathered copy of the context). The new k/v rows are written to their slots first.
 //   q [T, H, D]; k, v [T, KV, D]; k_store, v_store [slots, KV, D]; slot_mapping [T];
-//   context_index [B, S] storage slot of each context position; token_seq [T] the sequence of each token;
-//   token_len [T] how many context positions the token sees (its own included). Returns [T, H, D].
+//   context_index [B, S] storage slot of each context position; token_seq [T] the sequence of each token (a
+//   sequence's tokens are consecutive); token_len [T] how many context positions the token sees (its own
+//   included). Returns [T, H, D].
+// Split-K ("flash decoding"): a work item is one sequence's context positions [c * kChunk, (c + 1) * kChunk):
+// it reads each K and V row there once, whole (every KV head: one contiguous run per position, which the
+// prefetcher streams), for all of the sequence's new tokens and heads, and leaves per (token, head) the chunk's
+// max score, sum of exponentials and weighted sum of values; a second pass merges each token's chunks. Chunks are
+// cut at absolute positions, so a token's result depends on its own context only: not on the batch, the other
+// tokens of its sequence in the step (drafts being verified), or the thread count.
+constexpr int64_t kChunk = 256;
+
 torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v, torch::Tensor k_store,
                               torch::Tensor v_store, torch::Tensor slot_mapping, torch::Tensor context_index,
                               torch::Tensor token_seq, torch::Tensor token_len, double scale) {
@@ -201,64 +210,109 @@ torch::Tensor paged_attention(torch::Tensor q, torch::Tensor k, torch::Tensor v,
   const int64_t capacity = k_store.size(0), sequences = context_index.size(0);
   for (int64_t t = 0; t < tokens; ++t) {  // the layout is the engine's; a bad one must not write out of bounds
     TORCH_CHECK(slots[t] >= 0 && slots[t] < capacity && seq[t] >= 0 && seq[t] < sequences && lens[t] >= 1 &&
-                    lens[t] <= width,
+                    lens[t] <= width && (t == 0 || seq[t] >= seq[t - 1]),
                 "paged_attention: token ", t, " has a slot, sequence or context length out of range");
     std::memcpy(ks + slots[t] * row, k.data_ptr<float>() + t * k.stride(0), row * sizeof(float));
     std::memcpy(vs + slots[t] * row, v.data_ptr<float>() + t * v.stride(0), row * sizeof(float));
   }
-  auto out = torch::empty({tokens, heads, dim}, q.options());
+  const int64_t* context = context_index.data_ptr<int64_t>();
+  // each sequence's tokens [first, end) and the longest context among them; work items (sequence, chunk)
+  std::vector<int64_t> first(sequences, 0), end(sequences, 0), longest(sequences, 0);
+  for (int64_t t = tokens - 1; t >= 0; --t) first[seq[t]] = t;
+  for (int64_t t = 0; t < tokens; ++t) {
+    end[seq[t]] = t + 1;
+    longest[seq[t]] = std::max(longest[seq[t]], lens[t]);
+  }
+  std::vector<std::pair<int64_t, int64_t>> items;
+  for (int64_t s = 0; s < sequences; ++s) {
+    for (int64_t c = 0; c * kChunk < longest[s]; ++c) items.emplace_back(s, c);
+  }
+  const int64_t chunks = (width + kChunk - 1) / kChunk;
+  auto stats = torch::empty({tokens, heads, chunks, 2}, q.options());  // (max score, sum of exponentials)
+  auto sums = torch::empty({tokens, heads, chunks, dim}, q.options());  // exponential-weighted value sums
+  float* st = stats.data_ptr<float>();
+  float* sm = sums.data_ptr<float>();
   const float* qp = q.data_ptr<float>();
   const int64_t q_stride = q.stride(0);
-  float* op = out.data_ptr<float>();
-  const int64_t* context = context_index.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
-  // A work item is one token (its K/V rows are read whole, 4 x kv_heads x dim bytes in a row) when there are
-  // enough tokens to keep every thread busy, else one (token, kv head) pair.
-  const int64_t split = tokens >= at::get_num_threads() ? 1 : kv_heads;
-  at::parallel_for(0, tokens * split, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, static_cast<int64_t>(items.size()), 1, [&](int64_t begin, int64_t stop) {
     std::vector<float> scores;
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t t = item / split, len = lens[t];
-      const int64_t first_kv = split == 1 ? 0 : item % split, last_kv = split == 1 ? kv_heads : first_kv + 1;
-      const int64_t* positions = context + seq[t] * width;
-      const int64_t span = (last_kv - first_kv) * group;  // query heads of this item
-      const float* queries = qp + t * q_stride + first_kv * group * dim;
-      float* outs = op + (t * heads + first_kv * group) * dim;
-      scores.resize(span * len);
-      for (int64_t j = 0; j < len; ++j) {
-        const float* keys = ks + positions[j] * row + first_kv * dim;
-        for (int64_t h = 0; h < span; ++h) {
-          const float* query = queries + h * dim;
-          const float* key = keys + (h / group) * dim;
-          float dot = 0.f;
+    for (int64_t item = begin; item < stop; ++item) {
+      const int64_t s = items[item].first, c = items[item].second;
+      const int64_t t0 = first[s], count = end[s] - t0;
+      const int64_t j0 = c * kChunk, j1 = std::min(j0 + kChunk, longest[s]), n = j1 - j0;
+      const int64_t* positions = context + s * width;
+      scores.resize(count * heads * n);
+      for (int64_t j = j0; j < j1; ++j) {
+        const float* keys = ks + positions[j] * row;
+        for (int64_t tt = 0; tt < count; ++tt) {
+          if (j >= lens[t0 + tt]) continue;
+          const float* queries = qp + (t0 + tt) * q_stride;
+          for (int64_t h = 0; h < heads; ++h) {
+            const float* query = queries + h * dim;
+            const float* key = keys + (h / group) * dim;
+            float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-          for (int64_t i = 0; i < dim; ++i) dot += query[i] * key[i];
-          scores[h * len + j] = dot * fscale;
+            for (int64_t i = 0; i < dim; ++i) dot += query[i] * key[i];
+            scores[(tt * heads + h) * n + (j - j0)] = dot * fscale;
+          }
         }
       }
-      for (int64_t h = 0; h < span; ++h) {
-        float* s = scores.data() + h * len;
-        const float peak = *std::max_element(s, s + len);
-        float total = 0.f;
+      for (int64_t tt = 0; tt < count; ++tt) {
+        const int64_t visible = std::min(lens[t0 + tt], j1) - j0;  // <= 0: the chunk is past the token
+        for (int64_t h = 0; h < heads; ++h) {
+          float* out_stats = st + (((t0 + tt) * heads + h) * chunks + c) * 2;
+          std::fill(sm + (((t0 + tt) * heads + h) * chunks + c) * dim,
+                    sm + (((t0 + tt) * heads + h) * chunks + c + 1) * dim, 0.f);
+          if (visible <= 0) continue;  // never merged: the token's chunks end before this one
+          float* e = scores.data() + (tt * heads + h) * n;
+          const float peak = *std::max_element(e, e + visible);
+          float total = 0.f;
 #pragma omp simd reduction(+ : total)
-        for (int64_t j = 0; j < len; ++j) {
-          s[j] = std::exp(s[j] - peak);
-          total += s[j];
+          for (int64_t j = 0; j < visible; ++j) {
+            e[j] = std::exp(e[j] - peak);
+            total += e[j];
+          }
+          out_stats[0] = peak;
+          out_stats[1] = total;
         }
-        const float inv = 1.f / total;
-        for (int64_t j = 0; j < len; ++j) s[j] *= inv;
-        std::fill(outs + h * dim, outs + (h + 1) * dim, 0.f);
       }
-      for (int64_t j = 0; j < len; ++j) {
-        const float* values = vs + positions[j] * row + first_kv * dim;
-        for (int64_t h = 0; h < span; ++h) {
-          const float p = scores[h * len + j];
-          const float* value = values + (h / group) * dim;
-          float* o = outs + h * dim;
+      for (int64_t j = j0; j < j1; ++j) {
+        const float* values = vs + positions[j] * row;
+        for (int64_t tt = 0; tt < count; ++tt) {
+          if (j >= lens[t0 + tt]) continue;
+          for (int64_t h = 0; h < heads; ++h) {
+            const float p = scores[(tt * heads + h) * n + (j - j0)];
+            const float* value = values + (h / group) * dim;
+            float* o = sm + (((t0 + tt) * heads + h) * chunks + c) * dim;
 #pragma omp simd
-          for (int64_t i = 0; i < dim; ++i) o[i] += p * value[i];
+            for (int64_t i = 0; i < dim; ++i) o[i] += p * value[i];
+          }
         }
       }
+    }
+  });
+  auto out = torch::empty({tokens, heads, dim}, q.options());
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, tokens * heads, 16, [&](int64_t begin, int64_t stop) {
+    for (int64_t th = begin; th < stop; ++th) {
+      const int64_t used = (lens[th / heads] + kChunk - 1) / kChunk;  // the token's chunks, in order
+      const float* stat = st + th * chunks * 2;
+      float peak = stat[0];  // no infinities: -ffast-math assumes there are none
+      for (int64_t c = 1; c < used; ++c) peak = std::max(peak, stat[c * 2]);
+      float total = 0.f;
+      float* o = op + th * dim;
+      std::fill(o, o + dim, 0.f);
+      for (int64_t c = 0; c < used; ++c) {
+        const float weight = std::exp(stat[c * 2] - peak);
+        total += stat[c * 2 + 1] * weight;
+        const float* part = sm + (th * chunks + c) * dim;
+#pragma omp simd
+        for (int64_t i = 0; i < dim; ++i) o[i] += weight * part[i];
+      }
+      const float inv = 1.f / total;
+#pragma omp simd
+      for (int64_t i = 0; i < dim; ++i) o[i] *= inv;
     }
   });
   return out;
