@@ -8,13 +8,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from whale.engine.async_engine import StreamDelta
+from whale.engine.llm_engine import SpeculationStats
 
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 INTER_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
@@ -31,9 +32,7 @@ class EngineGauges:
     waiting: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
-    draft_tokens: int = 0  # speculative decoding: drafts verified, accepted, request-steps that verified any
-    accepted_draft_tokens: int = 0
-    verifications: int = 0
+    speculation: SpeculationStats = field(default_factory=SpeculationStats)  # a copy, not the engine's own
 
 
 class _ScrapeTimeGauges(Collector):
@@ -54,18 +53,17 @@ class _ScrapeTimeGauges(Collector):
                 ("whale_kv_cache_blocks_total", "KV-cache blocks in all.", gauges.kv_blocks_total),
                 ("whale_kv_cache_usage_ratio", "Share of KV-cache blocks in use.", usage)):
             yield GaugeMetricFamily(name, help_text, value=value)
+        spec = gauges.speculation
         for name, help_text, value in (
-                ("whale_spec_decode_draft_tokens", "Draft tokens verified (speculative decoding).",
-                 gauges.draft_tokens),
-                ("whale_spec_decode_accepted_tokens", "Draft tokens accepted.", gauges.accepted_draft_tokens),
+                ("whale_spec_decode_draft_tokens", "Draft tokens verified (speculative decoding).", spec.drafted),
+                ("whale_spec_decode_accepted_tokens", "Draft tokens accepted.", spec.accepted),
                 ("whale_spec_decode_verifications", "Request-steps that verified drafts; each also yields one "
-                                                    "token of its own.", gauges.verifications)):
+                                                    "token of its own.", spec.verifications)):
             yield CounterMetricFamily(name, help_text, value=value)
-        rate = gauges.accepted_draft_tokens / gauges.draft_tokens if gauges.draft_tokens else 0.0
-        length = 1 + gauges.accepted_draft_tokens / gauges.verifications if gauges.verifications else 0.0
-        yield GaugeMetricFamily("whale_spec_decode_acceptance_ratio", "Share of draft tokens accepted.", value=rate)
+        yield GaugeMetricFamily("whale_spec_decode_acceptance_ratio", "Share of draft tokens accepted.",
+                                value=spec.acceptance_rate)
         yield GaugeMetricFamily("whale_spec_decode_mean_accepted_length",
-                                "Tokens per verifying step: accepted drafts + 1.", value=length)
+                                "Tokens per verifying step: accepted drafts + 1.", value=spec.mean_accepted_length)
 
 
 class Metrics:
@@ -163,5 +161,4 @@ def engine_gauges(async_engine: object) -> EngineGauges:
     blocks, speculation = engine.cache.blocks, engine.speculation
     return EngineGauges(running=len(scheduler.running), waiting=len(scheduler.waiting),
                         kv_blocks_used=blocks.num_blocks - blocks.num_free_blocks, kv_blocks_total=blocks.num_blocks,
-                        draft_tokens=speculation.drafted, accepted_draft_tokens=speculation.accepted,
-                        verifications=speculation.verifications)
+                        speculation=replace(speculation))
