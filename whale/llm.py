@@ -67,7 +67,7 @@ class LLM:
 
     def __init__(self, model: str = "default", dtype: str | torch.dtype | None = None,
                  device: str | None = None, kernels: str = "auto", **engine_options):
-        """`kernels`: the linears' kernels (auto, dense, int4, hybrid; `whale.platform.cpu_weight_kernels`).
+        """`kernels`: the linears' kernels (auto, dense, int4, hybrid, blocks; `whale.platform.cpu_weight_kernels`).
         `engine_options` are EngineConfig fields: max_num_seqs, max_num_batched_tokens, block_size,
         kv_cache_bytes, num_kv_blocks, enable_prefix_caching, max_model_len, speculative ("ngram": prompt-lookup
         drafts), num_speculative_tokens."""

@@ -14,7 +14,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-WEIGHT_KERNELS = ("dense", "int4", "hybrid")
+WEIGHT_KERNELS = ("dense", "int4", "hybrid", "blocks")
 # bf16 dot products in hardware: where the int4 weight-only kernel (bf16 activations) beats fp32 at batch 1
 _BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
@@ -33,19 +33,21 @@ def cpu_flags() -> frozenset[str]:
 
 
 def cpu_weight_kernels(requested: str | None, dtype: str | torch.dtype | None, device: torch.device) -> str:
-    """Which linear kernels a CPU model runs: "int4" (weight-only 4-bit from the checkpoint's own 4-bit blocks,
-    bf16 activations), "hybrid" (int4 for calls of a few rows, a packed bf16 GEMM for more: batches, prefill)
-    or "dense" (the compute dtype). `auto`, when the dtype was left to us: hybrid where the CPU does bf16 in
-    hardware, else int4 (on an AVX2-only EPYC the int4 kernel decodes the default model 4.4x faster than fp32:
-    71 against 16 tok/s; its bf16 GEMM twins would be hundreds of times slower there). A checkpoint without 4-bit
-    blocks runs dense whatever is picked here (the loader requantizes nothing)."""
+    """Which linear kernels a CPU model runs: "blocks" (straight from a GGUF's quantized blocks, every llama.cpp
+    block type from Q4_0 to Q6_K, int8 activations: whale.models.gguf_blocks), "int4" (Q4_0/Q4_1 blocks repacked
+    for ATen's 4-bit kernel, bf16 activations; other block types as "blocks"), "hybrid" (int4 for calls of a few
+    rows, a packed bf16 GEMM for more: batches, prefill) or "dense" (the compute dtype). `auto`, when the dtype
+    was left to us: hybrid where the CPU does bf16 in hardware, else blocks (on an AVX2-only EPYC the default
+    model decodes at ~54 tok/s from its blocks, ~50 through int4, 11 in fp32; bf16 GEMM twins would be hundreds
+    of times slower there). A checkpoint without GGUF blocks runs dense whatever is picked here (the loader
+    requantizes nothing)."""
     if requested not in (None, "auto", *WEIGHT_KERNELS):
         raise InvalidRequestError(f"weight kernels {requested!r} are not one of: auto, {', '.join(WEIGHT_KERNELS)}")
     if requested not in (None, "auto"):
         return requested
     if device.type != "cpu" or dtype not in (None, "auto"):
         return "dense"
-    return "hybrid" if cpu_has_bf16() else "int4"
+    return "hybrid" if cpu_has_bf16() else "blocks"
 
 
 def cpu_has_bf16() -> bool:

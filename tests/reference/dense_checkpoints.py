@@ -47,7 +47,7 @@ def tiny_dense_checkpoint(kind: str, directory: Path, seed: int = 0, **sizes: in
     elif kind == "qwen2":
         config, cls = Qwen2Config(**common), Qwen2ForCausalLM
     elif kind == "qwen3":
-        config, cls = Qwen3Config(**({"head_dim": 24} | common), tie_word_embeddings=True), Qwen3ForCausalLM
+        config, cls = Qwen3Config(**({"head_dim": 24, "tie_word_embeddings": True} | common)), Qwen3ForCausalLM
     else:
         raise ValueError(kind)
     torch.manual_seed(seed)

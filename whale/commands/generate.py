@@ -17,9 +17,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on CUDA), float32, bfloat16")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--kernels", default="auto", choices=("auto", *WEIGHT_KERNELS),
-                        help="CPU linear kernels: auto picks, for 4-bit GGUFs, hybrid on CPUs with bf16 hardware and "
-                             "int4 on the others, else dense; int4 keeps every step's rows independent of the batch "
-                             "(docs/performance.md)")
+                        help="CPU linear kernels for GGUFs: auto picks hybrid on CPUs with bf16 hardware and blocks "
+                             "(straight from the file's quantized blocks) on the others; blocks and int4 keep every "
+                             "step's rows independent of the batch (docs/performance.md)")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for the model's math (default: torch's, one per physical core)")
     parser.add_argument("--max-model-len", type=int, default=None,

@@ -1,5 +1,6 @@
 """Compiled CPU kernels for the decode step (cpu_ops.cpp): a fused residual-add + RMSNorm, SwiGLU's
-silu(gate) * up, and attention read straight from the paged K/V storage.
+silu(gate) * up, and attention read straight from the paged K/V storage; and matmuls straight from a GGUF's
+quantized blocks (ggml_blocks.cpp).
 
 They are built on first use by torch's extension builder (g++, ~25 s once; `make install` builds them) and
 cached under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), named by a hash of the source and of the
@@ -25,12 +26,13 @@ from types import ModuleType
 
 from whale.platform import cpu_flags
 
-SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "ggml_blocks.cpp")]
 logger = logging.getLogger(__name__)
 
 
 def _build_name() -> str:
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(sorted(cpu_flags())).encode()).hexdigest()
+    sources = b"".join(source.read_bytes() for source in SOURCES)
+    digest = hashlib.sha256(sources + " ".join(sorted(cpu_flags())).encode()).hexdigest()
     return f"whale_cpu_ops_{digest[:12]}"
 
 
@@ -58,7 +60,7 @@ def cpu_ops() -> ModuleType | None:
         with open(directory / "whale.flock", "w") as turn:
             fcntl.flock(turn, fcntl.LOCK_EX)
             (directory / "lock").unlink(missing_ok=True)  # torch's baton, left by a build that was killed
-            return load(_build_name(), [str(SOURCE)], build_directory=str(directory),
+            return load(_build_name(), [str(s) for s in SOURCES], build_directory=str(directory),
                         extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"], extra_ldflags=["-fopenmp"])
     except Exception as exc:  # noqa: BLE001 - no compiler, no headers: the PyTorch fallbacks serve
         logger.warning("whale's CPU kernels could not be built (%s); using the PyTorch fallbacks", exc)

@@ -109,42 +109,6 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
   return out;
 }
 
-// y = x W^T with W in llama.cpp's Q8_0 blocks as stored: int8 codes [N, K] and one fp32 scale per 32 weights
-// [N, K/32]. Reads a byte a weight (the fp16 copy of a vocabulary-sized output projection reads two) and
-// computes in fp32 from the exact block values. x [M, K] float32 -> [M, N] float32; meant for a few rows.
-torch::Tensor q8_0_linear(torch::Tensor x, torch::Tensor codes, torch::Tensor scales) {
-  check_float(x, "x");
-  check_float(scales, "scales");
-  TORCH_CHECK(codes.scalar_type() == torch::kInt8 && codes.is_contiguous(), "codes must be contiguous int8");
-  constexpr int64_t kBlock = 32;
-  const int64_t rows = x.size(0), k = x.size(1), n = codes.size(0), blocks = k / kBlock;
-  TORCH_CHECK(codes.size(1) == k && k % kBlock == 0 && scales.size(1) == blocks, "q8_0_linear: shapes differ");
-  auto out = torch::empty({rows, n}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const int8_t* qp = codes.data_ptr<int8_t>();
-  const float* sp = scales.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t j = begin; j < end; ++j) {
-      const int8_t* q = qp + j * k;
-      const float* scale = sp + j * blocks;
-      for (int64_t m = 0; m < rows; ++m) {
-        const float* xm = xp + m * k;
-        float lanes[kBlock] = {};  // one horizontal sum per row, not one per block
-        for (int64_t b = 0; b < blocks; ++b) {
-          const float s = scale[b];
-#pragma omp simd
-          for (int64_t i = 0; i < kBlock; ++i) lanes[i] += static_cast<float>(q[b * kBlock + i]) * (xm[b * kBlock + i] * s);
-        }
-        float total = 0.f;
-        for (int64_t i = 0; i < kBlock; ++i) total += lanes[i];
-        op[m * n + j] = total;
-      }
-    }
-  });
-  return out;
-}
-
 // Rotates the first `heads` heads of x [tokens, all heads, dim] in place (q and k of a fused qkv; v is left
 // alone): x * cos + swap_halves(x) * signed_sin, the tables [tokens, dim] with sin negated on the first half.
 void rotary_(torch::Tensor x, torch::Tensor cos, torch::Tensor signed_sin, int64_t heads) {
@@ -332,43 +296,92 @@ torch::Tensor packed_bf16_linear(const torch::Tensor& x, const torch::Tensor& pa
 
 }  // namespace
 
-// A dense decoder's layers (Llama / Qwen2 / Qwen3-style: q/k/v biases, q/k norms, or neither) with 4-bit weight-only linears, run for
-// a step in one call: what the Python layer loop does, minus ~150 us of interpreter and dispatch overhead per
-// layer, which at batch 1 cost as much as the matmuls themselves. Steps of more than `int4_max_rows` tokens use
-// each linear's packed bf16 twin (the hybrid kernels' GEMM side), which must then be given.
-class DenseDecodeStack {
+// ggml_blocks.cpp
+torch::Tensor block_linear(torch::Tensor x, std::vector<torch::Tensor> weights, std::vector<int64_t> types);
+torch::Tensor block_rows(torch::Tensor weight, int64_t type, torch::Tensor ids, int64_t k);
+
+// One linear's kernel as the compiled decode stack calls it: y = x W^T for x [rows, K] (float32 or bf16).
+class LinearKernel {
+ public:
+  virtual ~LinearKernel() = default;
+  virtual torch::Tensor forward(const torch::Tensor& x) const = 0;
+};
+
+// 4-bit groups in ATen's int4 packing (bf16 in and out); above `max_rows` rows the oneDNN-packed bf16 twin, when
+// there is one (the hybrid kernels)
+class Int4Kernel : public LinearKernel {
  public:
   static constexpr int64_t kGroupSize = 32;  // weights per Q4_0/Q4_1 block (quant.GROUP_SIZE)
-  static constexpr int64_t kPerLayer = 17;   // tensors per layer in the constructor's list
 
-  // per layer: qkv, o, gate_up, down as (int4 packed, scale_zero, packed bf16 twin or an empty tensor)
-  // triples, then post_attention_layernorm's weight and the following norm's (the next layer's input norm, or
-  // the final norm), then the fused q/k/v bias (fp32; Qwen2) or an empty tensor, then the per-head q and k
-  // norms' weights (Qwen3) or two empty tensors
-  DenseDecodeStack(std::vector<torch::Tensor> weights, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                   double eps, double scale, int64_t int4_max_rows)
-      : weights_(std::move(weights)), heads_(heads), kv_heads_(kv_heads), head_dim_(head_dim), eps_(eps),
-        scale_(scale), int4_max_rows_(int4_max_rows) {
-    TORCH_CHECK(weights_.size() % kPerLayer == 0, "DenseDecodeStack: ", kPerLayer, " tensors per layer");
+  Int4Kernel(torch::Tensor packed, torch::Tensor scale_zero, torch::Tensor twin, int64_t max_rows)
+      : packed_(std::move(packed)), scale_zero_(std::move(scale_zero)), twin_(std::move(twin)), max_rows_(max_rows) {}
+
+  torch::Tensor forward(const torch::Tensor& x) const override {
+    const torch::Tensor rows = x.to(torch::kBFloat16);
+    if (x.size(0) > max_rows_) {
+      TORCH_CHECK(twin_.numel() > 0, "Int4Kernel: no bf16 twin for a call of ", x.size(0), " rows");
+      return packed_bf16_linear(rows, twin_);
+    }
+    return at::_weight_int4pack_mm_for_cpu(rows, packed_, kGroupSize, scale_zero_);
+  }
+
+ private:
+  torch::Tensor packed_, scale_zero_, twin_;
+  int64_t max_rows_;
+};
+
+// straight from a GGUF's blocks (ggml_blocks.cpp); float32 out
+class BlockKernel : public LinearKernel {
+ public:
+  BlockKernel(std::vector<torch::Tensor> weights, std::vector<int64_t> types)
+      : weights_(std::move(weights)), types_(std::move(types)) {}
+
+  torch::Tensor forward(const torch::Tensor& x) const override { return block_linear(x, weights_, types_); }
+
+ private:
+  std::vector<torch::Tensor> weights_;
+  std::vector<int64_t> types_;
+};
+
+// A dense decoder's layers (Llama / Qwen2 / Qwen3-style: q/k/v biases, q/k norms, or neither), run for a step in
+// one call: what the Python layer loop does, minus ~150 us of interpreter and dispatch overhead per layer, which
+// at batch 1 cost as much as the matmuls themselves. The linears are kernels over their quantized weights.
+class DenseDecodeStack {
+ public:
+  static constexpr int64_t kLinears = 4;  // per layer: qkv, o, gate_up, down
+  static constexpr int64_t kTensors = 5;  // per layer, in the constructor's list
+
+  // per layer: post_attention_layernorm's weight and the following norm's (the next layer's input norm, or the
+  // final norm), then the fused q/k/v bias (fp32; Qwen2) or an empty tensor, then the per-head q and k norms'
+  // weights (Qwen3) or two empty tensors
+  DenseDecodeStack(std::vector<std::shared_ptr<LinearKernel>> linears, std::vector<torch::Tensor> tensors,
+                   int64_t heads, int64_t kv_heads, int64_t head_dim, double eps, double scale)
+      : linears_(std::move(linears)), tensors_(std::move(tensors)), heads_(heads), kv_heads_(kv_heads),
+        head_dim_(head_dim), eps_(eps), scale_(scale) {
+    TORCH_CHECK(tensors_.size() % kTensors == 0 && linears_.size() == tensors_.size() / kTensors * kLinears,
+                "DenseDecodeStack: ", kLinears, " linears and ", kTensors, " tensors per layer");
   }
 
   // residual [T, hidden] fp32 (updated in place), normed: the first layer's input norm of it; the stores
-  // [layers, slots, kv_heads, head_dim]. Returns the final norm of the residual stream (bf16).
+  // [layers, slots, kv_heads, head_dim]. Returns the final norm of the residual stream (in the dtype the last
+  // linear answered in: bf16 from the 4-bit kernels, fp32 from the block kernels).
   torch::Tensor forward(torch::Tensor residual, torch::Tensor normed, torch::Tensor cos, torch::Tensor signed_sin,
                         torch::Tensor k_stores, torch::Tensor v_stores, torch::Tensor slot_mapping,
                         torch::Tensor context_index, torch::Tensor token_seq, torch::Tensor token_len) const {
     const int64_t tokens = residual.size(0), q_heads = heads_ + kv_heads_;
-    const bool gemm = tokens > int4_max_rows_;
-    torch::Tensor x = normed.to(torch::kBFloat16);
-    const int64_t layers = static_cast<int64_t>(weights_.size()) / kPerLayer;
+    torch::Tensor x = normed;
+    const int64_t layers = static_cast<int64_t>(tensors_.size()) / kTensors;
     for (int64_t layer = 0; layer < layers; ++layer) {
-      const torch::Tensor* w = weights_.data() + layer * kPerLayer;
-      auto qkv = linear(x, w, gemm).to(torch::kFloat32);  // a new tensor: bf16 out of either kernel
-      if (w[14].numel() > 0) qkv.add_(w[14]);  // as Python's bf16 + fp32 bias: the sum in fp32
+      const torch::Tensor* w = tensors_.data() + layer * kTensors;
+      const auto& linear = [&](int64_t which, const torch::Tensor& in) {
+        return linears_[layer * kLinears + which]->forward(in);
+      };
+      auto qkv = linear(0, x).to(torch::kFloat32);  // a new tensor unless the kernel answered fp32 itself
+      if (w[2].numel() > 0) qkv.add_(w[2]);  // as Python's + fp32 bias: the sum in fp32
       qkv = qkv.view({tokens, q_heads + kv_heads_, head_dim_});
-      if (w[15].numel() > 0) {  // Qwen3: each head's q and k through its RMSNorm, as the Python layer does
-        qkv = at::cat({at::rms_norm(qkv.narrow(1, 0, heads_), {head_dim_}, w[15], eps_),
-                       at::rms_norm(qkv.narrow(1, heads_, kv_heads_), {head_dim_}, w[16], eps_),
+      if (w[3].numel() > 0) {  // Qwen3: each head's q and k through its RMSNorm, as the Python layer does
+        qkv = at::cat({at::rms_norm(qkv.narrow(1, 0, heads_), {head_dim_}, w[3], eps_),
+                       at::rms_norm(qkv.narrow(1, heads_, kv_heads_), {head_dim_}, w[4], eps_),
                        qkv.narrow(1, q_heads, kv_heads_)}, 1);
       }
       rotary_(qkv, cos, signed_sin, q_heads);
@@ -376,28 +389,18 @@ class DenseDecodeStack {
                                        qkv.narrow(1, q_heads, kv_heads_), k_stores.select(0, layer),
                                        v_stores.select(0, layer), slot_mapping, context_index, token_seq,
                                        token_len, scale_);
-      auto out = linear(attention.view({tokens, heads_ * head_dim_}).to(torch::kBFloat16), w + 3, gemm);
-      x = add_rms_norm(residual, out, w[12], eps_);
-      auto act = silu_and_mul(linear(x, w + 6, gemm));
-      x = add_rms_norm(residual, linear(act, w + 9, gemm), w[13], eps_);
+      x = add_rms_norm(residual, linear(1, attention.view({tokens, heads_ * head_dim_})), w[0], eps_);
+      auto act = silu_and_mul(linear(2, x));
+      x = add_rms_norm(residual, linear(3, act), w[1], eps_);
     }
     return x;
   }
 
  private:
-  // w: (int4 packed, scale_zero, packed bf16 twin)
-  static torch::Tensor linear(const torch::Tensor& x, const torch::Tensor* w, bool gemm) {
-    if (gemm) {
-      TORCH_CHECK(w[2].defined() && w[2].numel() > 0, "DenseDecodeStack: no bf16 twin for a many-row step");
-      return packed_bf16_linear(x, w[2]);
-    }
-    return at::_weight_int4pack_mm_for_cpu(x, w[0], kGroupSize, w[1]);
-  }
-
-  std::vector<torch::Tensor> weights_;
+  std::vector<std::shared_ptr<LinearKernel>> linears_;
+  std::vector<torch::Tensor> tensors_;
   int64_t heads_, kv_heads_, head_dim_;
   double eps_, scale_;
-  int64_t int4_max_rows_;
 };
 
 // logits[rows[k]] = -inf wherever bit v of words[k] (word v / 32, bit v % 32) is clear: the output grammars'
@@ -437,13 +440,21 @@ void mask_logits_(torch::Tensor logits, torch::Tensor words, torch::Tensor rows)
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  pybind11::class_<LinearKernel, std::shared_ptr<LinearKernel>>(m, "LinearKernel")
+      .def("forward", &LinearKernel::forward);
+  pybind11::class_<Int4Kernel, LinearKernel, std::shared_ptr<Int4Kernel>>(m, "Int4Kernel")
+      .def(pybind11::init<torch::Tensor, torch::Tensor, torch::Tensor, int64_t>());
+  pybind11::class_<BlockKernel, LinearKernel, std::shared_ptr<BlockKernel>>(m, "BlockKernel")
+      .def(pybind11::init<std::vector<torch::Tensor>, std::vector<int64_t>>());
   pybind11::class_<DenseDecodeStack>(m, "DenseDecodeStack")
-      .def(pybind11::init<std::vector<torch::Tensor>, int64_t, int64_t, int64_t, double, double, int64_t>())
+      .def(pybind11::init<std::vector<std::shared_ptr<LinearKernel>>, std::vector<torch::Tensor>, int64_t, int64_t,
+                          int64_t, double, double>())
       .def("forward", &DenseDecodeStack::forward);
   m.def("add_rms_norm", &add_rms_norm, "residual += delta; rms_norm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary_", &rotary_, "rotate the leading heads in place");
-  m.def("q8_0_linear", &q8_0_linear, "x W^T from Q8_0 blocks");
+  m.def("block_linear", &block_linear, "x W^T straight from ggml blocks (W: parts stacked by rows)");
+  m.def("block_rows", &block_rows, "rows of a ggml block matrix as float32");
   m.def("paged_attention", &paged_attention, "attention over paged K/V storage");
   m.def("mask_logits_", &mask_logits_, "-inf where an allowed-token bitmask is clear, in place");
 }

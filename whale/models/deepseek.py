@@ -21,6 +21,7 @@ from whale.models.layers import (
     RotaryEmbedding,
     SwiGLU,
     apply_rotary,
+    embedding,
     linear,
     rope_inv_freq,
     yarn_attention_factor,
@@ -127,7 +128,7 @@ class DeepseekBody(nn.Module):
 
     def __init__(self, config: DeepseekConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device="meta")
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         main = [DeepseekDecoderLayer(config, i, i) for i in range(config.num_hidden_layers)]
         mtp = [DeepseekMTPLayer(config, d) for d in range(config.num_nextn_predict_layers)]
         self.layers = nn.ModuleList(main + mtp)

@@ -17,6 +17,7 @@ from whale.models.layers import (
     RMSNorm,
     RotaryEmbedding,
     SwiGLU,
+    embedding,
     fuse_linears,
     linear,
     rope_inv_freq,
@@ -93,7 +94,7 @@ class DenseBody(nn.Module):
 
     def __init__(self, config: DenseConfig):
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, device="meta")
+        self.embed_tokens = embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DenseDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -115,7 +116,7 @@ class DenseForCausalLM(nn.Module):
         return KVCacheSpec("mha", c.num_hidden_layers, c.num_key_value_heads, c.head_dim)
 
     def tie_weights(self) -> None:
-        if self.config.tie_word_embeddings:
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):  # not a kernel over blocks
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def fuse_projections(self) -> None:

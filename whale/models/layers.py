@@ -205,6 +205,13 @@ def rotate_leading_heads(x: torch.Tensor, heads: int, cos: torch.Tensor, signed_
     return torch.cat((apply_rotary_signed(x[:, :heads], cos, signed_sin), x[:, heads:]), dim=1)
 
 
+def embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """An Embedding on the meta device until the checkpoint is loaded. Given its (meta) weight, it skips the
+    random initialisation, whose first call on a meta tensor imports torch's Python decompositions (2-3 s of a
+    cold start)."""
+    return nn.Embedding(num_embeddings, dim, _weight=torch.empty((num_embeddings, dim), device="meta"))
+
+
 def linear(in_features: int, out_features: int, bias: bool = False) -> nn.Linear:
     """A Linear whose tensors are allocated only when the checkpoint is loaded (meta device until then)."""
     return nn.Linear(in_features, out_features, bias=bias, device="meta")

@@ -19,7 +19,7 @@ from whale.errors import ModelLoadError
 from whale.generation_defaults import gguf_generation_config
 from whale.hub import DEFAULT_GENERATION_CONFIG, DEFAULT_GENERATION_SOURCE, DEFAULT_MODEL, ModelFiles, resolve_model
 from whale.models import build_model
-from whale.models.quant import add_gemm_kernels, gemm_twin_bytes, quantize_gguf_linears
+from whale.models.quant import Int4Linear, add_gemm_kernels, gemm_twin_bytes, quantize_gguf_linears
 from whale.platform import cpu_weight_kernels, physical_memory_bytes, resolve_device, resolve_dtype
 from whale.tokenizer import Tokenizer
 from whale.weights import fp8
@@ -37,7 +37,9 @@ class LoadedModel:
     model: nn.Module
     dtype: torch.dtype
     device: torch.device
-    kernels: str = "dense"  # "int4" / "hybrid": linears run weight-only 4-bit kernels (whale.models.quant)
+    # "int4" / "hybrid": linears run weight-only 4-bit kernels (whale.models.quant); "blocks": straight from the
+    # GGUF's blocks (whale.models.gguf_blocks)
+    kernels: str = "dense"
     generation_config: dict[str, Any] = field(default_factory=dict)  # generation_config.json fields
     generation_config_source: str = ""  # the file (or card) they came from
 
@@ -46,7 +48,9 @@ def _progress(total: int, description: str) -> tqdm:
     return tqdm(total=total, desc=description, unit="tensor", disable=not sys.stderr.isatty(), leave=False)
 
 
-def _gguf_tensors(checkpoint: GGUFCheckpoint, config: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def _gguf_tensors(checkpoint: GGUFCheckpoint, config: ModelConfig,
+                  taken: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, float tensor) of every GGUF tensor but those `taken` by block kernels, which stay unread."""
     # llama.cpp permutes Llama's q/k rows into interleaved rotary pairs; our attention wants halves.
     permuted = {"self_attn.q_proj.weight": config.num_attention_heads,
                 "self_attn.k_proj.weight": config.num_key_value_heads}
@@ -55,7 +59,7 @@ def _gguf_tensors(checkpoint: GGUFCheckpoint, config: ModelConfig) -> Iterator[t
         return
     for gguf_name, tensor in checkpoint.tensors.items():
         name = hf_tensor_name(gguf_name)
-        if name is None:
+        if name is None or name in taken:
             continue
         weight = tensor.dequantize()
         suffix = name.split(".", 3)[-1]
@@ -66,7 +70,7 @@ def _gguf_tensors(checkpoint: GGUFCheckpoint, config: ModelConfig) -> Iterator[t
 
 def _materialize(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], total: int,
                  dtype: torch.dtype, device: torch.device, source: Path) -> None:
-    expected = dict(model.named_parameters())
+    expected = {name: p for name, p in model.named_parameters() if p.is_meta}  # not what kernels already hold
     fp32_suffixes = tuple(getattr(model, "fp32_parameter_suffixes", ()))
     state: dict[str, torch.Tensor] = {}
     with _progress(total, f"loading {source.name}") as bar:
@@ -90,20 +94,25 @@ def _materialize(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], 
     model.tie_weights()
 
 
+def _kernels_in(model: nn.Module, requested: str) -> str:
+    """What the quantized linears run: the requested int4/hybrid where some took the 4-bit kernel, else blocks."""
+    return requested if any(isinstance(m, Int4Linear) for m in model.modules()) else "blocks"
+
+
 def load_model(reference: str, dtype: str | torch.dtype | None = None,
                device: str | torch.device | None = None, kernels: str | None = "auto") -> LoadedModel:
     """Resolve `reference` and load it, computing in `dtype` (auto: fp32 on CPU, bf16 on CUDA). `kernels`
-    (auto, dense, int4, hybrid) picks the linears' kernels; see `whale.platform.cpu_weight_kernels`."""
+    (auto, dense, int4, hybrid, blocks) picks the linears' kernels; see `whale.platform.cpu_weight_kernels`."""
     files = resolve_model(reference)
     device = resolve_device(device)
     kernels = cpu_weight_kernels(kernels, dtype, device)
     torch_dtype = resolve_dtype(dtype, device)
+    taken: set[str] = set()
     if files.format == "gguf":
         checkpoint = GGUFCheckpoint(files.path)
         config = parse_hf_config(gguf_to_hf_config(checkpoint.metadata))
         config = dataclasses.replace(config, tie_word_embeddings="output.weight" not in checkpoint.tensors)
         tokenizer = Tokenizer.from_gguf_metadata(checkpoint.metadata)
-        tensors, total = _gguf_tensors(checkpoint, config), len(checkpoint.tensors)
         generation_config, generation_source = gguf_generation_config(checkpoint.metadata), "the GGUF's metadata"
         if not generation_config and reference == DEFAULT_MODEL:
             generation_config, generation_source = DEFAULT_GENERATION_CONFIG, DEFAULT_GENERATION_SOURCE
@@ -116,17 +125,21 @@ def load_model(reference: str, dtype: str | torch.dtype | None = None,
         generation_config = json.loads(path.read_text()) if path.is_file() else {}
         tensors = fp8.dequantize_stream(tensors, fp8.weight_block_size(files.path))
     model = build_model(config)
+    quantized = kernels != "dense" and files.format == "gguf" and checkpoint.architecture != "deepseek2"
+    if quantized:  # before loading: the kernels take their tensors' blocks as they are, nothing is expanded
+        rope_heads = {"self_attn.q_proj": config.num_attention_heads,
+                      "self_attn.k_proj": config.num_key_value_heads} if config.architecture == "llama" else {}
+        taken = quantize_gguf_linears(model, checkpoint.tensors, rope_heads, kernels)
+        kernels = _kernels_in(model, kernels) if taken else "dense"
+    else:
+        kernels = "dense"  # only GGUF blocks are taken as they are; nothing else is requantized
+    if files.format == "gguf":
+        tensors, total = _gguf_tensors(checkpoint, config, taken), len(checkpoint.tensors) - len(taken)
     _materialize(model, tensors, total, torch_dtype, device, files.path)
     if files.format == "gguf" and "rope_freqs.weight" in checkpoint.tensors:
         # llama.cpp stores Llama-3.1's frequency scaling as per-frequency divisors instead of config fields
         model.rotary.inv_freq /= checkpoint.tensors["rope_freqs.weight"].dequantize()
     model.to(device).eval()  # buffers such as rotary frequencies
-    if kernels in ("int4", "hybrid") and files.format == "gguf" and checkpoint.architecture != "deepseek2":
-        rope_heads = {"self_attn.q_proj": config.num_attention_heads,
-                      "self_attn.k_proj": config.num_key_value_heads} if config.architecture == "llama" else {}
-        quantize_gguf_linears(model, checkpoint.tensors, rope_heads)
-    else:
-        kernels = "dense"  # only 4-bit GGUF blocks are taken as they are; nothing else is requantized
     if hasattr(model, "fuse_projections"):
         model.fuse_projections()
     if kernels == "hybrid":

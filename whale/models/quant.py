@@ -3,9 +3,10 @@
 Single-stream decode reads every weight once per token, so its speed is the bytes read. `Int4Linear` keeps
 llama.cpp's 4-bit blocks (Q4_0/Q4_1: 32 weights, a scale and a minimum) in the layout of PyTorch's
 `_weight_int4pack_mm_for_cpu`, which computes (q - 8) * scale + zero per group of 32; both block types map onto
-it without requantizing. The output projection keeps its Q8_0 blocks too (`Q8Linear`, a compiled fp32 kernel),
-or is stored in fp16 (`HalfLinear`). The 4-bit and fp16 kernels take bf16 activations, which is only fast on
-CPUs with AVX-512 bf16 (`whale.platform.cpu_weight_kernels` decides).
+it without requantizing. Weights in other block formats (a Q8_0 output projection, K-quants) run from their
+blocks (`whale.models.gguf_blocks.BlockLinear`); the rest in fp16 (`HalfLinear`). The 4-bit and fp16 kernels
+take bf16 activations, which is only fast on CPUs with AVX-512 bf16 (`whale.platform.cpu_weight_kernels`
+decides).
 
 Those kernels read few bytes but redo their dequantisation for every row, so they lose to a bf16 GEMM once a
 step carries more than a few rows (batched decode, prefill). `RowSwitchLinear` keeps both for one weight and
@@ -19,16 +20,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from whale.kernels import cpu_ops
+from whale.models.gguf_blocks import BlockEmbedding, BlockLinear, has_block_kernel
 from whale.models.layers import in_prompt_step
 from whale.platform import onednn_packs_bf16
 from whale.weights.gguf import GGUFTensor, hf_tensor_name, unpermute_rope_rows
 
 # Most rows each weight-only kernel takes before the packed bf16 GEMM is faster (bench/kernels.py on the Zen 4
 # dev box, 30 layers of SmolLM2's shapes: int4 7.4 ms vs bf16 10.8 ms at 4 rows, 12.4 vs 11.4 at 6; the 49152x576
-# lm_head: Q8_0 1.2 ms, fp16 1.6 ms, bf16 1.5 ms at 1 row; Q8_0 2.4, fp16 3.1, bf16 1.8 at 2 rows).
+# lm_head: fp16 1.6 ms, bf16 1.5 ms at 1 row; fp16 3.1, bf16 1.8 at 2 rows).
 INT4_MAX_ROWS = 4
-OUTPUT_MAX_ROWS = 1  # Q8Linear / HalfLinear: the output projection (and a mixed model's fp16 leftovers)
+OUTPUT_MAX_ROWS = 1  # HalfLinear: an fp16 output projection (and a mixed model's fp16 leftovers)
 
 GROUP_SIZE = 32  # weights per Q4_0/Q4_1 block
 # oneDNN keeps state per GEMM shape for the life of the process (~1 MiB each, never freed): with a row count per
@@ -38,7 +39,6 @@ GEMM_ROW_STEP = 32
 PACK_ROWS = 64  # the CPU packing interleaves rows in tiles of 64: only whole tiles can be concatenated
 INT4_TYPES = ("Q4_0", "Q4_1")
 _BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20}  # fp16 scale (+ fp16 min for Q4_1) + 16 bytes of nibbles
-_Q8_0_BLOCK_BYTES = 34  # fp16 scale + 32 int8 codes
 
 
 def decode_q4_blocks(tensor: GGUFTensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -131,37 +131,6 @@ class HalfLinear(nn.Module):
         return F.linear(x.to(torch.float16), self.weight, self.bias).to(x.dtype)
 
 
-class Q8Linear(nn.Module):
-    """A linear over llama.cpp's Q8_0 blocks as stored (int8 codes, one scale per 32 weights), computed in fp32
-    by the compiled kernel: a byte a weight for the vocabulary-sized output projection, which is often Q8_0 or
-    tied to a Q8_0 embedding (1.2 ms vs 1.6 ms for its fp16 copy at one row, bench/kernels.py)."""
-
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.register_buffer("codes", codes)  # [N, K] int8
-        self.register_buffer("scales", scales)  # [N, K/32] fp32
-        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
-        self.out_features = codes.shape[0]
-
-    @classmethod
-    def from_gguf(cls, tensor: GGUFTensor, bias: torch.Tensor | None = None) -> Q8Linear:
-        rows, cols = tensor.shape
-        blocks = np.ascontiguousarray(tensor.raw).reshape(rows, cols // GROUP_SIZE, _Q8_0_BLOCK_BYTES)
-        scales = torch.from_numpy(blocks[..., 0:2].copy().view(np.float16)[..., 0]).float()
-        codes = torch.from_numpy(blocks[..., 2:].copy().view(np.int8)).reshape(rows, cols)
-        return cls(codes, scales, bias)
-
-    def dequantized(self) -> torch.Tensor:
-        return (self.codes.view(self.out_features, -1, GROUP_SIZE).float() * self.scales[..., None]).flatten(1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        out = cpu_ops().q8_0_linear(x.reshape(-1, shape[-1]).float().contiguous(), self.codes, self.scales)
-        if self.bias is not None:
-            out = out + self.bias
-        return out.to(x.dtype).view(*shape[:-1], self.out_features)
-
-
 class PackedBF16Linear(nn.Module):
     """A bf16 linear whose weight oneDNN reorders once into its GEMM's blocked layout (`F.linear` on a plain
     bf16 weight reorders it on every call: ~1.7x slower at 16 rows). Computes in bf16 and answers in bf16, as
@@ -217,12 +186,12 @@ class RowSwitchLinear(nn.Module):
 
 
 def add_gemm_kernels(model: nn.Module) -> None:
-    """Give every Int4Linear, HalfLinear and Q8Linear of a loaded (and fused) model a packed bf16 twin for calls
-    with many rows (`gemm_twin_bytes` says what they cost)."""
+    """Give every Int4Linear and HalfLinear of a loaded (and fused) model a packed bf16 twin for calls with many
+    rows (`gemm_twin_bytes` says what they cost); BlockLinears compute any number of rows themselves."""
     for name, module in list(model.named_modules()):
         if isinstance(module, Int4Linear):
             max_rows = INT4_MAX_ROWS
-        elif isinstance(module, (HalfLinear, Q8Linear)):
+        elif isinstance(module, HalfLinear):
             max_rows = OUTPUT_MAX_ROWS
         else:
             continue
@@ -232,46 +201,58 @@ def add_gemm_kernels(model: nn.Module) -> None:
 
 
 def gemm_twin_bytes(model: nn.Module) -> int:
-    """Bytes `add_gemm_kernels` would add: two per weight of every Int4Linear, HalfLinear and Q8Linear."""
-    sizes = {Int4Linear: lambda m: m.out_features * m.packed.shape[1] * 2, HalfLinear: lambda m: m.weight.numel(),
-             Q8Linear: lambda m: m.codes.numel()}
+    """Bytes `add_gemm_kernels` would add: two per weight of every Int4Linear and HalfLinear."""
+    sizes = {Int4Linear: lambda m: m.out_features * m.packed.shape[1] * 2, HalfLinear: lambda m: m.weight.numel()}
     return sum(2 * sizes[type(m)](m) for m in model.modules() if type(m) in sizes)
 
 
-def quantize_gguf_linears(model: nn.Module, tensors: dict[str, GGUFTensor],
-                          rope_heads: dict[str, int]) -> int:
-    """Swap the loaded model's linears for weight-only kernels: every one the GGUF stores in 4-bit blocks becomes
-    an Int4Linear of those very blocks; the output projection (read every token, often Q8_0 or tied to a Q8_0
-    embedding) becomes a Q8Linear of its blocks where the compiled kernels are built, else fp16; in a model with
-    4-bit linears, the linears stored otherwise (a mixed-type GGUF, rows the packing cannot tile) become fp16.
-    `rope_heads`: module-name suffix -> heads whose rows llama.cpp permuted. Returns how many linears became
-    Int4Linear."""
+def quantize_gguf_linears(model: nn.Module, tensors: dict[str, GGUFTensor], rope_heads: dict[str, int],
+                          kernels: str) -> set[str]:
+    """Before loading (the model still on the meta device), give each linear a kernel over its GGUF blocks:
+    `kernels` "int4"/"hybrid": Int4Linear for Q4_0/Q4_1 weights; every other block type with a compiled kernel
+    (and every 4-bit one under "blocks") a BlockLinear of the file's bytes, the embedding table a BlockEmbedding.
+    Under int4/hybrid, linears in no block format become fp16 (HalfLinear: they receive the bf16 activations the
+    4-bit kernels hand on); under "blocks" they stay in the compute dtype. `rope_heads`: module-name suffix ->
+    heads whose rows llama.cpp permuted. Returns the HF names of the tensors the kernels took, which the loader
+    then neither reads nor expands."""
     sources = {hf_tensor_name(name): tensor for name, tensor in tensors.items()}
-    if "lm_head.weight" not in sources and getattr(model.config, "tie_word_embeddings", False):
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if "lm_head.weight" not in sources and tied:
         sources["lm_head.weight"] = sources.get("model.embed_tokens.weight")
-    swapped = 0
+    taken: set[str] = set()
+    embedding = sources.get("model.embed_tokens.weight")
+    if has_block_kernel(embedding):
+        model.model.embed_tokens = BlockEmbedding(embedding)
+        taken.add("model.embed_tokens.weight")
+    leftovers = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):
             continue
         tensor = sources.get(f"{name}.weight")
-        bias = None if module.bias is None else module.bias.detach()
-        if tensor is not None and tensor.ggml_type in INT4_TYPES and tensor.shape[0] % PACK_ROWS == 0:
-            heads = next((h for suffix, h in rope_heads.items() if name.endswith(suffix)), None)
-            replacement: nn.Module = Int4Linear.from_gguf(tensor, bias, heads)
-            swapped += 1
-        elif name == "lm_head" and tensor is not None and tensor.ggml_type == "Q8_0" and cpu_ops() is not None:
-            replacement = Q8Linear.from_gguf(tensor, bias)
-        elif name == "lm_head":
-            replacement = HalfLinear(module.weight.detach(), bias)
+        heads = next((h for suffix, h in rope_heads.items() if name.endswith(suffix)), None)
+        if (kernels != "blocks" and tensor is not None and tensor.ggml_type in INT4_TYPES
+                and tensor.shape[0] % PACK_ROWS == 0):
+            replacement: nn.Module = Int4Linear.from_gguf(tensor, module.bias, heads)
+        elif has_block_kernel(tensor):
+            replacement = BlockLinear.from_gguf(tensor, module.bias, heads)
         else:
+            leftovers.append(name)
             continue
         _replace(model, name, replacement)
-    if swapped:  # linears left dense would receive the bf16 activations the 4-bit ones hand on: fp16 takes both
-        for name, module in list(model.named_modules()):
-            if isinstance(module, nn.Linear):
-                bias = None if module.bias is None else module.bias.detach()
-                _replace(model, name, HalfLinear(module.weight.detach(), bias))
-    return swapped
+        taken.add(f"{name}.weight")
+    if not any(isinstance(m, Int4Linear) for m in model.modules()):
+        return taken  # nothing hands bf16 on: the rest load as they are, in the compute dtype
+    for name in leftovers:  # the 4-bit kernels hand bf16 on, which fp16 takes
+        tensor, bias = sources.get(f"{name}.weight"), sources.get(f"{name}.bias")
+        if tensor is None:
+            continue  # the loader reports it missing
+        weight = tensor.dequantize()
+        heads = next((h for suffix, h in rope_heads.items() if name.endswith(suffix)), None)
+        if heads is not None:
+            weight = unpermute_rope_rows(weight, heads)
+        _replace(model, name, HalfLinear(weight, None if bias is None else bias.dequantize()))
+        taken.update({f"{name}.weight", f"{name}.bias"})
+    return taken
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

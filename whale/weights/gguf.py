@@ -121,6 +121,7 @@ def deepseek2_hf_tensors(tensors: dict[str, GGUFTensor]) -> Iterator[tuple[str, 
 # GGUF metadata value types (gguf.GGUFValueType): struct format of each scalar type
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_LENGTH = struct.Struct("<Q")  # a string's byte count
 # tensor types stored as plain numbers; the rest are blocks of bytes (GGUFReader's convention)
 _PLAIN_TENSORS = {"F32": np.float32, "F16": np.float16}
 
@@ -152,6 +153,22 @@ class _Cursor:
         self.offset += length
         return value
 
+    def strings(self, count: int) -> list[str]:
+        """`count` strings in a row (a vocabulary's tokens and merges: ~300k in a Qwen2 file) in one tight loop."""
+        view, offset, end, unpack = memoryview(self.buffer), self.offset, len(self.buffer), _LENGTH.unpack_from
+        values = []
+        for _ in range(count):
+            if offset + 8 > end:
+                raise _Truncated(f"the file ends inside its header ({end:,} bytes)")
+            (length,) = unpack(view, offset)
+            offset += 8
+            if offset + length > end:
+                raise _Truncated(f"the file ends inside its header ({end:,} bytes)")
+            values.append(str(view[offset:offset + length], "utf-8", "replace"))
+            offset += length
+        self.offset = offset
+        return values
+
     def value(self, kind: int) -> Any:
         if kind == _STRING:
             return self.string()
@@ -163,6 +180,8 @@ class _Cursor:
                 values = np.frombuffer(self.buffer, dtype, count, self.offset)
                 self.offset += dtype.itemsize * count
                 return values.tolist()
+            if item_kind == _STRING:
+                return self.strings(count)
             return [self.value(item_kind) for _ in range(count)]
         if kind not in _SCALARS:
             raise ValueError(f"unknown GGUF value type {kind}")

@@ -1,0 +1,513 @@
+// Matmuls straight from llama.cpp's quantized blocks (the bytes of a GGUF tensor, as stored): Q4_0, Q4_1, Q5_0,
+// Q5_1, Q8_0 (32 weights a block) and the K-quants Q4_K, Q5_K, Q6_K (256 weights a super-block). Nothing is
+// expanded: each call reads the blocks once and computes with their exact codes and scales.
+//
+// Activations are quantized per row to int8 with one scale per 32 values (per 256 for the K-quants), the
+// sums of every 16 codes kept beside them; a block's dot product is then integer arithmetic (AVX2 maddubs: 32
+// u8 x s8 products a instruction) and one float multiply-add per block. That is llama.cpp's arithmetic, so the
+// result differs from the exact float product only by the activations' rounding (each value moves by at most
+// half its block's step: tests/test_block_kernels.py bounds the error by that, against float64).
+//
+// Layouts (the gguf package's dequantisation is the reference; weight = value of the formula):
+//   Q4_0: d f16, qs[16]             w = d (q - 8), q = low nibbles (elements 0-15) then high (16-31)
+//   Q4_1: d, m f16, qs[16]          w = d q + m
+//   Q5_0: d f16, qh u32, qs[16]     w = d (q - 16), q's fifth bit: bit j of qh
+//   Q5_1: d, m f16, qh u32, qs[16]  w = d q + m
+//   Q8_0: d f16, qs[32] int8        w = d q
+//   Q4_K: d, dmin f16, scales[12], qs[128]: 8 groups of 32, 6-bit scale sc and min m each;
+//         w = d sc q - dmin m; groups 2i and 2i+1 are the low and high nibbles of qs[32i .. 32i+31]
+//   Q5_K: d, dmin, scales[12], qh[32], qs[128]: as Q4_K, q's fifth bit for group g: bit g of qh[l]
+//   Q6_K: ql[128], qh[64], scales[16] int8, d f16: 16 groups of 16, w = d sc (q - 32); 32 values of group
+//         pair g (half h = g / 4, j = g % 4): nibble of ql[64h + 32 (j % 2) + l] (low for j < 2), two bits
+//         (qh[32h + l] >> 2j) & 3 on top
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum BlockType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
+
+struct Format {
+  int64_t values;  // weights a block
+  int64_t bytes;   // bytes a block
+};
+
+Format format_of(int64_t type) {
+  switch (type) {
+    case kQ4_0: return {32, 18};
+    case kQ4_1: return {32, 20};
+    case kQ5_0: return {32, 22};
+    case kQ5_1: return {32, 24};
+    case kQ8_0: return {32, 34};
+    case kQ4_K: return {256, 144};
+    case kQ5_K: return {256, 176};
+    case kQ6_K: return {256, 210};
+    default: TORCH_CHECK(false, "ggml block type ", type, " has no kernel");
+  }
+  return {0, 0};
+}
+
+inline float half(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+#if defined(__F16C__)
+  return _cvtsh_ss(bits);
+#else
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+#endif
+}
+
+// Q4_K / Q5_K: the 6-bit scale and min of group g from the 12 packed bytes
+inline void scale_min(const uint8_t* s, int g, int* sc, int* m) {
+  if (g < 4) {
+    *sc = s[g] & 63;
+    *m = s[g + 4] & 63;
+  } else {
+    *sc = (s[g + 4] & 0x0F) | ((s[g - 4] >> 6) << 4);
+    *m = (s[g + 4] >> 4) | ((s[g] >> 6) << 4);
+  }
+}
+
+// ---- the codes of one group of 32 weights, unsigned (the offset goes with the scales), portable ----
+
+// legacy blocks (one group): codes 0..15 / 0..31, or the int8 codes of Q8_0 (as their bytes)
+void legacy_codes(int64_t type, const uint8_t* b, uint8_t* q) {
+  const int nib = type == kQ4_0 ? 2 : type == kQ4_1 ? 4 : type == kQ5_0 ? 6 : 8;
+  if (type == kQ8_0) {
+    std::memcpy(q, b + 2, 32);
+    return;
+  }
+  uint32_t qh = 0;
+  if (type == kQ5_0 || type == kQ5_1) std::memcpy(&qh, b + nib - 4, 4);
+  const uint8_t* qs = b + nib;
+  for (int l = 0; l < 16; ++l) {
+    q[l] = (qs[l] & 0x0F) | (((qh >> l) & 1) << 4);
+    q[l + 16] = (qs[l] >> 4) | (((qh >> (l + 16)) & 1) << 4);
+  }
+}
+
+// K-quant super-blocks: group g of 8 (32 weights each)
+void k_codes(int64_t type, const uint8_t* b, int g, uint8_t* q) {
+  if (type == kQ6_K) {
+    const int h = g / 4, j = g % 4;
+    const uint8_t* ql = b + 64 * h + 32 * (j % 2);
+    const uint8_t* qh = b + 128 + 32 * h;
+    for (int l = 0; l < 32; ++l) {
+      q[l] = ((j < 2 ? ql[l] : ql[l] >> 4) & 0x0F) | (((qh[l] >> (2 * j)) & 3) << 4);
+    }
+    return;
+  }
+  const uint8_t* qs = b + (type == kQ5_K ? 48 : 16) + 32 * (g / 2);
+  for (int l = 0; l < 32; ++l) {
+    q[l] = (g % 2 ? qs[l] >> 4 : qs[l]) & 0x0F;
+    if (type == kQ5_K) q[l] |= ((b[16 + l] >> g) & 1) << 4;
+  }
+}
+
+// the block's weights as floats (the embedding's rows; the portable path)
+void dequantize_block(int64_t type, const uint8_t* b, float* out) {
+  uint8_t q[32];
+  if (format_of(type).values == 32) {
+    legacy_codes(type, b, q);
+    const float d = half(b);
+    for (int l = 0; l < 32; ++l) {
+      switch (type) {
+        case kQ4_0: out[l] = d * (q[l] - 8); break;
+        case kQ5_0: out[l] = d * (q[l] - 16); break;
+        case kQ8_0: out[l] = d * static_cast<int8_t>(q[l]); break;
+        default: out[l] = d * q[l] + half(b + 2);  // Q4_1, Q5_1
+      }
+    }
+    return;
+  }
+  for (int g = 0; g < 8; ++g) {
+    k_codes(type, b, g, q);
+    if (type == kQ6_K) {
+      const float d = half(b + 208);
+      const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+      for (int l = 0; l < 32; ++l) out[32 * g + l] = d * sc[2 * g + l / 16] * (q[l] - 32);
+    } else {
+      int sc, m;
+      scale_min(b + 4, g, &sc, &m);
+      const float d = half(b) * sc, dm = half(b + 2) * m;
+      for (int l = 0; l < 32; ++l) out[32 * g + l] = d * q[l] - dm;
+    }
+  }
+}
+
+// ---- activations ----
+
+// x quantized per row: int8 codes, one scale per `block` values (amax / 127), the sum of every 16 codes
+struct Activations {
+  int64_t rows, k, block;
+  std::vector<int8_t> q;
+  std::vector<float> d;
+  std::vector<int16_t> sums;
+
+  Activations() : rows(0), k(0), block(0) {}
+
+  // x: float32 [rows, k]
+  Activations(const float* xp, int64_t rows_, int64_t k_, int64_t block_) : rows(rows_), k(k_), block(block_) {
+    q.resize(rows * k);
+    d.resize(rows * k / block);
+    sums.resize(rows * k / 16);
+    const int64_t blocks = k / block;
+    at::parallel_for(0, rows * blocks, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float* v = xp + i * block;
+        int8_t* c = q.data() + i * block;
+        float amax = 0.f;
+        for (int64_t l = 0; l < block; ++l) amax = std::max(amax, std::fabs(v[l]));
+        const float scale = amax / 127.f, inverse = amax > 0.f ? 127.f / amax : 0.f;
+        d[i] = scale;
+        for (int64_t l = 0; l < block; ++l) c[l] = static_cast<int8_t>(std::nearbyint(v[l] * inverse));
+        for (int64_t s = 0; s < block / 16; ++s) {
+          int total = 0;
+          for (int l = 0; l < 16; ++l) total += c[16 * s + l];
+          sums[i * (block / 16) + s] = static_cast<int16_t>(total);
+        }
+      }
+    });
+  }
+};
+
+// ---- dot products: one weight row against R activation rows ----
+
+// float parts of a legacy block: w = a q - c (c the offset taken through the activations' sums)
+inline void legacy_affine(int64_t type, const uint8_t* b, float* a, float* c) {
+  *a = half(b);
+  switch (type) {
+    case kQ4_0: *c = 8.f * *a; break;
+    case kQ5_0: *c = 16.f * *a; break;
+    case kQ8_0: *c = 0.f; break;
+    default: *c = -half(b + 2);
+  }
+}
+
+#if defined(__AVX2__)
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// 32 bytes with 0xFF where bit j of `bits` is set, for element j
+inline __m256i bit_bytes(uint32_t bits) {
+  const __m256i spread = _mm256_shuffle_epi8(
+      _mm256_set1_epi32(static_cast<int>(bits)),
+      _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0x0000000000000000));
+  const __m256i select = _mm256_set1_epi64x(0x8040201008040201);
+  return _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+}
+
+// 32-weight blocks: w = d q for the signed codes (Q8_0; Q4_0 and Q5_0 once their offset of 8 or 16 is taken
+// off), w = d q + m for Q4_1 / Q5_1, whose m adds m * dx * (sum of the block's activation codes)
+template <int64_t T, int R>
+void legacy_dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
+  constexpr int64_t kBytes = T == kQ4_0 ? 18 : T == kQ4_1 ? 20 : T == kQ5_0 ? 22 : T == kQ5_1 ? 24 : 34;
+  constexpr int kStart = T == kQ4_0 ? 2 : T == kQ4_1 ? 4 : T == kQ5_0 ? 6 : 8;  // where the nibbles begin
+  constexpr bool kMin = T == kQ4_1 || T == kQ5_1;
+  const int64_t blocks = x.k / 32;
+  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  __m256 acc[R];
+  __m128 mins[R];  // scalar, in intrinsics: every row tile adds in the same order and precision
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = _mm_setzero_ps();
+  for (int64_t i = 0; i < blocks; ++i) {
+    const uint8_t* b = w + i * kBytes;
+    const float d = half(b), m = kMin ? half(b + 2) : 0.f;
+    __m256i codes;
+    if constexpr (T == kQ8_0) {
+      codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+    } else {
+      const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kStart));
+      codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low);
+      if constexpr (T == kQ5_0 || T == kQ5_1) {
+        uint32_t qh;
+        std::memcpy(&qh, b + kStart - 4, 4);
+        codes = _mm256_or_si256(codes, _mm256_and_si256(bit_bytes(qh), _mm256_set1_epi8(0x10)));
+      }
+      if constexpr (T == kQ4_0) codes = _mm256_sub_epi8(codes, _mm256_set1_epi8(8));
+      if constexpr (T == kQ5_0) codes = _mm256_sub_epi8(codes, _mm256_set1_epi8(16));
+    }
+    // signed codes: |w| times x with w's sign (maddubs takes one unsigned operand)
+    const __m256i unsigned_codes = kMin ? codes : _mm256_sign_epi8(codes, codes);
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = row0 + r;
+      __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + row * x.k + i * 32));
+      if constexpr (!kMin) xq = _mm256_sign_epi8(xq, codes);
+      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned_codes, xq), ones);
+      const float dx = x.d[row * blocks + i];
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * dx), acc[r]);
+      if constexpr (kMin) {
+        const int16_t* sum = x.sums.data() + row * (x.k / 16) + 2 * i;
+        mins[r] = _mm_fmadd_ss(_mm_set_ss(m * dx), _mm_set_ss(static_cast<float>(sum[0] + sum[1])), mins[r]);
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + _mm_cvtss_f32(mins[r]);
+}
+
+// the unsigned codes of group g (32 weights) of a K-quant super-block
+template <int64_t T>
+inline __m256i k_group(const uint8_t* b, int g) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  if constexpr (T == kQ6_K) {
+    const int h = g / 4, j = g % 4;
+    const __m256i ql = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 64 * h + 32 * (j % 2)));
+    const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 128 + 32 * h));
+    const __m256i nibbles = _mm256_and_si256(j < 2 ? ql : _mm256_srli_epi16(ql, 4), low);
+    const __m256i top = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(2 * j)), _mm256_set1_epi8(3));
+    return _mm256_or_si256(nibbles, _mm256_slli_epi16(top, 4));
+  } else {
+    const __m256i qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + (T == kQ5_K ? 48 : 16) + 32 * (g / 2)));
+    __m256i codes = _mm256_and_si256(g % 2 ? _mm256_srli_epi16(qs, 4) : qs, low);
+    if constexpr (T == kQ5_K) {
+      const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16));
+      const __m256i bit = _mm256_and_si256(_mm256_srl_epi16(qh, _mm_cvtsi32_si128(g)), _mm256_set1_epi8(1));
+      codes = _mm256_or_si256(codes, _mm256_slli_epi16(bit, 4));
+    }
+    return codes;
+  }
+}
+
+// K-quants: per super-block, sum_g scale_g * (codes_g . x_g) in int32 (madd with the scales as int16), the
+// offsets (mins, or Q6_K's 32) through the activations' 16-sums, then one float multiply-add
+template <int64_t T, int R>
+void k_dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
+  constexpr int64_t kBytes = T == kQ4_K ? 144 : T == kQ5_K ? 176 : 210;
+  const int64_t blocks = x.k / 256;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < blocks; ++i) {
+    const uint8_t* b = w + i * kBytes;
+    // each group's scale as int16 in every lane (Q6_K: its two 16-value halves' scales, one per 128-bit lane)
+    // and what multiplies each 16 activation codes' sum (the group's min, Q6_K's scale)
+    __m256i scales[8], offset_weights;
+    float d, dmin;
+    if constexpr (T == kQ6_K) {
+      const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192));
+      d = half(b + 208);
+      dmin = 32.f * d;
+      for (int g = 0; g < 8; ++g) {
+        const __m128i pick = _mm_set_epi64x(0x0101010101010101LL * (2 * g + 1), 0x0101010101010101LL * (2 * g));
+        scales[g] = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, pick));
+      }
+      offset_weights = _mm256_cvtepi8_epi16(sc);
+    } else {
+      d = half(b);
+      dmin = half(b + 2);
+      uint32_t packed[3], unpacked[4];  // 12 bytes -> 8 scales, 8 mins (6 bits each)
+      std::memcpy(packed, b + 4, 12);
+      unpacked[0] = packed[0] & 0x3f3f3f3f;
+      unpacked[1] = (packed[2] & 0x0f0f0f0f) | (((packed[0] >> 6) & 0x03030303) << 4);
+      unpacked[2] = packed[1] & 0x3f3f3f3f;
+      unpacked[3] = ((packed[2] >> 4) & 0x0f0f0f0f) | (((packed[1] >> 6) & 0x03030303) << 4);
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(unpacked));
+      const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(bytes));
+      for (int g = 0; g < 8; ++g) {
+        scales[g] = _mm256_shuffle_epi8(sc, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * g)));
+      }
+      const __m128i mins = _mm_cvtepu8_epi16(_mm_srli_si128(bytes, 8));
+      offset_weights = _mm256_set_m128i(_mm_unpackhi_epi16(mins, mins), _mm_unpacklo_epi16(mins, mins));
+    }
+    __m256i sums[R];
+    for (int r = 0; r < R; ++r) sums[r] = _mm256_setzero_si256();
+    for (int g = 0; g < 8; ++g) {
+      const __m256i codes = k_group<T>(b, g);
+      for (int r = 0; r < R; ++r) {
+        const __m256i xq =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + (row0 + r) * x.k + i * 256 + 32 * g));
+        sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xq), scales[g]));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = row0 + r;
+      const float dx = x.d[row * blocks + i];
+      const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.sums.data() + row * (x.k / 16) + 16 * i));
+      const __m256i off = _mm256_madd_epi16(xs, offset_weights);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_set1_ps(d * dx), acc[r]);
+      acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(off), _mm256_set1_ps(dmin * dx), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+}
+
+template <int64_t T, int R>
+inline void dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
+  if constexpr (T == kQ4_K || T == kQ5_K || T == kQ6_K) {
+    k_dot<T, R>(w, x, row0, out);
+  } else {
+    legacy_dot<T, R>(w, x, row0, out);
+  }
+}
+
+#else  // portable: the same integer arithmetic, one value at a time
+
+template <int64_t type, int R>
+void dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
+  const Format f = format_of(type);
+  const int64_t blocks = x.k / f.values;
+  uint8_t q[32];
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = row0 + r;
+    const int8_t* xq = x.q.data() + row * x.k;
+    const int16_t* xs = x.sums.data() + row * (x.k / 16);
+    double total = 0.0;
+    for (int64_t i = 0; i < blocks; ++i) {
+      const uint8_t* b = w + i * f.bytes;
+      const float dx = x.d[row * blocks + i];
+      if (f.values == 32) {
+        float a, c;
+        legacy_affine(type, b, &a, &c);
+        legacy_codes(type, b, q);
+        int dot = 0;
+        for (int l = 0; l < 32; ++l) dot += (type == kQ8_0 ? static_cast<int8_t>(q[l]) : q[l]) * xq[32 * i + l];
+        total += a * dx * dot - c * dx * (xs[2 * i] + xs[2 * i + 1]);
+        continue;
+      }
+      int scaled = 0, offset = 0;
+      for (int g = 0; g < 8; ++g) {
+        k_codes(type, b, g, q);
+        for (int hh = 0; hh < 2; ++hh) {
+          int dot = 0;
+          for (int l = 16 * hh; l < 16 * hh + 16; ++l) dot += q[l] * xq[256 * i + 32 * g + l];
+          int sc, m;
+          if (type == kQ6_K) {
+            sc = reinterpret_cast<const int8_t*>(b + 192)[2 * g + hh];
+            m = sc;
+          } else {
+            scale_min(b + 4, g, &sc, &m);
+          }
+          scaled += sc * dot;
+          offset += m * xs[16 * i + 2 * g + hh];
+        }
+      }
+      const float d = type == kQ6_K ? half(b + 208) : half(b), dmin = type == kQ6_K ? 32.f * d : half(b + 2);
+      total += d * dx * scaled - dmin * dx * offset;
+    }
+    out[r] = static_cast<float>(total);
+  }
+}
+
+#endif
+
+constexpr int kRowTile = 4;  // activation rows per pass over a weight row (its codes unpacked once for all)
+
+// one weight matrix of a block_linear call: its rows are output columns start.. of the result
+struct Part {
+  const uint8_t* data;
+  int64_t row_bytes, type, start;
+};
+
+// output columns [begin, end) of `part` (relative to its first row) for every activation row
+template <int64_t T>
+void part_columns(const Part& part, int64_t begin, int64_t end, const Activations& x, float* out, int64_t n) {
+  float results[kRowTile];
+  for (int64_t j = begin; j < end; ++j) {
+    const uint8_t* w = part.data + j * part.row_bytes;
+    float* column = out + part.start + j;
+    int64_t row = 0;
+    for (; row + kRowTile <= x.rows; row += kRowTile) {
+      dot<T, kRowTile>(w, x, row, results);
+      for (int r = 0; r < kRowTile; ++r) column[(row + r) * n] = results[r];
+    }
+    for (; row < x.rows; ++row) {
+      dot<T, 1>(w, x, row, results);
+      column[row * n] = results[0];
+    }
+  }
+}
+
+void columns(const Part& part, int64_t begin, int64_t end, const Activations& x, float* out, int64_t n) {
+  switch (part.type) {
+    case kQ4_0: return part_columns<kQ4_0>(part, begin, end, x, out, n);
+    case kQ4_1: return part_columns<kQ4_1>(part, begin, end, x, out, n);
+    case kQ5_0: return part_columns<kQ5_0>(part, begin, end, x, out, n);
+    case kQ5_1: return part_columns<kQ5_1>(part, begin, end, x, out, n);
+    case kQ8_0: return part_columns<kQ8_0>(part, begin, end, x, out, n);
+    case kQ4_K: return part_columns<kQ4_K>(part, begin, end, x, out, n);
+    case kQ5_K: return part_columns<kQ5_K>(part, begin, end, x, out, n);
+    case kQ6_K: return part_columns<kQ6_K>(part, begin, end, x, out, n);
+    default: TORCH_CHECK(false, "ggml block type ", part.type, " has no kernel");
+  }
+}
+
+}  // namespace
+
+// y = x W^T where W is the row-wise concatenation of `weights` (uint8 [rows_i, bytes a row], ggml `types`):
+// a fused projection whose parts may be stored in different block types. x [M, K] float32 or bfloat16 ->
+// [M, sum rows_i] float32.
+torch::Tensor block_linear(torch::Tensor x, std::vector<torch::Tensor> weights, std::vector<int64_t> types) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() &&
+                  (x.scalar_type() == torch::kFloat32 || x.scalar_type() == torch::kBFloat16),
+              "block_linear: x must be a contiguous float32 or bfloat16 matrix");
+  TORCH_CHECK(weights.size() == types.size() && !weights.empty(), "block_linear: one type per weight");
+  const int64_t m = x.size(0), k = x.size(1);
+  std::vector<Part> parts;
+  int64_t n = 0;
+  bool legacy = false, k_quant = false;
+  for (size_t p = 0; p < weights.size(); ++p) {
+    const Format f = format_of(types[p]);
+    const auto& w = weights[p];
+    TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(),
+                "block_linear: weights must be contiguous uint8 [rows, bytes]");
+    TORCH_CHECK(k % f.values == 0 && w.size(1) == k / f.values * f.bytes, "block_linear: a weight row of type ",
+                types[p], " holds ", w.size(1), " bytes, not the blocks of ", k, " values");
+    (f.values == 256 ? k_quant : legacy) = true;
+    parts.push_back({w.data_ptr<uint8_t>(), w.size(1), types[p], n});
+    n += w.size(0);
+  }
+  auto out = torch::empty({m, n}, x.options().dtype(torch::kFloat32));
+  if (m == 0 || n == 0) return out;
+  const torch::Tensor xf = x.scalar_type() == torch::kFloat32 ? x : x.to(torch::kFloat32);
+  const Activations per32 = legacy ? Activations(xf.data_ptr<float>(), m, k, 32) : Activations();
+  const Activations per256 = k_quant ? Activations(xf.data_ptr<float>(), m, k, 256) : Activations();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
+    for (size_t p = 0; p < parts.size(); ++p) {
+      const int64_t rows_end = p + 1 < parts.size() ? parts[p + 1].start : n;
+      const int64_t first = std::max(begin, parts[p].start), last = std::min(end, rows_end);
+      if (first >= last) continue;
+      const Activations& acts = format_of(parts[p].type).values == 256 ? per256 : per32;
+      columns(parts[p], first - parts[p].start, last - parts[p].start, acts, op, n);
+    }
+  });
+  return out;
+}
+
+// rows `ids` of a block-quantized matrix (uint8 [N, bytes a row]) as float32 [len(ids), K]: embedding lookups
+torch::Tensor block_rows(torch::Tensor weight, int64_t type, torch::Tensor ids, int64_t k) {
+  TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.dim() == 2 && weight.is_contiguous(),
+              "block_rows: weight must be contiguous uint8 [rows, bytes]");
+  TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1, "block_rows: ids must be int64 [n]");
+  const Format f = format_of(type);
+  TORCH_CHECK(k % f.values == 0 && weight.size(1) == k / f.values * f.bytes, "block_rows: rows of ",
+              weight.size(1), " bytes do not hold ", k, " values of type ", type);
+  const int64_t count = ids.size(0), rows = weight.size(0), blocks = k / f.values;
+  auto out = torch::empty({count, k}, torch::dtype(torch::kFloat32));
+  const int64_t* idp = ids.contiguous().data_ptr<int64_t>();
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(idp[i] >= 0 && idp[i] < rows, "block_rows: row ", idp[i], " is outside 0..", rows - 1);
+  }
+  at::parallel_for(0, count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const uint8_t* row = weight.data_ptr<uint8_t>() + idp[i] * weight.size(1);
+      float* o = out.data_ptr<float>() + i * k;
+      for (int64_t b = 0; b < blocks; ++b) dequantize_block(type, row + b * f.bytes, o + b * f.values);
+    }
+  });
+  return out;
+}

@@ -1,0 +1,81 @@
+"""Linears and embeddings computed straight from a GGUF's quantized blocks, as the file stores them.
+
+A Q4_K_M file is mostly Q4_K and Q6_K blocks (Q8_0, Q4_0, Q5_K in others). `BlockLinear` keeps each weight's
+bytes where they are, a view of the memory-mapped file (a copy only where rows must move: Llama's permuted
+q/k), and multiplies with the compiled `block_linear` (whale/kernels/ggml_blocks.cpp: int8 activations,
+integer dot products per block, as llama.cpp computes). Nothing is expanded to floats at load or kept twice:
+a model takes about the file's size in memory and starts in the time it takes to read the header.
+`BlockEmbedding` decodes only the rows a step looks up.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from whale.kernels import cpu_ops
+from whale.weights.gguf import GGUFTensor, unpermute_rope_rows
+
+# ggml type ids of the block formats the compiled kernel computes with (gguf.GGMLQuantizationType)
+BLOCK_TYPES = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+
+
+def has_block_kernel(tensor: GGUFTensor | None) -> bool:
+    return tensor is not None and tensor.ggml_type in BLOCK_TYPES and len(tensor.shape) == 2 and cpu_ops() is not None
+
+
+def block_bytes(tensor: GGUFTensor, rope_heads: int | None = None) -> torch.Tensor:
+    """The tensor's blocks as uint8 [rows, bytes a row]: a view of the file's memory map, or (`rope_heads`:
+    undo llama.cpp's q/k row permutation for that many heads) a copy with whole rows moved."""
+    with warnings.catch_warnings():  # the map is read-only; nothing writes through this view
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.from_numpy(tensor.raw)
+    if rope_heads is not None:
+        raw = unpermute_rope_rows(raw, rope_heads).contiguous()
+    return raw
+
+
+class BlockLinear(nn.Module):
+    """y = x W^T (+ b), W the row-wise stack of `weights` (uint8 [rows, bytes a row] in ggml block `types`): one
+    part per checkpoint tensor, so a fused q/k/v may mix Q4_K and Q6_K. Takes fp32 or bf16, answers fp32."""
+
+    def __init__(self, weights: list[torch.Tensor], types: list[int], bias: nn.Parameter | None):
+        super().__init__()
+        self.weights, self.types = weights, types  # plain attributes: views of the file, not state to save
+        self.kernel = cpu_ops().BlockKernel(weights, types)  # what the compiled decode stack calls too
+        self.bias = bias
+        self.out_features = sum(w.shape[0] for w in weights)
+
+    @classmethod
+    def from_gguf(cls, tensor: GGUFTensor, bias: nn.Parameter | None, rope_heads: int | None = None) -> BlockLinear:
+        return cls([block_bytes(tensor, rope_heads)], [BLOCK_TYPES[tensor.ggml_type]], bias)
+
+    @classmethod
+    def concat(cls, parts: list[BlockLinear]) -> BlockLinear:
+        biases = [p.bias for p in parts]
+        if any(b is None for b in biases) != all(b is None for b in biases):
+            raise ValueError("BlockLinear parts must all have a bias or none")
+        bias = None if biases[0] is None else nn.Parameter(torch.cat([b.data for b in biases]), requires_grad=False)
+        return cls([w for p in parts for w in p.weights], [t for p in parts for t in p.types], bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        out = self.kernel.forward(x.reshape(-1, shape[-1]).contiguous())
+        if self.bias is not None:
+            out += self.bias
+        return out.view(*shape[:-1], self.out_features)
+
+
+class BlockEmbedding(nn.Module):
+    """An embedding table kept in its blocks; a lookup decodes the rows asked for (fp32)."""
+
+    def __init__(self, tensor: GGUFTensor):
+        super().__init__()
+        self.weight_bytes, self.type = block_bytes(tensor), BLOCK_TYPES[tensor.ggml_type]
+        self.num_embeddings, self.embedding_dim = tensor.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = cpu_ops().block_rows(self.weight_bytes, self.type, ids.reshape(-1).long(), self.embedding_dim)
+        return rows.view(*ids.shape, self.embedding_dim)
