@@ -284,7 +284,62 @@ inline __m256i k_group(const uint8_t* b, int g) {
 }
 
 // K-quants: per super-block, sum_g scale_g * (codes_g . x_g) in int32 (madd with the scales as int16), the
-// offsets (mins, or Q6_K's 32) through the activations' 16-sums, then one float multiply-add
+// offsets (mins, or Q6_K's 32) through the activations' 16-sums, then one float multiply-add.
+
+// a super-block's header: each group's scale as int16 in every lane (Q6_K: its two 16-value halves' scales, one
+// per 128-bit lane), what multiplies each 16 activation codes' sum (the group's min, Q6_K's scale), d and dmin
+template <int64_t T>
+inline void k_header(const uint8_t* b, __m256i* scales, __m256i* offsets, float* d, float* dmin) {
+  if constexpr (T == kQ6_K) {
+    const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192));
+    *d = half(b + 208);
+    *dmin = 32.f * *d;
+    for (int g = 0; g < 8; ++g) {
+      const __m128i pick = _mm_set_epi64x(0x0101010101010101LL * (2 * g + 1), 0x0101010101010101LL * (2 * g));
+      scales[g] = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, pick));
+    }
+    *offsets = _mm256_cvtepi8_epi16(sc);
+  } else {
+    *d = half(b);
+    *dmin = half(b + 2);
+    uint32_t packed[3], unpacked[4];  // 12 bytes -> 8 scales, 8 mins (6 bits each)
+    std::memcpy(packed, b + 4, 12);
+    unpacked[0] = packed[0] & 0x3f3f3f3f;
+    unpacked[1] = (packed[2] & 0x0f0f0f0f) | (((packed[0] >> 6) & 0x03030303) << 4);
+    unpacked[2] = packed[1] & 0x3f3f3f3f;
+    unpacked[3] = ((packed[2] >> 4) & 0x0f0f0f0f) | (((packed[1] >> 6) & 0x03030303) << 4);
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(unpacked));
+    const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(bytes));
+    for (int g = 0; g < 8; ++g) {
+      scales[g] = _mm256_shuffle_epi8(sc, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * g)));
+    }
+    const __m128i mins = _mm_cvtepu8_epi16(_mm_srli_si128(bytes, 8));
+    *offsets = _mm256_set_m128i(_mm_unpackhi_epi16(mins, mins), _mm_unpacklo_epi16(mins, mins));
+  }
+}
+
+inline __m256i k_group_dot(__m256i sum, __m256i codes, const Activations& x, int64_t row, int64_t i, int g,
+                           __m256i scale) {
+  const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + row * x.k + i * 256 + 32 * g));
+  return _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xq), scale));
+}
+
+// super-block i's integer sums into the rows' float accumulators
+template <int R>
+inline void k_finish(const __m256i* sums, __m256i offsets, float d, float dmin, const Activations& x, int64_t row0,
+                     int64_t i, __m256* acc) {
+  const int64_t blocks = x.k / 256;
+  for (int r = 0; r < R; ++r) {
+    const int64_t row = row0 + r;
+    const float dx = x.d[row * blocks + i];
+    const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.sums.data() + row * (x.k / 16) + 16 * i));
+    const __m256i off = _mm256_madd_epi16(xs, offsets);
+    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_set1_ps(d * dx), acc[r]);
+    acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(off), _mm256_set1_ps(dmin * dx), acc[r]);
+  }
+}
+
+// straight from the blocks: each group's codes unpacked as they are used (a few rows: decode)
 template <int64_t T, int R>
 void k_dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
   constexpr int64_t kBytes = T == kQ4_K ? 144 : T == kQ5_K ? 176 : 210;
@@ -293,54 +348,48 @@ void k_dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t i = 0; i < blocks; ++i) {
     const uint8_t* b = w + i * kBytes;
-    // each group's scale as int16 in every lane (Q6_K: its two 16-value halves' scales, one per 128-bit lane)
-    // and what multiplies each 16 activation codes' sum (the group's min, Q6_K's scale)
-    __m256i scales[8], offset_weights;
+    __m256i scales[8], offsets, sums[R];
     float d, dmin;
-    if constexpr (T == kQ6_K) {
-      const __m128i sc = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 192));
-      d = half(b + 208);
-      dmin = 32.f * d;
-      for (int g = 0; g < 8; ++g) {
-        const __m128i pick = _mm_set_epi64x(0x0101010101010101LL * (2 * g + 1), 0x0101010101010101LL * (2 * g));
-        scales[g] = _mm256_cvtepi8_epi16(_mm_shuffle_epi8(sc, pick));
-      }
-      offset_weights = _mm256_cvtepi8_epi16(sc);
-    } else {
-      d = half(b);
-      dmin = half(b + 2);
-      uint32_t packed[3], unpacked[4];  // 12 bytes -> 8 scales, 8 mins (6 bits each)
-      std::memcpy(packed, b + 4, 12);
-      unpacked[0] = packed[0] & 0x3f3f3f3f;
-      unpacked[1] = (packed[2] & 0x0f0f0f0f) | (((packed[0] >> 6) & 0x03030303) << 4);
-      unpacked[2] = packed[1] & 0x3f3f3f3f;
-      unpacked[3] = ((packed[2] >> 4) & 0x0f0f0f0f) | (((packed[1] >> 6) & 0x03030303) << 4);
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(unpacked));
-      const __m256i sc = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(bytes));
-      for (int g = 0; g < 8; ++g) {
-        scales[g] = _mm256_shuffle_epi8(sc, _mm256_set1_epi16(static_cast<int16_t>(0x0100 + 0x0202 * g)));
-      }
-      const __m128i mins = _mm_cvtepu8_epi16(_mm_srli_si128(bytes, 8));
-      offset_weights = _mm256_set_m128i(_mm_unpackhi_epi16(mins, mins), _mm_unpacklo_epi16(mins, mins));
-    }
-    __m256i sums[R];
+    k_header<T>(b, scales, &offsets, &d, &dmin);
     for (int r = 0; r < R; ++r) sums[r] = _mm256_setzero_si256();
     for (int g = 0; g < 8; ++g) {
       const __m256i codes = k_group<T>(b, g);
-      for (int r = 0; r < R; ++r) {
-        const __m256i xq =
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + (row0 + r) * x.k + i * 256 + 32 * g));
-        sums[r] = _mm256_add_epi32(sums[r], _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xq), scales[g]));
-      }
+      for (int r = 0; r < R; ++r) sums[r] = k_group_dot(sums[r], codes, x, row0 + r, i, g, scales[g]);
     }
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = row0 + r;
-      const float dx = x.d[row * blocks + i];
-      const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.sums.data() + row * (x.k / 16) + 16 * i));
-      const __m256i off = _mm256_madd_epi16(xs, offset_weights);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[r]), _mm256_set1_ps(d * dx), acc[r]);
-      acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(off), _mm256_set1_ps(dmin * dx), acc[r]);
+    k_finish<R>(sums, offsets, d, dmin, x, row0, i, acc);
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+}
+
+// a super-block unpacked once for many activation rows (prefill, batches): the same arithmetic as k_dot
+struct KBlock {
+  __m256i codes[8], scales[8], offsets;
+  float d, dmin;
+};
+
+template <int64_t T>
+void k_decode(const uint8_t* w, int64_t blocks, KBlock* out) {
+  constexpr int64_t kBytes = T == kQ4_K ? 144 : T == kQ5_K ? 176 : 210;
+  for (int64_t i = 0; i < blocks; ++i) {
+    const uint8_t* b = w + i * kBytes;
+    k_header<T>(b, out[i].scales, &out[i].offsets, &out[i].d, &out[i].dmin);
+    for (int g = 0; g < 8; ++g) out[i].codes[g] = k_group<T>(b, g);
+  }
+}
+
+template <int R>
+void k_decoded_dot(const KBlock* w, const Activations& x, int64_t row0, float* out) {
+  const int64_t blocks = x.k / 256;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < blocks; ++i) {
+    const KBlock& k = w[i];
+    __m256i sums[R];
+    for (int r = 0; r < R; ++r) sums[r] = _mm256_setzero_si256();
+    for (int g = 0; g < 8; ++g) {
+      for (int r = 0; r < R; ++r) sums[r] = k_group_dot(sums[r], k.codes[g], x, row0 + r, i, g, k.scales[g]);
     }
+    k_finish<R>(sums, k.offsets, k.d, k.dmin, x, row0, i, acc);
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
 }
@@ -405,6 +454,7 @@ void dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
 #endif
 
 constexpr int kRowTile = 4;  // activation rows per pass over a weight row (its codes unpacked once for all)
+constexpr int64_t kDecodedRows = 8;  // from this many rows, a K-quant weight row is unpacked once per call
 
 // one weight matrix of a block_linear call: its rows are output columns start.. of the result
 struct Part {
@@ -416,6 +466,28 @@ struct Part {
 template <int64_t T>
 void part_columns(const Part& part, int64_t begin, int64_t end, const Activations& x, float* out, int64_t n) {
   float results[kRowTile];
+#if defined(__AVX2__)
+  if constexpr (T == kQ4_K || T == kQ5_K || T == kQ6_K) {
+    if (x.rows >= kDecodedRows) {  // each weight row unpacked once, then reused for every activation row
+      thread_local std::vector<KBlock> decoded;
+      decoded.resize(x.k / 256);
+      for (int64_t j = begin; j < end; ++j) {
+        k_decode<T>(part.data + j * part.row_bytes, x.k / 256, decoded.data());
+        float* column = out + part.start + j;
+        int64_t row = 0;
+        for (; row + kRowTile <= x.rows; row += kRowTile) {
+          k_decoded_dot<kRowTile>(decoded.data(), x, row, results);
+          for (int r = 0; r < kRowTile; ++r) column[(row + r) * n] = results[r];
+        }
+        for (; row < x.rows; ++row) {
+          k_decoded_dot<1>(decoded.data(), x, row, results);
+          column[row * n] = results[0];
+        }
+      }
+      return;
+    }
+  }
+#endif
   for (int64_t j = begin; j < end; ++j) {
     const uint8_t* w = part.data + j * part.row_bytes;
     float* column = out + part.start + j;
