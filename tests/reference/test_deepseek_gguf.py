@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 from deepseek_checkpoints import VOCAB, write_checkpoint
+from random_blocks import round_activations
 
 from whale.engine.paged_attention import create_cache
+from whale.models.gguf_blocks import BlockEmbedding, BlockLinear
 from whale.models.loader import load_model
 from whale.weights import safetensors as st
 
@@ -54,7 +56,9 @@ def _gguf_tensors(tensors: dict[str, torch.Tensor], config) -> dict[str, torch.T
     return out
 
 
-def write_gguf(checkpoint: Path, path: Path) -> None:
+def write_gguf(checkpoint: Path, path: Path, block_type: str | None = None) -> None:
+    """`block_type`: store every matrix whose rows split into 32-value blocks (experts, projections, embedding,
+    output) in that ggml type, as a quantized release is; the router and kv_b stay float."""
     import json
 
     import gguf
@@ -101,7 +105,14 @@ def write_gguf(checkpoint: Path, path: Path) -> None:
     writer.add_eos_token_id(1)
     tensors = dict(st.iter_tensors(checkpoint))
     for name, tensor in _gguf_tensors(tensors, config).items():
-        writer.add_tensor(name, np.ascontiguousarray(tensor.float().numpy()))
+        values = np.ascontiguousarray(tensor.float().numpy())
+        quantized = block_type and values.ndim >= 2 and values.shape[-1] % 32 == 0 and not any(
+            part in name for part in ("ffn_gate_inp", "attn_k_b", "attn_v_b"))
+        if quantized:
+            kind = gguf.GGMLQuantizationType[block_type]
+            writer.add_tensor(name, gguf.quants.quantize(values, kind), raw_dtype=kind)
+        else:
+            writer.add_tensor(name, values)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -122,3 +133,36 @@ def test_deepseek2_gguf_logits_match_transformers(kind, tmp_path):
     logits = model.compute_logits(model(torch.tensor(PROMPT), torch.arange(len(PROMPT)), cache))
     expected = reference(torch.tensor([PROMPT])).logits[0]
     assert (logits - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("kind", ["v2_lite", "v3"])
+@torch.inference_mode()
+def test_deepseek2_gguf_computes_from_its_blocks(kind, tmp_path):
+    """A deepseek2 GGUF in Q8_0 blocks (stacked experts included) runs from them: each expert a view of its slice of
+    the stacked tensor, nothing expanded. Against the same file expanded to fp32 (which the test above checks
+    against transformers) with the block kernels' int8 rounding of each linear's input applied, the logits agree
+    to float32 accumulation."""
+    write_checkpoint(kind, tmp_path / kind)
+    path = tmp_path / f"{kind}.q8_0.gguf"
+    write_gguf(tmp_path / kind, path, block_type="Q8_0")
+    blocks = load_model(str(path))
+    assert blocks.kernels == "blocks"
+    moe = next(layer.mlp for layer in blocks.model.model.layers if hasattr(layer.mlp, "experts"))
+    assert all(isinstance(e.down_proj, BlockLinear) for e in moe.experts)
+    assert isinstance(blocks.model.model.embed_tokens, BlockEmbedding)
+    dense = load_model(str(path), kernels="dense")
+    for layer in dense.model.model.layers:  # every expert through its own modules, where the hooks below sit
+        if hasattr(layer.mlp, "gate_up"):
+            del layer.mlp.gate_up
+    rounded = {name for name, module in blocks.model.named_modules() if isinstance(module, BlockLinear)}
+    for name, module in dense.model.named_modules():
+        if name in rounded:
+            module.register_forward_pre_hook(lambda _module, args: round_activations(args[0], 32))
+    logits = {}
+    for label, loaded in (("blocks", blocks), ("dense", dense)):
+        model = loaded.model
+        cache = create_cache(model.kv_cache_spec(), torch.float32, torch.device("cpu"))
+        cache.begin_step([0], [len(PROMPT)])
+        logits[label] = model.compute_logits(model(torch.tensor(PROMPT), torch.arange(len(PROMPT)), cache))
+    assert len(rounded) > 10
+    assert (logits["blocks"] - logits["dense"]).abs().max() <= 1e-4 * logits["dense"].abs().max()

@@ -167,11 +167,12 @@ class DeepseekForCausalLM(nn.Module):
         return self._spec(self.num_mtp_layers)
 
     def tie_weights(self) -> None:
-        """The loader's post-load hook: tie the head if the config says so, pack the experts."""
-        if self.config.tie_word_embeddings:
+        """The loader's post-load hook: tie the head if the config says so, pack the experts (float ones: experts
+        computed from a GGUF's blocks stay apart)."""
+        if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
         for layer in self.model.layers:
-            if isinstance(layer.mlp, DeepseekMoE):
+            if isinstance(layer.mlp, DeepseekMoE) and isinstance(layer.mlp.experts[0].gate_proj, nn.Linear):
                 layer.mlp.pack_experts()
 
     def drop_unloaded(self, missing: list[str]) -> list[str]:

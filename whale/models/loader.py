@@ -19,7 +19,13 @@ from whale.errors import ModelLoadError
 from whale.generation_defaults import gguf_generation_config
 from whale.hub import DEFAULT_GENERATION_CONFIG, DEFAULT_GENERATION_SOURCE, DEFAULT_MODEL, ModelFiles, resolve_model
 from whale.models import build_model
-from whale.models.quant import Int4Linear, add_gemm_kernels, gemm_twin_bytes, quantize_gguf_linears
+from whale.models.quant import (
+    Int4Linear,
+    add_gemm_kernels,
+    gemm_twin_bytes,
+    gguf_block_sources,
+    quantize_gguf_linears,
+)
 from whale.platform import cpu_weight_kernels, physical_memory_bytes, resolve_device, resolve_dtype
 from whale.tokenizer import Tokenizer
 from whale.weights import fp8
@@ -55,7 +61,7 @@ def _gguf_tensors(checkpoint: GGUFCheckpoint, config: ModelConfig,
     permuted = {"self_attn.q_proj.weight": config.num_attention_heads,
                 "self_attn.k_proj.weight": config.num_key_value_heads}
     if checkpoint.architecture == "deepseek2":
-        yield from deepseek2_hf_tensors(checkpoint.tensors)
+        yield from deepseek2_hf_tensors(checkpoint.tensors, taken)
         return
     for gguf_name, tensor in checkpoint.tensors.items():
         name = hf_tensor_name(gguf_name)
@@ -125,11 +131,12 @@ def load_model(reference: str, dtype: str | torch.dtype | None = None,
         generation_config = json.loads(path.read_text()) if path.is_file() else {}
         tensors = fp8.dequantize_stream(tensors, fp8.weight_block_size(files.path))
     model = build_model(config)
-    quantized = kernels != "dense" and files.format == "gguf" and checkpoint.architecture != "deepseek2"
-    if quantized:  # before loading: the kernels take their tensors' blocks as they are, nothing is expanded
+    if kernels != "dense" and files.format == "gguf":  # the kernels take their tensors' blocks, nothing expanded
         rope_heads = {"self_attn.q_proj": config.num_attention_heads,
                       "self_attn.k_proj": config.num_key_value_heads} if config.architecture == "llama" else {}
-        taken = quantize_gguf_linears(model, checkpoint.tensors, rope_heads, kernels)
+        if checkpoint.architecture == "deepseek2":
+            kernels = "blocks"  # the int4 repacking serves the dense layers' shapes only
+        taken = quantize_gguf_linears(model, gguf_block_sources(checkpoint), rope_heads, kernels)
         kernels = _kernels_in(model, kernels) if taken else "dense"
     else:
         kernels = "dense"  # only GGUF blocks are taken as they are; nothing else is requantized

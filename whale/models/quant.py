@@ -23,7 +23,13 @@ from torch import nn
 from whale.models.gguf_blocks import BlockEmbedding, BlockLinear, has_block_kernel
 from whale.models.layers import in_prompt_step
 from whale.platform import onednn_packs_bf16
-from whale.weights.gguf import GGUFTensor, hf_tensor_name, unpermute_rope_rows
+from whale.weights.gguf import (
+    GGUFCheckpoint,
+    GGUFTensor,
+    deepseek2_block_tensors,
+    hf_tensor_name,
+    unpermute_rope_rows,
+)
 
 # Most rows each weight-only kernel takes before the packed bf16 GEMM is faster (bench/kernels.py on the Zen 4
 # dev box, 30 layers of SmolLM2's shapes: int4 7.4 ms vs bf16 10.8 ms at 4 rows, 12.4 vs 11.4 at 6; the 49152x576
@@ -206,16 +212,16 @@ def gemm_twin_bytes(model: nn.Module) -> int:
     return sum(2 * sizes[type(m)](m) for m in model.modules() if type(m) in sizes)
 
 
-def quantize_gguf_linears(model: nn.Module, tensors: dict[str, GGUFTensor], rope_heads: dict[str, int],
+def quantize_gguf_linears(model: nn.Module, sources: dict[str, GGUFTensor], rope_heads: dict[str, int],
                           kernels: str) -> set[str]:
     """Before loading (the model still on the meta device), give each linear a kernel over its GGUF blocks:
     `kernels` "int4"/"hybrid": Int4Linear for Q4_0/Q4_1 weights; every other block type with a compiled kernel
     (and every 4-bit one under "blocks") a BlockLinear of the file's bytes, the embedding table a BlockEmbedding.
     Under int4/hybrid, linears in no block format become fp16 (HalfLinear: they receive the bf16 activations the
     4-bit kernels hand on); under "blocks" they stay in the compute dtype. `rope_heads`: module-name suffix ->
-    heads whose rows llama.cpp permuted. Returns the HF names of the tensors the kernels took, which the loader
-    then neither reads nor expands."""
-    sources = {hf_tensor_name(name): tensor for name, tensor in tensors.items()}
+    heads whose rows llama.cpp permuted. `sources`: the GGUF's tensors by HF name (`gguf_block_sources`).
+    Returns the HF names of the tensors the kernels took, which the loader then neither reads nor expands."""
+    sources = dict(sources)
     tied = getattr(model.config, "tie_word_embeddings", False)
     if "lm_head.weight" not in sources and tied:
         sources["lm_head.weight"] = sources.get("model.embed_tokens.weight")
@@ -253,6 +259,14 @@ def quantize_gguf_linears(model: nn.Module, tensors: dict[str, GGUFTensor], rope
         _replace(model, name, HalfLinear(weight, None if bias is None else bias.dequantize()))
         taken.update({f"{name}.weight", f"{name}.bias"})
     return taken
+
+
+def gguf_block_sources(checkpoint: GGUFCheckpoint) -> dict[str, GGUFTensor]:
+    """A GGUF's tensors by the HF name of the parameter each one becomes (deepseek2: each expert's slice of the
+    stacked experts; kv_b stays out, the attention reads it as floats)."""
+    if checkpoint.architecture == "deepseek2":
+        return deepseek2_block_tensors(checkpoint.tensors)
+    return {hf_tensor_name(name): tensor for name, tensor in checkpoint.tensors.items()}
 
 
 def _replace(model: nn.Module, name: str, module: nn.Module) -> None:

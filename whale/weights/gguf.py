@@ -89,15 +89,40 @@ _DEEPSEEK2_NAMES = {
 _STACKED_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 
 
-def deepseek2_hf_tensors(tensors: dict[str, GGUFTensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def deepseek2_block_tensors(tensors: dict[str, GGUFTensor]) -> dict[str, GGUFTensor]:
+    """The matrices of a deepseek2 GGUF a kernel can take as blocks, by HF name: each expert's slice of the
+    stacked expert tensors (a view) and every other 2-D weight but kv_b, which the absorbed attention reads as a
+    float matrix."""
+    sources = {}
+    for gguf_name, tensor in tensors.items():
+        match = _BLOCK.match(gguf_name)
+        part = match.group(2) if match else None
+        prefix = f"model.layers.{match.group(1)}." if match else ""
+        if part in _STACKED_EXPERTS:
+            for expert in range(tensor.shape[0]):
+                name = f"{prefix}mlp.experts.{expert}.{_STACKED_EXPERTS[part]}.weight"
+                sources[name] = GGUFTensor(f"{gguf_name}[{expert}]", tensor.ggml_type, tensor.shape[1:],
+                                           tensor.raw[expert])
+        elif part in _DEEPSEEK2_NAMES and match.group(3) == "weight" and len(tensor.shape) == 2:
+            sources[f"{prefix}{_DEEPSEEK2_NAMES[part]}.weight"] = tensor
+        elif part not in ("attn_kv_b", "attn_k_b", "attn_v_b") and hf_tensor_name(gguf_name) is not None:
+            sources[hf_tensor_name(gguf_name)] = tensor
+    return sources
+
+
+def deepseek2_hf_tensors(tensors: dict[str, GGUFTensor], taken: set[str] = frozenset()
+                         ) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantised (HF name, tensor) pairs of a deepseek2 GGUF: stacked experts are split per expert,
     `exp_probs_b` is the router's e_score_correction_bias, and newer files' split attn_k_b [heads, rank, nope] /
-    attn_v_b [heads, v, rank] are joined back into kv_b_proj (older files store attn_kv_b as is)."""
+    attn_v_b [heads, v, rank] are joined back into kv_b_proj (older files store attn_kv_b as is). Names in
+    `taken` (kernels hold their blocks) are skipped unread."""
     split_kv: dict[str, dict[str, torch.Tensor]] = {}
     for gguf_name, tensor in tensors.items():
         match = _BLOCK.match(gguf_name)
         part = match.group(2) if match else None
         prefix = f"model.layers.{match.group(1)}." if match else ""
+        if part in _STACKED_EXPERTS and f"{prefix}mlp.experts.0.{_STACKED_EXPERTS[part]}.weight" in taken:
+            continue
         if part in _STACKED_EXPERTS:
             for expert, weight in enumerate(tensor.dequantize()):
                 yield f"{prefix}mlp.experts.{expert}.{_STACKED_EXPERTS[part]}.weight", weight
@@ -111,10 +136,12 @@ def deepseek2_hf_tensors(tensors: dict[str, GGUFTensor]) -> Iterator[tuple[str, 
                 joined = torch.cat((pair["attn_k_b"].transpose(1, 2), pair["attn_v_b"]), dim=1)
                 yield f"{prefix}self_attn.kv_b_proj.weight", joined.reshape(-1, joined.shape[-1])
         elif part in _DEEPSEEK2_NAMES:
-            yield f"{prefix}{_DEEPSEEK2_NAMES[part]}.{match.group(3)}", tensor.dequantize()
+            name = f"{prefix}{_DEEPSEEK2_NAMES[part]}.{match.group(3)}"
+            if name not in taken:
+                yield name, tensor.dequantize()
         else:
             name = hf_tensor_name(gguf_name)
-            if name is not None:
+            if name is not None and name not in taken:
                 yield name, tensor.dequantize()
 
 
