@@ -52,14 +52,110 @@ MODELS = {
     "r1-distill-qwen-1.5b": Shape("qwen2", 28, 1536, 12, 2, 8960, 151936),
     "r1-distill-qwen-7b": Shape("qwen2", 28, 3584, 28, 4, 18944, 152064),
     "qwen3-8b": Shape("qwen3", 36, 4096, 32, 8, 12288, 151936, rope_theta=1000000.0),
+    # DeepSeek-V2-Lite (deepseek2): MLA with a 512-wide latent, layer 0 dense, then 64 routed experts (top 6) + 2
+    # shared of 1408; its config.json's figures
+    "deepseek-v2-lite": Shape("deepseek2", 27, 2048, 16, 16, 10944, 102400),
 }
+V2_LITE = dict(kv_lora_rank=512, nope=128, rope=64, v_head=128, experts=64, used=6, shared=2, expert_ffn=1408)
 QUANTS = {"Q4_K_M": 15, "Q4_0": 2, "Q8_0": 7}  # llama_ftype
 
 
-def write_f16_gguf(path: Path, shape: Shape) -> None:
-    """Random weights (std 0.02, norms 1, biases small) streamed tensor by tensor into a float16 GGUF."""
+def _stream_tensors(writer, tensors: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    """Write the header, then each tensor's random values as it is made (a 16B model never sits in memory):
+    matrices float16 with std 0.02, norms 1 +- 0.1, biases and routers small float32."""
+    for name, (dims, kind) in tensors.items():
+        dtype = np.float16 if kind == "w" else np.float32
+        writer.add_tensor_info(name, dims, np.dtype(dtype), int(np.prod(dims)) * np.dtype(dtype).itemsize)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    rng = np.random.default_rng(0)
+    for dims, kind in tensors.values():
+        if kind == "norm":
+            values = (1 + 0.1 * rng.standard_normal(dims, np.float32)).astype(np.float32)
+        elif kind in ("bias", "router"):
+            values = (0.02 * rng.standard_normal(dims, np.float32)).astype(np.float32)
+        else:
+            values = (0.02 * rng.standard_normal(dims, np.float32)).astype(np.float16)
+        writer.write_tensor_data(values)
+    writer.close()
+
+
+def write_deepseek2_gguf(path: Path, shape: Shape) -> None:
+    """DeepSeek-V2-Lite's layout as llama.cpp's converter writes it (stacked experts, kv_b split into k_b / v_b),
+    with a plain numbered vocabulary and one merge (the weights are random, so the tokens' text does not
+    matter)."""
     import gguf
 
+    v = V2_LITE
+    writer = gguf.GGUFWriter(str(path), "deepseek2")
+    writer.add_name(path.stem)
+    writer.add_block_count(shape.layers)
+    writer.add_context_length(163840)
+    writer.add_embedding_length(shape.hidden)
+    writer.add_feed_forward_length(shape.ffn)
+    writer.add_head_count(shape.heads)
+    writer.add_head_count_kv(1)
+    writer.add_vocab_size(shape.vocab)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_leading_dense_block_count(1)
+    writer.add_q_lora_rank(0)  # V2-Lite has no query compression; llama.cpp wants the key, 0
+    writer.add_kv_lora_rank(v["kv_lora_rank"])
+    writer.add_key_length(v["kv_lora_rank"] + v["rope"])
+    writer.add_value_length(v["kv_lora_rank"])
+    writer.add_key_length_mla(v["nope"] + v["rope"])
+    writer.add_value_length_mla(v["v_head"])
+    writer.add_rope_dimension_count(v["rope"])
+    writer.add_expert_feed_forward_length(v["expert_ffn"])
+    writer.add_expert_count(v["experts"])
+    writer.add_expert_used_count(v["used"])
+    writer.add_expert_shared_count(v["shared"])
+    writer.add_expert_weights_scale(1.0)
+    writer.add_expert_weights_norm(False)
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(40.0)
+    writer.add_rope_scaling_orig_ctx_len(4096)
+    writer.add_rope_scaling_yarn_log_mul(0.0707)
+    writer.add_file_type(1)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(["t", "0", "t0", *(f"t{i}" for i in range(3, shape.vocab))])
+    writer.add_token_types([1] * shape.vocab)
+    writer.add_token_merges(["t 0"])  # llama.cpp wants a BPE vocabulary to have merges
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(1)
+    h, heads, rank = shape.hidden, shape.heads, v["kv_lora_rank"]
+    tensors: dict[str, tuple[tuple[int, ...], str]] = {"token_embd.weight": ((shape.vocab, h), "w")}
+    for i in range(shape.layers):
+        layer = {"attn_norm.weight": ((h,), "norm"), "ffn_norm.weight": ((h,), "norm"),
+                 "attn_q.weight": ((heads * (v["nope"] + v["rope"]), h), "w"),
+                 "attn_kv_a_mqa.weight": ((rank + v["rope"], h), "w"), "attn_kv_a_norm.weight": ((rank,), "norm"),
+                 "attn_k_b.weight": ((heads, rank, v["nope"]), "w"),
+                 "attn_v_b.weight": ((heads, v["v_head"], rank), "w"),
+                 "attn_output.weight": ((h, heads * v["v_head"]), "w")}
+        if i == 0:
+            layer |= {"ffn_gate.weight": ((shape.ffn, h), "w"), "ffn_up.weight": ((shape.ffn, h), "w"),
+                      "ffn_down.weight": ((h, shape.ffn), "w")}
+        else:
+            e, f, shared = v["experts"], v["expert_ffn"], v["expert_ffn"] * v["shared"]
+            layer |= {"ffn_gate_inp.weight": ((e, h), "router"), "ffn_gate_exps.weight": ((e, f, h), "w"),
+                      "ffn_up_exps.weight": ((e, f, h), "w"), "ffn_down_exps.weight": ((e, h, f), "w"),
+                      "ffn_gate_shexp.weight": ((shared, h), "w"), "ffn_up_shexp.weight": ((shared, h), "w"),
+                      "ffn_down_shexp.weight": ((h, shared), "w")}
+        tensors |= {f"blk.{i}.{name}": spec for name, spec in layer.items()}
+    tensors |= {"output_norm.weight": ((h,), "norm"), "output.weight": ((shape.vocab, h), "w")}
+    _stream_tensors(writer, tensors)
+
+
+def write_f16_gguf(path: Path, shape: Shape) -> None:
+    """Random weights streamed tensor by tensor into a float16 GGUF."""
+    import gguf
+
+    if shape.arch == "deepseek2":
+        write_deepseek2_gguf(path, shape)
+        return
     sys.path.insert(0, str(ROOT / "tests"))
     from scripted_gguf import CONTROL, NORMAL, USER_DEFINED, distill_qwen_tokenizer_json
 
@@ -103,22 +199,7 @@ def write_f16_gguf(path: Path, shape: Shape) -> None:
             layer |= {f"attn_{x}_norm.weight": ((shape.head_dim,), "norm") for x in "qk"}
         tensors |= {f"blk.{i}.{name}": spec for name, spec in layer.items()}
     tensors |= {"output_norm.weight": ((shape.hidden,), "norm"), "output.weight": ((shape.vocab, shape.hidden), "w")}
-    for name, (dims, kind) in tensors.items():
-        dtype = np.float16 if kind == "w" else np.float32
-        writer.add_tensor_info(name, dims, np.dtype(dtype), int(np.prod(dims)) * np.dtype(dtype).itemsize)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    rng = np.random.default_rng(0)
-    for dims, kind in tensors.values():
-        if kind == "norm":
-            values = (1 + 0.1 * rng.standard_normal(dims, np.float32)).astype(np.float32)
-        elif kind == "bias":
-            values = (0.02 * rng.standard_normal(dims, np.float32)).astype(np.float32)
-        else:
-            values = (0.02 * rng.standard_normal(dims, np.float32)).astype(np.float16)
-        writer.write_tensor_data(values)
-    writer.close()
+    _stream_tensors(writer, tensors)
 
 
 _QUANTIZE = """

@@ -278,7 +278,7 @@ def _gguf_deepseek2_config(meta: dict[str, Any]) -> dict[str, Any]:
         "rope_theta": key("rope.freq_base", 10000.0),
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "q_lora_rank": key("attention.q_lora_rank"),
+        "q_lora_rank": key("attention.q_lora_rank") or None,  # llama.cpp writes 0 for V2-Lite's plain q_proj
         "kv_lora_rank": key("attention.kv_lora_rank"),
         "qk_rope_head_dim": rope_dim,
         "qk_nope_head_dim": qk_head_dim - rope_dim,

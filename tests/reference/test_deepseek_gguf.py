@@ -75,8 +75,7 @@ def write_gguf(checkpoint: Path, path: Path, block_type: str | None = None) -> N
     writer.add_rope_freq_base(config["rope_theta"])
     writer.add_layer_norm_rms_eps(config["rms_norm_eps"])
     writer.add_leading_dense_block_count(config["first_k_dense_replace"])
-    if config.get("q_lora_rank"):
-        writer.add_q_lora_rank(config["q_lora_rank"])
+    writer.add_q_lora_rank(config.get("q_lora_rank") or 0)  # as llama.cpp's converter: 0 for V2-Lite
     writer.add_kv_lora_rank(config["kv_lora_rank"])
     writer.add_key_length(config["kv_lora_rank"] + config["qk_rope_head_dim"])
     writer.add_value_length(config["kv_lora_rank"])
