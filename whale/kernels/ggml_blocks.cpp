@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -215,47 +216,84 @@ inline __m256i bit_bytes(uint32_t bits) {
 
 // 32-weight blocks: w = d q for the signed codes (Q8_0; Q4_0 and Q5_0 once their offset of 8 or 16 is taken
 // off), w = d q + m for Q4_1 / Q5_1, whose m adds m * dx * (sum of the block's activation codes)
+struct LBlock {
+  __m256i codes, magnitudes;  // magnitudes: |codes| for the signed types, the codes themselves otherwise
+  float d, m;
+};
+
+template <int64_t T>
+constexpr bool has_min() {
+  return T == kQ4_1 || T == kQ5_1;
+}
+
+template <int64_t T>
+inline void legacy_block(const uint8_t* b, LBlock* out) {
+  constexpr int kStart = T == kQ4_0 ? 2 : T == kQ4_1 ? 4 : T == kQ5_0 ? 6 : 8;  // where the nibbles begin
+  out->d = half(b);
+  out->m = has_min<T>() ? half(b + 2) : 0.f;
+  __m256i codes;
+  if constexpr (T == kQ8_0) {
+    codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
+  } else {
+    const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kStart));
+    codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), _mm256_set1_epi8(0x0F));
+    if constexpr (T == kQ5_0 || T == kQ5_1) {
+      uint32_t qh;
+      std::memcpy(&qh, b + kStart - 4, 4);
+      codes = _mm256_or_si256(codes, _mm256_and_si256(bit_bytes(qh), _mm256_set1_epi8(0x10)));
+    }
+    if constexpr (T == kQ4_0) codes = _mm256_sub_epi8(codes, _mm256_set1_epi8(8));
+    if constexpr (T == kQ5_0) codes = _mm256_sub_epi8(codes, _mm256_set1_epi8(16));
+  }
+  out->codes = codes;
+  // signed codes: |w| times x with w's sign (maddubs takes one unsigned operand)
+  out->magnitudes = has_min<T>() ? codes : _mm256_sign_epi8(codes, codes);
+}
+
+// block i of one activation row into its accumulators (mins: scalar, in intrinsics, so that every row tile adds
+// in the same order and precision)
+template <int64_t T>
+inline void legacy_row(const LBlock& k, const Activations& x, int64_t row, int64_t i, __m256* acc, __m128* mins) {
+  const int64_t blocks = x.k / 32;
+  __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + row * x.k + i * 32));
+  if constexpr (!has_min<T>()) xq = _mm256_sign_epi8(xq, k.codes);
+  const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(k.magnitudes, xq), _mm256_set1_epi16(1));
+  const float dx = x.d[row * blocks + i];
+  *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(k.d * dx), *acc);
+  if constexpr (has_min<T>()) {
+    const int16_t* sum = x.sums.data() + row * (x.k / 16) + 2 * i;
+    *mins = _mm_fmadd_ss(_mm_set_ss(k.m * dx), _mm_set_ss(static_cast<float>(sum[0] + sum[1])), *mins);
+  }
+}
+
 template <int64_t T, int R>
 void legacy_dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
   constexpr int64_t kBytes = T == kQ4_0 ? 18 : T == kQ4_1 ? 20 : T == kQ5_0 ? 22 : T == kQ5_1 ? 24 : 34;
-  constexpr int kStart = T == kQ4_0 ? 2 : T == kQ4_1 ? 4 : T == kQ5_0 ? 6 : 8;  // where the nibbles begin
-  constexpr bool kMin = T == kQ4_1 || T == kQ5_1;
-  const int64_t blocks = x.k / 32;
-  const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 acc[R];
-  __m128 mins[R];  // scalar, in intrinsics: every row tile adds in the same order and precision
+  __m128 mins[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = _mm_setzero_ps();
-  for (int64_t i = 0; i < blocks; ++i) {
-    const uint8_t* b = w + i * kBytes;
-    const float d = half(b), m = kMin ? half(b + 2) : 0.f;
-    __m256i codes;
-    if constexpr (T == kQ8_0) {
-      codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 2));
-    } else {
-      const __m128i qs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b + kStart));
-      codes = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(qs, 4), qs), low);
-      if constexpr (T == kQ5_0 || T == kQ5_1) {
-        uint32_t qh;
-        std::memcpy(&qh, b + kStart - 4, 4);
-        codes = _mm256_or_si256(codes, _mm256_and_si256(bit_bytes(qh), _mm256_set1_epi8(0x10)));
-      }
-      if constexpr (T == kQ4_0) codes = _mm256_sub_epi8(codes, _mm256_set1_epi8(8));
-      if constexpr (T == kQ5_0) codes = _mm256_sub_epi8(codes, _mm256_set1_epi8(16));
-    }
-    // signed codes: |w| times x with w's sign (maddubs takes one unsigned operand)
-    const __m256i unsigned_codes = kMin ? codes : _mm256_sign_epi8(codes, codes);
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = row0 + r;
-      __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + row * x.k + i * 32));
-      if constexpr (!kMin) xq = _mm256_sign_epi8(xq, codes);
-      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(unsigned_codes, xq), ones);
-      const float dx = x.d[row * blocks + i];
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(d * dx), acc[r]);
-      if constexpr (kMin) {
-        const int16_t* sum = x.sums.data() + row * (x.k / 16) + 2 * i;
-        mins[r] = _mm_fmadd_ss(_mm_set_ss(m * dx), _mm_set_ss(static_cast<float>(sum[0] + sum[1])), mins[r]);
-      }
-    }
+  for (int64_t i = 0; i < x.k / 32; ++i) {
+    LBlock k;
+    legacy_block<T>(w + i * kBytes, &k);
+    for (int r = 0; r < R; ++r) legacy_row<T>(k, x, row0 + r, i, &acc[r], &mins[r]);
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + _mm_cvtss_f32(mins[r]);
+}
+
+// a weight row's blocks unpacked once for many activation rows: the same arithmetic as legacy_dot
+template <int64_t T>
+void legacy_decode(const uint8_t* w, int64_t blocks, LBlock* out) {
+  constexpr int64_t kBytes = T == kQ4_0 ? 18 : T == kQ4_1 ? 20 : T == kQ5_0 ? 22 : T == kQ5_1 ? 24 : 34;
+  for (int64_t i = 0; i < blocks; ++i) legacy_block<T>(w + i * kBytes, out + i);
+}
+
+template <int64_t T, int R>
+void legacy_decoded_dot(const LBlock* w, const Activations& x, int64_t row0, float* out) {
+  __m256 acc[R];
+  __m128 mins[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = _mm_setzero_ps();
+  for (int64_t i = 0; i < x.k / 32; ++i) {
+    for (int r = 0; r < R; ++r) legacy_row<T>(w[i], x, row0 + r, i, &acc[r], &mins[r]);
   }
   for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + _mm_cvtss_f32(mins[r]);
 }
@@ -454,7 +492,7 @@ void dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
 #endif
 
 constexpr int kRowTile = 4;  // activation rows per pass over a weight row (its codes unpacked once for all)
-constexpr int64_t kDecodedRows = 8;  // from this many rows, a K-quant weight row is unpacked once per call
+constexpr int64_t kDecodedRows = 8;  // from this many rows, a weight row is unpacked once per call
 
 // one weight matrix of a block_linear call: its rows are output columns start.. of the result
 struct Part {
@@ -462,30 +500,48 @@ struct Part {
   int64_t row_bytes, type, start;
 };
 
+#if defined(__AVX2__)
+// the many-row path: each weight row of `part` unpacked into `decoded`, then `tile` over kRowTile activation
+// rows at a time and `single` over the rest
+template <typename Block, typename Decode, typename Tile, typename Single>
+void decoded_columns(const Part& part, int64_t begin, int64_t end, const Activations& x, float* out, int64_t n,
+                     Block* decoded, Decode decode, Tile tile, Single single) {
+  const int64_t blocks = static_cast<int64_t>(x.k / (std::is_same_v<Block, KBlock> ? 256 : 32));
+  float results[kRowTile];
+  for (int64_t j = begin; j < end; ++j) {
+    decode(part.data + j * part.row_bytes, blocks, decoded);
+    float* column = out + part.start + j;
+    int64_t row = 0;
+    for (; row + kRowTile <= x.rows; row += kRowTile) {
+      tile(decoded, x, row, results);
+      for (int r = 0; r < kRowTile; ++r) column[(row + r) * n] = results[r];
+    }
+    for (; row < x.rows; ++row) {
+      single(decoded, x, row, results);
+      column[row * n] = results[0];
+    }
+  }
+}
+#endif
+
 // output columns [begin, end) of `part` (relative to its first row) for every activation row
 template <int64_t T>
 void part_columns(const Part& part, int64_t begin, int64_t end, const Activations& x, float* out, int64_t n) {
   float results[kRowTile];
 #if defined(__AVX2__)
-  if constexpr (T == kQ4_K || T == kQ5_K || T == kQ6_K) {
-    if (x.rows >= kDecodedRows) {  // each weight row unpacked once, then reused for every activation row
+  if (x.rows >= kDecodedRows) {  // each weight row unpacked once, then reused for every activation row
+    if constexpr (T == kQ4_K || T == kQ5_K || T == kQ6_K) {
       thread_local std::vector<KBlock> decoded;
       decoded.resize(x.k / 256);
-      for (int64_t j = begin; j < end; ++j) {
-        k_decode<T>(part.data + j * part.row_bytes, x.k / 256, decoded.data());
-        float* column = out + part.start + j;
-        int64_t row = 0;
-        for (; row + kRowTile <= x.rows; row += kRowTile) {
-          k_decoded_dot<kRowTile>(decoded.data(), x, row, results);
-          for (int r = 0; r < kRowTile; ++r) column[(row + r) * n] = results[r];
-        }
-        for (; row < x.rows; ++row) {
-          k_decoded_dot<1>(decoded.data(), x, row, results);
-          column[row * n] = results[0];
-        }
-      }
-      return;
+      decoded_columns(part, begin, end, x, out, n, decoded.data(), k_decode<T>, k_decoded_dot<kRowTile>,
+                      k_decoded_dot<1>);
+    } else {
+      thread_local std::vector<LBlock> decoded;
+      decoded.resize(x.k / 32);
+      decoded_columns(part, begin, end, x, out, n, decoded.data(), legacy_decode<T>,
+                      legacy_decoded_dot<T, kRowTile>, legacy_decoded_dot<T, 1>);
     }
+    return;
   }
 #endif
   for (int64_t j = begin; j < end; ++j) {
