@@ -104,7 +104,9 @@ def int4(kernels):
 
 @pytest.mark.parametrize(("family", "options"), [
     ("int4", {}),
-    ("int4", {"max_num_batched_tokens": 6, "enable_prefix_caching": False}),  # chunked prefill; drafts cut short
+    # chunked prefill, drafts cut short: drafts take only the budget left, so the prompts are chunked as without
+    # them, and decode tokens beside a prompt chunk are computed as in a decode step
+    ("int4", {"max_num_batched_tokens": 6, "enable_prefix_caching": False}),
     # preemption: blocks run out, drafts are dropped first. A preempted request's tokens are recomputed as a
     # prompt, with the prompt kernels: only where those compute a row as decoding does (dense fp32) is the reply
     # the unpreempted one, drafts or not
@@ -113,7 +115,8 @@ def int4(kernels):
 def test_greedy_replies_are_the_same_with_ngram_drafts(kernels, prompts, family, options):
     loaded = kernels(family)
     params = GREEDY if family == "int4" else replace(GREEDY, max_tokens=24)  # fp32 dense is slow on a CPU
-    plain = _outputs(_run(LLMEngine(loaded, EngineConfig(enable_prefix_caching=False)), prompts, params))
+    budget = {k: v for k, v in options.items() if k == "max_num_batched_tokens"}  # prompts chunked alike
+    plain = _outputs(_run(LLMEngine(loaded, EngineConfig(enable_prefix_caching=False, **budget)), prompts, params))
     engine = LLMEngine(loaded, EngineConfig(speculative="ngram", num_speculative_tokens=4, **options))
     first = _run(engine, prompts, params)
     assert _outputs(first) == plain

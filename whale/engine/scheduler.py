@@ -3,7 +3,8 @@
 and the KV blocks last. A prefill longer than the budget is chunked across steps, mixed with decodes. When blocks
 run out, the most recently admitted request is preempted: its blocks are freed and it is recomputed later
 (its prefix-cached blocks usually make that cheap). A decoding request's draft tokens (speculative decoding) ride
-along behind its last token while the budget and the blocks allow, and are dropped before anyone is preempted."""
+along behind its last token on the budget every other token of the step left (so prompt chunks are cut where
+they would be without drafts) while the blocks allow, and are dropped before anyone is preempted."""
 
 from __future__ import annotations
 
@@ -57,27 +58,39 @@ class Scheduler:
         self.waiting.appendleft(victim)
         batch.preempted.append(victim)
 
-    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> int:
+    def _schedule_running(self, batch: ScheduledBatch, budget: int) -> tuple[int, list[tuple[int, list[int]]]]:
+        """Each running request's next tokens; returns the budget left and the drafts on offer, by batch index."""
+        offered = []
         for request in list(self.running):
             if request not in self.running or budget == 0:
                 continue  # preempted earlier in this loop
             pending = request.num_tokens - request.num_computed_tokens
-            drafts = request.draft_token_ids[:max(0, budget - 1)] if pending == 1 else []
+            drafts = request.draft_token_ids if pending == 1 else []
             request.draft_token_ids = []
-            count = min(pending + len(drafts), budget)
-            if drafts and not self.blocks.grow(request.request_id, request.num_computed_tokens + count):
-                drafts, count = [], pending  # no blocks for the drafts: decode without them
+            count = min(pending, budget)
             while not self.blocks.grow(request.request_id, request.num_computed_tokens + count):
                 victim = self.running[-1]
                 self._preempt(victim, batch)
                 if victim is request:
                     break
             else:
-                batch.add(request, count, drafts)
+                if drafts:
+                    offered.append((len(batch.requests), drafts))
+                batch.add(request, count)
                 budget -= count
-        return budget
+        return budget, offered
 
-    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> None:
+    def _add_drafts(self, batch: ScheduledBatch, budget: int, offered: list[tuple[int, list[int]]]) -> None:
+        """Drafts behind their requests' decode tokens, on what budget is left, where blocks allow (else none)."""
+        for index, drafts in offered:
+            request, drafts = batch.requests[index], drafts[:budget]
+            if not drafts or not self.blocks.grow(request.request_id, request.num_computed_tokens + 1 + len(drafts)):
+                continue
+            batch.num_new_tokens[index] += len(drafts)
+            batch.drafts[index] = list(drafts)
+            budget -= len(drafts)
+
+    def _admit_waiting(self, batch: ScheduledBatch, budget: int) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
             # a request scoring its prompt needs every prompt position's logits: nothing from the cache
@@ -95,12 +108,14 @@ class Scheduler:
             self.running.append(request)
             batch.add(request, count)
             budget -= count
+        return budget
 
     def schedule(self) -> ScheduledBatch:
         batch = ScheduledBatch()
-        budget = self._schedule_running(batch, self.config.max_num_batched_tokens)
+        budget, offered = self._schedule_running(batch, self.config.max_num_batched_tokens)
         if not batch.preempted:  # nothing new while running requests are short of blocks
-            self._admit_waiting(batch, budget)
+            budget = self._admit_waiting(batch, budget)
+        self._add_drafts(batch, budget, offered)
         return batch
 
     def finish(self, request: Request) -> None:
