@@ -141,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
         threads = torch.get_num_threads()
         drafts = "" if args.speculative == "off" else f", {args.speculative} drafts"
         print(f"whale serve: {state.served.name} ({state.served.variant.name} chat format, context "
-              f"{state.served.max_model_len}, {threads} thread{'s' if threads > 1 else ''}{drafts}) on "
+              f"{state.served.max_model_len}, {state.served.kernels} kernels, {threads} thread"
+              f"{'s' if threads > 1 else ''}{drafts}) on "
               f"http://{args.host}:{args.port}"
               f"{' (API key required)' if keys else ''}; requests that leave sampling unset get "
               f"{state.served.defaults.describe()}", file=sys.stderr)

@@ -64,6 +64,7 @@ class ServedModel:
     min_answer_tokens: int = MIN_ANSWER_TOKENS
     vocab_size: int = 0  # the model's (0: the tokenizer's); with eos_ids, what a grammar is compiled for
     eos_ids: frozenset[int] = frozenset()
+    kernels: str = "dense"  # the linears' kernels the model loaded with (LoadedModel.kernels), for the banner
 
     def __post_init__(self) -> None:
         if self.defaults is None:
@@ -283,4 +284,4 @@ def served_model_from_loaded(loaded: Any, max_model_len: int, name: str | None =
     default_name = re.sub(r"\.(q\d\w*|i?q\d\w*|f16|f32|bf16)$", "", stem.lower())
     defaults = generation_defaults(variant, loaded.generation_config, loaded.generation_config_source)
     return ServedModel(name or default_name, loaded.tokenizer, variant, max_model_len, config, created, defaults,
-                       vocab_size=loaded.config.vocab_size, eos_ids=eos_token_ids(loaded))
+                       vocab_size=loaded.config.vocab_size, eos_ids=eos_token_ids(loaded), kernels=loaded.kernels)
