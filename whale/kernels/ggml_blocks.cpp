@@ -44,19 +44,24 @@ struct Format {
   int64_t bytes;   // bytes a block
 };
 
-Format format_of(int64_t type) {
+// bytes a block (0: a type without a kernel)
+constexpr int64_t bytes_of(int64_t type) {
   switch (type) {
-    case kQ4_0: return {32, 18};
-    case kQ4_1: return {32, 20};
-    case kQ5_0: return {32, 22};
-    case kQ5_1: return {32, 24};
-    case kQ8_0: return {32, 34};
-    case kQ4_K: return {256, 144};
-    case kQ5_K: return {256, 176};
-    case kQ6_K: return {256, 210};
-    default: TORCH_CHECK(false, "ggml block type ", type, " has no kernel");
+    case kQ4_0: return 18;
+    case kQ4_1: return 20;
+    case kQ5_0: return 22;
+    case kQ5_1: return 24;
+    case kQ8_0: return 34;
+    case kQ4_K: return 144;
+    case kQ5_K: return 176;
+    case kQ6_K: return 210;
+    default: return 0;
   }
-  return {0, 0};
+}
+
+Format format_of(int64_t type) {
+  TORCH_CHECK(bytes_of(type) > 0, "ggml block type ", type, " has no kernel");
+  return {type == kQ4_K || type == kQ5_K || type == kQ6_K ? 256 : 32, bytes_of(type)};
 }
 
 inline float half(const uint8_t* p) {
@@ -268,7 +273,7 @@ inline void legacy_row(const LBlock& k, const Activations& x, int64_t row, int64
 
 template <int64_t T, int R>
 void legacy_dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
-  constexpr int64_t kBytes = T == kQ4_0 ? 18 : T == kQ4_1 ? 20 : T == kQ5_0 ? 22 : T == kQ5_1 ? 24 : 34;
+  constexpr int64_t kBytes = bytes_of(T);
   __m256 acc[R];
   __m128 mins[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = _mm_setzero_ps();
@@ -283,7 +288,7 @@ void legacy_dot(const uint8_t* w, const Activations& x, int64_t row0, float* out
 // a weight row's blocks unpacked once for many activation rows: the same arithmetic as legacy_dot
 template <int64_t T>
 void legacy_decode(const uint8_t* w, int64_t blocks, LBlock* out) {
-  constexpr int64_t kBytes = T == kQ4_0 ? 18 : T == kQ4_1 ? 20 : T == kQ5_0 ? 22 : T == kQ5_1 ? 24 : 34;
+  constexpr int64_t kBytes = bytes_of(T);
   for (int64_t i = 0; i < blocks; ++i) legacy_block<T>(w + i * kBytes, out + i);
 }
 
@@ -380,7 +385,7 @@ inline void k_finish(const __m256i* sums, __m256i offsets, float d, float dmin, 
 // straight from the blocks: each group's codes unpacked as they are used (a few rows: decode)
 template <int64_t T, int R>
 void k_dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
-  constexpr int64_t kBytes = T == kQ4_K ? 144 : T == kQ5_K ? 176 : 210;
+  constexpr int64_t kBytes = bytes_of(T);
   const int64_t blocks = x.k / 256;
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
@@ -407,7 +412,7 @@ struct KBlock {
 
 template <int64_t T>
 void k_decode(const uint8_t* w, int64_t blocks, KBlock* out) {
-  constexpr int64_t kBytes = T == kQ4_K ? 144 : T == kQ5_K ? 176 : 210;
+  constexpr int64_t kBytes = bytes_of(T);
   for (int64_t i = 0; i < blocks; ++i) {
     const uint8_t* b = w + i * kBytes;
     k_header<T>(b, out[i].scales, &out[i].offsets, &out[i].d, &out[i].dmin);
