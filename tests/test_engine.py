@@ -4,10 +4,13 @@ Each configuration is checked against the plain engine's greedy tokens."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from whale import SamplingParams
 from whale.engine.kv_cache import BlockManager
 from whale.engine.llm_engine import EngineConfig, LLMEngine
+from whale.engine.paged_attention import create_cache
+from whale.models.layers import KVCacheSpec
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived",
@@ -102,6 +105,19 @@ def test_abort_frees_every_block(default_llm, prompt_ids):
     assert engine.cache.blocks.num_free_blocks == 64
     assert all(r.finish_reason == "abort" for r in requests) and not engine.has_unfinished()
     assert engine.step() == []
+
+
+def _resident_bytes() -> int:
+    return int(open("/proc/self/status").read().split("VmRSS:")[1].split()[0]) * 1024
+
+
+def test_a_cache_sized_for_a_long_context_is_resident_only_where_written():
+    before = _resident_bytes()
+    cache = create_cache(KVCacheSpec("mha", num_layers=28, num_kv_heads=2, head_dim=128), torch.float32,
+                         num_blocks=4096, block_size=16)  # 65,536 tokens: 3.5 GiB of K and V
+    assert sum(s.numel() * s.element_size() for s in cache.stores.values()) == 28 * 65536 * 2 * 256 * 4
+    assert all(not s.any() for s in (cache.stores["k"][:, :64], cache.stores["v"][:, -64:]))  # reads as zeros
+    assert _resident_bytes() - before < 256 * 2**20
 
 
 def test_block_manager_chains_hashes_and_evicts_least_recently_freed():

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -99,8 +100,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         # zeros, not empty: padded context positions are read (then masked) and must not hold NaNs
-        self.stores = {name: torch.zeros(spec.num_layers, num_blocks * block_size, *shape, dtype=dtype,
-                                         device=self.device)
+        self.stores = {name: _zeros((spec.num_layers, num_blocks * block_size, *shape), dtype, self.device)
                        for name, shape in _storage_shapes(spec).items()}
         self.layout: StepLayout | None = None
         self._slot_lengths: dict[Hashable, int] = {}
@@ -246,6 +246,16 @@ class PagedKVCache:
         chosen = index.topk(min(top_k, causal.shape[-1]), dim=-1).indices
         selected = torch.zeros_like(causal).scatter_(-1, chosen, True)
         return self._unpad_tokens(selected)
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros that cost memory only where written: on CPU the storage comes from calloc (numpy's zeros), whose
+    pages the OS maps in, zeroed, on first touch; `torch.zeros` writes every byte, so a cache sized for a long
+    context would be resident from the start."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    nbytes = torch.Size(shape).numel() * torch.tensor([], dtype=dtype).element_size()
+    return torch.from_numpy(np.zeros(nbytes, np.uint8)).view(dtype).view(shape)
 
 
 DEFAULT_KV_CACHE_BYTES = 512 * 2**20
