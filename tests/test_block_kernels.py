@@ -91,12 +91,14 @@ def test_block_linear_takes_bf16_activations_and_stacked_parts_of_different_type
 
 @pytest.mark.parametrize("ggml_type", TYPES)
 def test_block_linear_rows_are_independent_of_the_batch(ggml_type):
-    """A row's result does not depend on the rows computed with it (greedy replies alone and batched agree)."""
-    cols, code = 512, GGMLQuantizationType[ggml_type].value
-    blocks = torch.from_numpy(random_blocks(ggml_type, 48, cols))
-    x = torch.randn(9, cols, generator=torch.Generator().manual_seed(2))
+    """A row's result does not depend on the rows computed with it (greedy replies alone and batched agree).
+    30 rows of 8192 take the many-row path over two passes of the activations (24 rows a pass: 192 KiB of codes),
+    tiles of 4 and single rows; 47 weight rows, pairs of them and one alone."""
+    cols, code = 8192, GGMLQuantizationType[ggml_type].value
+    blocks = torch.from_numpy(random_blocks(ggml_type, 47, cols))
+    x = torch.randn(30, cols, generator=torch.Generator().manual_seed(2))
     batch = cpu_ops().block_linear(x, [blocks], [code])
-    for row in range(9):
+    for row in range(30):
         assert torch.equal(cpu_ops().block_linear(x[row:row + 1], [blocks], [code])[0], batch[row])
 
 

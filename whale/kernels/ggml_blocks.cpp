@@ -292,15 +292,36 @@ void legacy_decode(const uint8_t* w, int64_t blocks, LBlock* out) {
   for (int64_t i = 0; i < blocks; ++i) legacy_block<T>(w + i * kBytes, out + i);
 }
 
-template <int64_t T, int R>
-void legacy_decoded_dot(const LBlock* w, const Activations& x, int64_t row0, float* out) {
-  __m256 acc[R];
-  __m128 mins[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps(), mins[r] = _mm_setzero_ps();
-  for (int64_t i = 0; i < x.k / 32; ++i) {
-    for (int r = 0; r < R; ++r) legacy_row<T>(w[i], x, row0 + r, i, &acc[r], &mins[r]);
+// W decoded weight rows against R activation rows (each activation block loaded once for all W), out[w * R + r];
+// every product in the same order and precision as legacy_dot
+template <int64_t T, int W, int R>
+void legacy_decoded_dot(const LBlock* const* w, const Activations& x, int64_t row0, float* out) {
+  const int64_t blocks = x.k / 32;
+  __m256 acc[W][R];
+  __m128 mins[W][R];
+  for (int v = 0; v < W; ++v) {
+    for (int r = 0; r < R; ++r) acc[v][r] = _mm256_setzero_ps(), mins[v][r] = _mm_setzero_ps();
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]) + _mm_cvtss_f32(mins[r]);
+  for (int64_t i = 0; i < blocks; ++i) {
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = row0 + r;
+      const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + row * x.k + i * 32));
+      const float dx = x.d[row * blocks + i];
+      for (int v = 0; v < W; ++v) {
+        const LBlock& k = w[v][i];
+        const __m256i signed_x = has_min<T>() ? xq : _mm256_sign_epi8(xq, k.codes);
+        const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(k.magnitudes, signed_x), _mm256_set1_epi16(1));
+        acc[v][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(k.d * dx), acc[v][r]);
+        if constexpr (has_min<T>()) {
+          const int16_t* sum = x.sums.data() + row * (x.k / 16) + 2 * i;
+          mins[v][r] = _mm_fmadd_ss(_mm_set_ss(k.m * dx), _mm_set_ss(static_cast<float>(sum[0] + sum[1])), mins[v][r]);
+        }
+      }
+    }
+  }
+  for (int v = 0; v < W; ++v) {
+    for (int r = 0; r < R; ++r) out[v * R + r] = hsum(acc[v][r]) + _mm_cvtss_f32(mins[v][r]);
+  }
 }
 
 // the unsigned codes of group g (32 weights) of a K-quant super-block
@@ -420,21 +441,34 @@ void k_decode(const uint8_t* w, int64_t blocks, KBlock* out) {
   }
 }
 
-template <int R>
-void k_decoded_dot(const KBlock* w, const Activations& x, int64_t row0, float* out) {
+// W decoded weight rows against R activation rows, out[w * R + r]: the same arithmetic as k_dot
+template <int W, int R>
+void k_decoded_dot(const KBlock* const* w, const Activations& x, int64_t row0, float* out) {
   const int64_t blocks = x.k / 256;
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < blocks; ++i) {
-    const KBlock& k = w[i];
-    __m256i sums[R];
-    for (int r = 0; r < R; ++r) sums[r] = _mm256_setzero_si256();
-    for (int g = 0; g < 8; ++g) {
-      for (int r = 0; r < R; ++r) sums[r] = k_group_dot(sums[r], k.codes[g], x, row0 + r, i, g, k.scales[g]);
-    }
-    k_finish<R>(sums, k.offsets, k.d, k.dmin, x, row0, i, acc);
+  __m256 acc[W][R];
+  for (int v = 0; v < W; ++v) {
+    for (int r = 0; r < R; ++r) acc[v][r] = _mm256_setzero_ps();
   }
-  for (int r = 0; r < R; ++r) out[r] = hsum(acc[r]);
+  for (int64_t i = 0; i < blocks; ++i) {
+    __m256i sums[W][R];
+    for (int v = 0; v < W; ++v) {
+      for (int r = 0; r < R; ++r) sums[v][r] = _mm256_setzero_si256();
+    }
+    for (int g = 0; g < 8; ++g) {
+      for (int r = 0; r < R; ++r) {
+        const __m256i xq =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + (row0 + r) * x.k + i * 256 + 32 * g));
+        for (int v = 0; v < W; ++v) {
+          const __m256i products = _mm256_maddubs_epi16(w[v][i].codes[g], xq);
+          sums[v][r] = _mm256_add_epi32(sums[v][r], _mm256_madd_epi16(products, w[v][i].scales[g]));
+        }
+      }
+    }
+    for (int v = 0; v < W; ++v) k_finish<R>(sums[v], w[v][i].offsets, w[v][i].d, w[v][i].dmin, x, row0, i, acc[v]);
+  }
+  for (int v = 0; v < W; ++v) {
+    for (int r = 0; r < R; ++r) out[v * R + r] = hsum(acc[v][r]);
+  }
 }
 
 template <int64_t T, int R>
@@ -506,24 +540,42 @@ struct Part {
 };
 
 #if defined(__AVX2__)
-// the many-row path: each weight row of `part` unpacked into `decoded`, then `tile` over kRowTile activation
-// rows at a time and `single` over the rest
-template <typename Block, typename Decode, typename Tile, typename Single>
+constexpr int kWeightTile = 2;            // weight rows unpacked side by side, each activation load used for both
+constexpr int64_t kChunkBytes = 192 << 10;  // activation codes walked per pass over the weights (kept in L2)
+
+// the many-row path: the activations in chunks that stay in L2; for each chunk, the part's weight rows unpacked
+// kWeightTile at a time into `decoded`, then `dot<W, R>` over kRowTile activation rows at a time (W weight rows
+// x R activation rows a call, out[w * R + r]), single rows for the rest
+template <typename Block, typename Decode, typename Dot>
 void decoded_columns(const Part& part, int64_t begin, int64_t end, const Activations& x, float* out, int64_t n,
-                     Block* decoded, Decode decode, Tile tile, Single single) {
+                     std::vector<Block>& decoded, Decode decode, Dot dot) {
   const int64_t blocks = static_cast<int64_t>(x.k / (std::is_same_v<Block, KBlock> ? 256 : 32));
-  float results[kRowTile];
-  for (int64_t j = begin; j < end; ++j) {
-    decode(part.data + j * part.row_bytes, blocks, decoded);
-    float* column = out + part.start + j;
-    int64_t row = 0;
-    for (; row + kRowTile <= x.rows; row += kRowTile) {
-      tile(decoded, x, row, results);
-      for (int r = 0; r < kRowTile; ++r) column[(row + r) * n] = results[r];
-    }
-    for (; row < x.rows; ++row) {
-      single(decoded, x, row, results);
-      column[row * n] = results[0];
+  const int64_t chunk = std::max<int64_t>(kRowTile, kChunkBytes / x.k / kRowTile * kRowTile);
+  decoded.resize(kWeightTile * blocks);
+  const Block* rows[kWeightTile] = {decoded.data(), decoded.data() + blocks};
+  float results[kWeightTile * kRowTile];
+  for (int64_t first = 0; first < x.rows; first += chunk) {
+    const int64_t last = std::min(x.rows, first + chunk);
+    for (int64_t j = begin; j < end; j += kWeightTile) {
+      const int width = static_cast<int>(std::min<int64_t>(kWeightTile, end - j));
+      for (int v = 0; v < width; ++v) decode(part.data + (j + v) * part.row_bytes, blocks, decoded.data() + v * blocks);
+      float* column = out + part.start + j;
+      int64_t row = first;
+      for (; row + kRowTile <= last; row += kRowTile) {
+        width == kWeightTile ? dot(std::integral_constant<int, kWeightTile>(), std::integral_constant<int, kRowTile>(),
+                                   rows, row, results)
+                             : dot(std::integral_constant<int, 1>(), std::integral_constant<int, kRowTile>(), rows,
+                                   row, results);
+        for (int v = 0; v < width; ++v) {
+          for (int r = 0; r < kRowTile; ++r) column[(row + r) * n + v] = results[v * kRowTile + r];
+        }
+      }
+      for (; row < last; ++row) {
+        width == kWeightTile
+            ? dot(std::integral_constant<int, kWeightTile>(), std::integral_constant<int, 1>(), rows, row, results)
+            : dot(std::integral_constant<int, 1>(), std::integral_constant<int, 1>(), rows, row, results);
+        for (int v = 0; v < width; ++v) column[row * n + v] = results[v];
+      }
     }
   }
 }
@@ -534,17 +586,20 @@ template <int64_t T>
 void part_columns(const Part& part, int64_t begin, int64_t end, const Activations& x, float* out, int64_t n) {
   float results[kRowTile];
 #if defined(__AVX2__)
-  if (x.rows >= kDecodedRows) {  // each weight row unpacked once, then reused for every activation row
+  if (x.rows >= kDecodedRows) {  // each weight row unpacked once per chunk, then reused for its activation rows
+    const auto dot = [&x](auto weights, auto rows, const auto* const* w, int64_t row, float* out) {
+      if constexpr (T == kQ4_K || T == kQ5_K || T == kQ6_K) {
+        k_decoded_dot<decltype(weights)::value, decltype(rows)::value>(w, x, row, out);
+      } else {
+        legacy_decoded_dot<T, decltype(weights)::value, decltype(rows)::value>(w, x, row, out);
+      }
+    };
     if constexpr (T == kQ4_K || T == kQ5_K || T == kQ6_K) {
       thread_local std::vector<KBlock> decoded;
-      decoded.resize(x.k / 256);
-      decoded_columns(part, begin, end, x, out, n, decoded.data(), k_decode<T>, k_decoded_dot<kRowTile>,
-                      k_decoded_dot<1>);
+      decoded_columns(part, begin, end, x, out, n, decoded, k_decode<T>, dot);
     } else {
       thread_local std::vector<LBlock> decoded;
-      decoded.resize(x.k / 32);
-      decoded_columns(part, begin, end, x, out, n, decoded.data(), legacy_decode<T>,
-                      legacy_decoded_dot<T, kRowTile>, legacy_decoded_dot<T, 1>);
+      decoded_columns(part, begin, end, x, out, n, decoded, legacy_decode<T>, dot);
     }
     return;
   }
