@@ -241,7 +241,7 @@ llm = LLM(path, max_model_len=%(context)d, num_kv_blocks=%(context)d // 16, enab
 load = time.perf_counter() - start
 engine, rng = llm.engine, __import__("random").Random(0)
 def prompt(count):
-    return [rng.randrange(1000, 150000) for _ in range(count)]
+    return [rng.randrange(1000, 100000) for _ in range(count)]
 def timed(prompts, tokens):
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
     for ids in prompts:
@@ -271,7 +271,7 @@ model = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=
 load = time.perf_counter() - start
 rng = random.Random(0)
 def prompt(count):
-    return [rng.randrange(1000, 150000) for _ in range(count)]
+    return [rng.randrange(1000, 100000) for _ in range(count)]
 def prefill_seconds():
     model.reset()
     start = time.perf_counter()

@@ -102,6 +102,22 @@ def test_block_linear_rows_are_independent_of_the_batch(ggml_type):
         assert torch.equal(cpu_ops().block_linear(x[row:row + 1], [blocks], [code])[0], batch[row])
 
 
+@pytest.mark.parametrize("ggml_type", ["Q5_0", "Q4_K"])  # V2-Lite Q4_K_M's attn_k_b and attn_v_b
+def test_block_heads_multiplies_each_head_by_its_own_matrix(ggml_type):
+    """DeepSeek's absorbed attention: head h of x through matrix h only, exact on the rounded activations."""
+    heads, rows, cols = 3, 40, 256
+    blocks = [random_blocks(ggml_type, rows, cols, seed=h) for h in range(heads)]
+    x = torch.randn(2, heads, cols, generator=torch.Generator().manual_seed(5))
+    got = cpu_ops().block_heads(x, torch.from_numpy(np.stack(blocks)), GGMLQuantizationType[ggml_type].value)
+    assert got.shape == (2, heads, rows)
+    block = 256 if ggml_type.endswith("_K") else 32
+    for h in range(heads):
+        weight = reference_weight(blocks[h], ggml_type, cols)
+        exact = round_activations(x[:, h], block).double().numpy() @ weight.T
+        scale = np.abs(x[:, h].double().numpy()) @ np.abs(weight).T
+        assert (np.abs(got[:, h].double().numpy() - exact) / scale).max() < 1e-6
+
+
 def test_block_linear_refuses_rows_that_do_not_hold_the_blocks():
     blocks = torch.from_numpy(random_blocks("Q4_K", 8, 512))
     with pytest.raises(RuntimeError, match="bytes"):

@@ -12,7 +12,7 @@ from deepseek_checkpoints import VOCAB, write_checkpoint
 from random_blocks import round_activations
 
 from whale.engine.paged_attention import create_cache
-from whale.models.gguf_blocks import BlockEmbedding, BlockLinear
+from whale.models.gguf_blocks import BlockEmbedding, BlockLatentHeads, BlockLinear
 from whale.models.loader import load_model
 from whale.weights import safetensors as st
 
@@ -56,9 +56,10 @@ def _gguf_tensors(tensors: dict[str, torch.Tensor], config) -> dict[str, torch.T
     return out
 
 
-def write_gguf(checkpoint: Path, path: Path, block_type: str | None = None) -> None:
+def write_gguf(checkpoint: Path, path: Path, block_type: str | None = None, latent_blocks: bool = False) -> None:
     """`block_type`: store every matrix whose rows split into 32-value blocks (experts, projections, embedding,
-    output) in that ggml type, as a quantized release is; the router and kv_b stay float."""
+    output) in that ggml type, as a quantized release is; the router stays float, and the split kv_b (attn_k_b,
+    attn_v_b) unless `latent_blocks`."""
     import json
 
     import gguf
@@ -105,8 +106,9 @@ def write_gguf(checkpoint: Path, path: Path, block_type: str | None = None) -> N
     tensors = dict(st.iter_tensors(checkpoint))
     for name, tensor in _gguf_tensors(tensors, config).items():
         values = np.ascontiguousarray(tensor.float().numpy())
+        float_parts = ("ffn_gate_inp",) if latent_blocks else ("ffn_gate_inp", "attn_k_b", "attn_v_b")
         quantized = block_type and values.ndim >= 2 and values.shape[-1] % 32 == 0 and not any(
-            part in name for part in ("ffn_gate_inp", "attn_k_b", "attn_v_b"))
+            part in name for part in float_parts)
         if quantized:
             kind = gguf.GGMLQuantizationType[block_type]
             writer.add_tensor(name, gguf.quants.quantize(values, kind), raw_dtype=kind)
@@ -147,21 +149,69 @@ def test_deepseek2_gguf_computes_from_its_blocks(kind, tmp_path):
     blocks = load_model(str(path))
     assert blocks.kernels == "blocks"
     moe = next(layer.mlp for layer in blocks.model.model.layers if hasattr(layer.mlp, "experts"))
-    assert all(isinstance(e.down_proj, BlockLinear) for e in moe.experts)
+    assert all(isinstance(e.down_proj, BlockLinear) for e in moe.experts) and moe.block_experts is not None
     assert isinstance(blocks.model.model.embed_tokens, BlockEmbedding)
     dense = load_model(str(path), kernels="dense")
-    for layer in dense.model.model.layers:  # every expert through its own modules, where the hooks below sit
+    _round_as_the_kernels(dense, blocks)
+    logits = {label: _logits(loaded) for label, loaded in (("blocks", blocks), ("dense", dense))}
+    assert (logits["blocks"] - logits["dense"]).abs().max() <= 1e-4 * logits["dense"].abs().max()
+
+
+class _RoundedLatentHeads(BlockLatentHeads):
+    """The absorbed attention's per-head products over a float kv_b, each head's input rounded per 32 values as
+    `block_heads` rounds it (the reference for BlockLatentHeads)."""
+
+    def __init__(self, kv_b: torch.Tensor, heads: int, nope: int):
+        torch.nn.Module.__init__(self)
+        self.w_kv, self.nope = kv_b.view(heads, -1, kv_b.shape[-1]), nope
+
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("thn,hnr->thr", _rounded(q_nope), self.w_kv[:, :self.nope])
+
+    def expand_values(self, attended: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("thr,hvr->thv", _rounded(attended), self.w_kv[:, self.nope:])
+
+
+def _rounded(x: torch.Tensor) -> torch.Tensor:
+    return round_activations(x.reshape(-1, x.shape[-1]), 32).view(x.shape)
+
+
+@torch.inference_mode()
+def test_deepseek2_gguf_split_kv_b_computes_from_its_blocks(tmp_path):
+    """Quantized releases store kv_b split per head in blocks (V2-Lite Q4_K_M: attn_k_b Q5_0, attn_v_b Q4_K): the
+    absorbed attention multiplies each head by its own blocks (BlockLatentHeads), kv_b never expanded. Against
+    the same file expanded to float, with each head's query and attended latent rounded as the kernel rounds
+    them, the logits agree to float32 accumulation."""
+    write_checkpoint("v2_lite_nope32", tmp_path / "checkpoint")
+    path = tmp_path / "latent.q8_0.gguf"
+    write_gguf(tmp_path / "checkpoint", path, block_type="Q8_0", latent_blocks=True)
+    blocks = load_model(str(path))
+    assert all(isinstance(layer.self_attn.kv_b_proj, BlockLatentHeads) for layer in blocks.model.model.layers)
+    dense = load_model(str(path), kernels="dense")
+    _round_as_the_kernels(dense, blocks)
+    config = dense.config
+    for layer in dense.model.model.layers:
+        attention = layer.self_attn
+        attention.kv_b_proj = _RoundedLatentHeads(attention.kv_b_proj.weight, config.num_attention_heads,
+                                                  config.qk_nope_head_dim)
+    logits = {label: _logits(loaded) for label, loaded in (("blocks", blocks), ("dense", dense))}
+    assert (logits["blocks"] - logits["dense"]).abs().max() <= 1e-4 * logits["dense"].abs().max()
+
+
+def _round_as_the_kernels(dense, blocks) -> None:
+    """Round the input of each of the dense model's linears that `blocks` computes from blocks, per 32 values."""
+    for layer in dense.model.model.layers:  # every expert through its own modules, where the hooks sit
         if hasattr(layer.mlp, "gate_up"):
             del layer.mlp.gate_up
     rounded = {name for name, module in blocks.model.named_modules() if isinstance(module, BlockLinear)}
     for name, module in dense.model.named_modules():
         if name in rounded:
             module.register_forward_pre_hook(lambda _module, args: round_activations(args[0], 32))
-    logits = {}
-    for label, loaded in (("blocks", blocks), ("dense", dense)):
-        model = loaded.model
-        cache = create_cache(model.kv_cache_spec(), torch.float32, torch.device("cpu"))
-        cache.begin_step([0], [len(PROMPT)])
-        logits[label] = model.compute_logits(model(torch.tensor(PROMPT), torch.arange(len(PROMPT)), cache))
     assert len(rounded) > 10
-    assert (logits["blocks"] - logits["dense"]).abs().max() <= 1e-4 * logits["dense"].abs().max()
+
+
+def _logits(loaded) -> torch.Tensor:
+    model = loaded.model
+    cache = create_cache(model.kv_cache_spec(), torch.float32, torch.device("cpu"))
+    cache.begin_step([0], [len(PROMPT)])
+    return model.compute_logits(model(torch.tensor(PROMPT), torch.arange(len(PROMPT)), cache))

@@ -299,6 +299,8 @@ torch::Tensor packed_bf16_linear(const torch::Tensor& x, const torch::Tensor& pa
 // ggml_blocks.cpp
 torch::Tensor block_linear(torch::Tensor x, std::vector<torch::Tensor> weights, std::vector<int64_t> types);
 torch::Tensor block_rows(torch::Tensor weight, int64_t type, torch::Tensor ids, int64_t k);
+void bind_block_experts(pybind11::module& m);
+torch::Tensor block_heads(torch::Tensor x, torch::Tensor w, int64_t type);
 
 // One linear's kernel as the compiled decode stack calls it: y = x W^T for x [rows, K] (float32 or bf16).
 class LinearKernel {
@@ -450,10 +452,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<std::vector<std::shared_ptr<LinearKernel>>, std::vector<torch::Tensor>, int64_t, int64_t,
                           int64_t, double, double>())
       .def("forward", &DenseDecodeStack::forward);
+  bind_block_experts(m);
   m.def("add_rms_norm", &add_rms_norm, "residual += delta; rms_norm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary_", &rotary_, "rotate the leading heads in place");
   m.def("block_linear", &block_linear, "x W^T straight from ggml blocks (W: parts stacked by rows)");
+  m.def("block_heads", &block_heads, "per head x_h W_h^T straight from ggml blocks");
   m.def("block_rows", &block_rows, "rows of a ggml block matrix as float32");
   m.def("paged_attention", &paged_attention, "attention over paged K/V storage");
   m.def("mask_logits_", &mask_logits_, "-inf where an allowed-token bitmask is clear, in place");

@@ -531,7 +531,8 @@ void dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
 #endif
 
 constexpr int kRowTile = 4;  // activation rows per pass over a weight row (its codes unpacked once for all)
-constexpr int64_t kDecodedRows = 8;  // from this many rows, a weight row is unpacked once per call
+constexpr int64_t kDecodedRows = 8;
+constexpr int64_t kPrefetchBytes = 4096;  // from this many rows, a weight row is unpacked once per call
 
 // one weight matrix of a block_linear call: its rows are output columns start.. of the result
 struct Part {
@@ -606,6 +607,11 @@ void part_columns(const Part& part, int64_t begin, int64_t end, const Activation
 #endif
   for (int64_t j = begin; j < end; ++j) {
     const uint8_t* w = part.data + j * part.row_bytes;
+#if defined(__AVX2__)
+    // ask for the bytes kPrefetchBytes ahead of this row now: a matrix of a few MB (a MoE expert) is read
+    // before the hardware prefetcher has ramped up on it
+    for (int64_t b = 0; b < part.row_bytes; b += 64) _mm_prefetch(reinterpret_cast<const char*>(w + kPrefetchBytes + b), _MM_HINT_T0);
+#endif
     float* column = out + part.start + j;
     int64_t row = 0;
     for (; row + kRowTile <= x.rows; row += kRowTile) {
@@ -698,4 +704,174 @@ torch::Tensor block_rows(torch::Tensor weight, int64_t type, torch::Tensor ids, 
     }
   });
   return out;
+}
+
+torch::Tensor silu_and_mul(torch::Tensor gate_up);  // cpu_ops.cpp
+
+namespace {
+
+// one expert's share of a step: the rows it takes (gathered), their activations, its matrices' parts
+struct ExpertJob {
+  std::vector<int64_t> tokens;
+  std::vector<float> weights;
+  torch::Tensor input, output;
+  Activations per32, per256;
+  std::vector<Part> parts;
+  int64_t columns = 0;
+};
+
+void quantize_input(ExpertJob& job) {
+  bool legacy = false, k_quant = false;
+  for (const Part& p : job.parts) (format_of(p.type).values == 256 ? k_quant : legacy) = true;
+  const float* xp = job.input.data_ptr<float>();
+  const int64_t rows = job.input.size(0), k = job.input.size(1);
+  if (legacy) job.per32 = Activations(xp, rows, k, 32);
+  if (k_quant) job.per256 = Activations(xp, rows, k, 256);
+}
+
+// every job's matrices in one parallel pass over all their output columns
+void run_jobs(std::vector<ExpertJob*>& jobs) {
+  int64_t total = 0;
+  std::vector<int64_t> first;
+  for (ExpertJob* job : jobs) {
+    first.push_back(total);
+    job->output = torch::empty({job->input.size(0), job->columns}, torch::dtype(torch::kFloat32));
+    total += job->columns;
+  }
+  at::parallel_for(0, total, 16, [&](int64_t begin, int64_t end) {
+    for (size_t j = 0; j < jobs.size(); ++j) {
+      const ExpertJob& job = *jobs[j];
+      const int64_t lo = std::max(begin, first[j]) - first[j], hi = std::min(end, first[j] + job.columns) - first[j];
+      for (size_t p = 0; p < job.parts.size() && lo < hi; ++p) {
+        const int64_t rows_end = p + 1 < job.parts.size() ? job.parts[p + 1].start : job.columns;
+        const int64_t a = std::max(lo, job.parts[p].start), b = std::min(hi, rows_end);
+        if (a >= b) continue;
+        const Activations& acts = format_of(job.parts[p].type).values == 256 ? job.per256 : job.per32;
+        columns(job.parts[p], a - job.parts[p].start, b - job.parts[p].start, acts, job.output.data_ptr<float>(),
+                job.columns);
+      }
+    }
+  });
+}
+
+Part part_of(const torch::Tensor& w, int64_t type, int64_t k, int64_t start) {
+  const Format f = format_of(type);
+  TORCH_CHECK(w.scalar_type() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous() && k % f.values == 0 &&
+                  w.size(1) == k / f.values * f.bytes,
+              "a weight must be contiguous uint8 [rows, the blocks of ", k, " values] of type ", type);
+  return {w.data_ptr<uint8_t>(), w.size(1), type, start};
+}
+
+}  // namespace
+
+// A DeepSeek MoE layer's experts straight from their blocks, in one call a step: each token through the SwiGLU
+// (down(silu(gate x) * up x)) of the experts the router chose, weighted, summed in ascending expert order, then
+// the shared expert added, as DeepseekMoE's Python loop does. All chosen experts' gate|up columns run in one
+// parallel pass, then all their down columns in another (the loop paid a dispatch per matrix and left threads
+// idle at each of ~18 small calls a layer).
+class BlockExperts {
+ public:
+  // per expert gate, up, down (uint8 [rows, bytes a row]) and their ggml types; the shared expert, if any, last
+  BlockExperts(std::vector<torch::Tensor> weights, std::vector<int64_t> types, bool shared)
+      : weights_(std::move(weights)), types_(std::move(types)), shared_(shared) {
+    TORCH_CHECK(weights_.size() % 3 == 0 && weights_.size() == types_.size() && weights_.size() >= 3,
+                "BlockExperts: gate, up and down per expert, one type each");
+    for (const auto& t : types_) format_of(t);
+  }
+
+  // x [T, H] float32, ids [T, k] int64, weights [T, k] float32 -> [T, H] float32
+  torch::Tensor forward(torch::Tensor x, torch::Tensor ids, torch::Tensor weights) const {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "BlockExperts: x must be float32 [T, H]");
+    TORCH_CHECK(ids.scalar_type() == torch::kInt64 && weights.scalar_type() == torch::kFloat32 && ids.dim() == 2 &&
+                    ids.sizes() == weights.sizes() && ids.size(0) == x.size(0),
+                "BlockExperts: ids int64 and weights float32, both [T, k]");
+    x = x.contiguous();
+    const int64_t tokens = x.size(0), hidden = x.size(1), routed = static_cast<int64_t>(weights_.size()) / 3 - shared_;
+    const auto id = ids.contiguous(), weight = weights.contiguous();
+    std::vector<ExpertJob> jobs(routed + shared_);
+    for (int64_t t = 0; t < tokens; ++t) {
+      for (int64_t j = 0; j < ids.size(1); ++j) {
+        const int64_t e = id.data_ptr<int64_t>()[t * ids.size(1) + j];
+        TORCH_CHECK(e >= 0 && e < routed, "BlockExperts: expert ", e, " is outside 0..", routed - 1);
+        jobs[e].tokens.push_back(t);
+        jobs[e].weights.push_back(weight.data_ptr<float>()[t * ids.size(1) + j]);
+      }
+    }
+    std::vector<ExpertJob*> active;
+    for (int64_t e = 0; e < routed + shared_; ++e) {
+      ExpertJob& job = jobs[e];
+      if (e == routed) {  // the shared expert: every token
+        job.input = x;
+      } else if (job.tokens.empty()) {
+        continue;
+      } else {
+        job.input = x.index_select(0, torch::tensor(job.tokens, torch::dtype(torch::kInt64)));
+      }
+      const torch::Tensor& gate = weights_[3 * e];
+      job.parts = {part_of(gate, types_[3 * e], hidden, 0), part_of(weights_[3 * e + 1], types_[3 * e + 1], hidden,
+                                                                  gate.size(0))};
+      job.columns = gate.size(0) + weights_[3 * e + 1].size(0);
+      active.push_back(&job);
+    }
+    at::parallel_for(0, static_cast<int64_t>(active.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t a = begin; a < end; ++a) quantize_input(*active[a]);
+    });
+    run_jobs(active);
+    for (ExpertJob* job : active) {  // down: silu(gate) * up in, hidden out
+      const int64_t e = job - jobs.data();
+      job->input = silu_and_mul(job->output);
+      job->parts = {part_of(weights_[3 * e + 2], types_[3 * e + 2], job->input.size(1), 0)};
+      job->columns = weights_[3 * e + 2].size(0);
+      TORCH_CHECK(job->columns == hidden, "BlockExperts: down projections must give ", hidden, " values");
+    }
+    at::parallel_for(0, static_cast<int64_t>(active.size()), 1, [&](int64_t begin, int64_t end) {
+      for (int64_t a = begin; a < end; ++a) quantize_input(*active[a]);
+    });
+    run_jobs(active);
+    auto out = torch::zeros({tokens, hidden}, torch::dtype(torch::kFloat32));
+    float* o = out.data_ptr<float>();
+    for (ExpertJob* job : active) {
+      if (job - jobs.data() == routed) continue;
+      const float* y = job->output.data_ptr<float>();
+      for (size_t i = 0; i < job->tokens.size(); ++i) {
+        float* row = o + job->tokens[i] * hidden;
+        for (int64_t c = 0; c < hidden; ++c) row[c] += y[i * hidden + c] * job->weights[i];
+      }
+    }
+    if (shared_) out.add_(jobs[routed].output);
+    return out;
+  }
+
+ private:
+  std::vector<torch::Tensor> weights_;
+  std::vector<int64_t> types_;
+  int64_t shared_;
+};
+
+void bind_block_experts(pybind11::module& m) {
+  pybind11::class_<BlockExperts>(m, "BlockExperts")
+      .def(pybind11::init<std::vector<torch::Tensor>, std::vector<int64_t>, bool>())
+      .def("forward", &BlockExperts::forward);
+}
+
+// y[:, h] = x[:, h] W_h^T for every head h: x [T, H, K] float32, w uint8 [H, N, bytes a row] of one ggml type ->
+// [T, H, N] float32. DeepSeek's absorbed attention multiplies each head by its own slice of kv_b (attn_k_b,
+// attn_v_b); every head's columns run in one parallel pass.
+torch::Tensor block_heads(torch::Tensor x, torch::Tensor w, int64_t type) {
+  TORCH_CHECK(x.dim() == 3 && x.scalar_type() == torch::kFloat32 && w.dim() == 3 && w.size(0) == x.size(1),
+              "block_heads: x float32 [T, H, K], w uint8 [H, N, bytes]");
+  const int64_t heads = x.size(1), k = x.size(2);
+  std::vector<ExpertJob> jobs(heads);
+  std::vector<ExpertJob*> active;
+  for (int64_t h = 0; h < heads; ++h) {
+    jobs[h].input = x.select(1, h).contiguous();
+    jobs[h].parts = {part_of(w[h], type, k, 0)};
+    jobs[h].columns = w.size(1);
+    quantize_input(jobs[h]);
+    active.push_back(&jobs[h]);
+  }
+  run_jobs(active);
+  std::vector<torch::Tensor> outputs;
+  for (const ExpertJob& job : jobs) outputs.push_back(job.output);
+  return torch::stack(outputs, 1);
 }

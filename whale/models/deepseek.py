@@ -15,6 +15,7 @@ from torch import nn
 from whale.config import DeepseekConfig
 from whale.models.deepseek_dsa import DeepseekIndexer
 from whale.models.deepseek_moe import DeepseekMoE
+from whale.models.gguf_blocks import BlockLatentHeads
 from whale.models.layers import (
     KVCacheSpec,
     RMSNorm,
@@ -76,13 +77,19 @@ class DeepseekAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)
         q_pe = self.rotate(q_pe, cos, sin)
         k_pe = self.rotate(k_pe.unsqueeze(1), cos, sin).squeeze(1)
-        w_kv = self.kv_b_proj.weight.view(heads, self.nope + self.v_dim, self.kv_rank)
-        q_absorbed = torch.einsum("thn,hnr->thr", q_nope, w_kv[:, :self.nope])  # q_nope through W_UK
+        if isinstance(self.kv_b_proj, BlockLatentHeads):
+            q_absorbed = self.kv_b_proj.absorb_query(q_nope)
+        else:
+            w_kv = self.kv_b_proj.weight.view(heads, self.nope + self.v_dim, self.kv_rank)
+            q_absorbed = torch.einsum("thn,hnr->thr", q_nope, w_kv[:, :self.nope])  # q_nope through W_UK
         allowed = None
         if self.indexer is not None:
             allowed = self.indexer(x, q_latent_in, cos, sin, attn, self.cache_layer)
         attended = attn.attend_latent(self.cache_layer, q_absorbed, q_pe, c_kv, k_pe, self.scale, allowed)
-        out = torch.einsum("thr,hvr->thv", attended, w_kv[:, self.nope:])  # W_UV after attention
+        if isinstance(self.kv_b_proj, BlockLatentHeads):
+            out = self.kv_b_proj.expand_values(attended)
+        else:
+            out = torch.einsum("thr,hvr->thv", attended, w_kv[:, self.nope:])  # W_UV after attention
         return self.o_proj(out.reshape(tokens, heads * self.v_dim))
 
 
@@ -167,13 +174,15 @@ class DeepseekForCausalLM(nn.Module):
         return self._spec(self.num_mtp_layers)
 
     def tie_weights(self) -> None:
-        """The loader's post-load hook: tie the head if the config says so, pack the experts (float ones: experts
-        computed from a GGUF's blocks stay apart)."""
+        """The loader's post-load hook: tie the head if the config says so, pack the experts (float ones; experts
+        computed from a GGUF's blocks run in one compiled call a layer instead)."""
         if self.config.tie_word_embeddings and isinstance(self.lm_head, nn.Linear):
             self.lm_head.weight = self.model.embed_tokens.weight
         for layer in self.model.layers:
             if isinstance(layer.mlp, DeepseekMoE) and isinstance(layer.mlp.experts[0].gate_proj, nn.Linear):
                 layer.mlp.pack_experts()
+            elif isinstance(layer.mlp, DeepseekMoE):
+                layer.mlp.use_block_experts()
 
     def drop_unloaded(self, missing: list[str]) -> list[str]:
         """Give up the MTP layers when the checkpoint lacks them (GGUF, transformers' own saves); returns the

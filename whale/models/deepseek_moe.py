@@ -11,6 +11,8 @@ import torch
 from torch import nn
 
 from whale.config import DeepseekConfig
+from whale.kernels import cpu_ops
+from whale.models.gguf_blocks import BlockLinear
 from whale.models.layers import SwiGLU
 
 
@@ -72,6 +74,7 @@ class DeepseekMoE(nn.Module):
         self.gate = DeepseekGate(config)
         self.experts = nn.ModuleList(SwiGLU(hidden, inter) for _ in range(config.n_routed_experts))
         self.shared_experts = SwiGLU(hidden, inter * config.n_shared_experts) if config.n_shared_experts else None
+        self.block_experts = None  # the compiled call over the experts' GGUF blocks, when they are all blocks
 
     def pack_experts(self) -> None:
         """After loading: stack the experts into one [E, 2I, H] gate|up and one [E, H, I] down tensor and make
@@ -85,6 +88,19 @@ class DeepseekMoE(nn.Module):
             expert.up_proj.weight = nn.Parameter(self.gate_up[i, inter:], requires_grad=False)
             expert.down_proj.weight = nn.Parameter(self.down[i], requires_grad=False)
 
+    def use_block_experts(self) -> bool:
+        """After loading experts that compute from a GGUF's blocks (BlockLinear): run them all, shared expert
+        included, in one compiled call a step (`BlockExperts`: every chosen expert's gate|up in one parallel
+        pass, then every down), instead of three kernel calls per chosen expert from Python. False (nothing
+        changed) unless every matrix is one block part without a bias."""
+        mlps = [*self.experts, *([self.shared_experts] if self.shared_experts is not None else [])]
+        linears = [getattr(m, name, None) for m in mlps for name in ("gate_proj", "up_proj", "down_proj")]
+        if not all(isinstance(p, BlockLinear) and len(p.weights) == 1 and p.bias is None for p in linears):
+            return False
+        self.block_experts = cpu_ops().BlockExperts([p.weights[0] for p in linears], [p.types[0] for p in linears],
+                                                    self.shared_experts is not None)
+        return True
+
     def _gathered(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Every (token, expert) pair in one bmm over the gathered expert weights: for decode of small experts,
         where per-expert calls cost more than the copy."""
@@ -96,6 +112,8 @@ class DeepseekMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x)
+        if self.block_experts is not None:
+            return self.block_experts.forward(x, ids, weights)
         if hasattr(self, "gate_up") and ids.numel() * self.gate_up[0].numel() <= GATHER_LIMIT:
             routed = self._gathered(x, ids, weights)
             return routed + self.shared_experts(x) if self.shared_experts is not None else routed

@@ -79,3 +79,29 @@ class BlockEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = cpu_ops().block_rows(self.weight_bytes, self.type, ids.reshape(-1).long(), self.embedding_dim)
         return rows.view(*ids.shape, self.embedding_dim)
+
+
+class BlockLatentHeads(nn.Module):
+    """DeepSeek's kv_b as the absorbed attention uses it, from a GGUF's split attn_k_b [heads, rank, nope] and
+    attn_v_b [heads, v, rank] blocks (llama.cpp's converter splits kv_b so): each head's no-rope query into the
+    latent space through its own W_UK, each head's attended latent out to values through its W_UV, with the
+    compiled `block_heads` (all heads in one parallel pass). In place of a float kv_b read whole at every step
+    (8 MB a layer for V2-Lite in fp32, 1.3 MB as Q5_0 + Q4_K)."""
+
+    def __init__(self, k_b: GGUFTensor, v_b: GGUFTensor):
+        super().__init__()
+        self.k_b, self.k_type = block_bytes(k_b), BLOCK_TYPES[k_b.ggml_type]
+        self.v_b, self.v_type = block_bytes(v_b), BLOCK_TYPES[v_b.ggml_type]
+
+    @staticmethod
+    def takes(k_b: GGUFTensor | None, v_b: GGUFTensor | None) -> bool:
+        return all(t is not None and t.ggml_type in BLOCK_TYPES and len(t.shape) == 3 for t in (k_b, v_b)) and (
+            cpu_ops() is not None)
+
+    def absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """[T, heads, nope] -> [T, heads, rank] (float32)"""
+        return cpu_ops().block_heads(q_nope.float(), self.k_b, self.k_type)
+
+    def expand_values(self, attended: torch.Tensor) -> torch.Tensor:
+        """[T, heads, rank] -> [T, heads, v] (float32)"""
+        return cpu_ops().block_heads(attended.float(), self.v_b, self.v_type)

@@ -137,6 +137,8 @@ def load_model(reference: str, dtype: str | torch.dtype | None = None,
         if checkpoint.architecture == "deepseek2":
             kernels = "blocks"  # the int4 repacking serves the dense layers' shapes only
         taken = quantize_gguf_linears(model, gguf_block_sources(checkpoint), rope_heads, kernels)
+        if taken:
+            checkpoint.populate()  # the kernels read the mapping itself
         kernels = _kernels_in(model, kernels) if taken else "dense"
     else:
         kernels = "dense"  # only GGUF blocks are taken as they are; nothing else is requantized

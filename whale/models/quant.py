@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from whale.models.gguf_blocks import BlockEmbedding, BlockLinear, has_block_kernel
+from whale.models.gguf_blocks import BlockEmbedding, BlockLatentHeads, BlockLinear, has_block_kernel
 from whale.models.layers import in_prompt_step
 from whale.platform import onednn_packs_bf16
 from whale.weights.gguf import (
@@ -230,6 +230,11 @@ def quantize_gguf_linears(model: nn.Module, sources: dict[str, GGUFTensor], rope
     if has_block_kernel(embedding):
         model.model.embed_tokens = BlockEmbedding(embedding)
         taken.add("model.embed_tokens.weight")
+    for name, module in list(model.named_modules()):  # DeepSeek's kv_b, split per head by llama.cpp
+        k_b, v_b = sources.get(f"{name}.kv_b_proj.k_b"), sources.get(f"{name}.kv_b_proj.v_b")
+        if isinstance(getattr(module, "kv_b_proj", None), nn.Linear) and BlockLatentHeads.takes(k_b, v_b):
+            module.kv_b_proj = BlockLatentHeads(k_b, v_b)
+            taken.add(f"{name}.kv_b_proj.weight")
     leftovers = []
     for name, module in list(model.named_modules()):
         if not isinstance(module, nn.Linear):

@@ -8,6 +8,7 @@ layout. Names are mapped to the Hugging Face names our models use.
 from __future__ import annotations
 
 import math
+import mmap
 import re
 import struct
 from collections.abc import Iterator
@@ -20,6 +21,8 @@ import torch
 from gguf.constants import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGMLQuantizationType
 
 from whale.errors import ModelLoadError, UnsupportedModelError
+
+MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)  # Linux 5.14; Python names it from 3.13
 
 SUPPORTED_TYPES = {"F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K",
                    "Q5_K", "Q6_K", "Q8_K"}
@@ -91,8 +94,9 @@ _STACKED_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn
 
 def deepseek2_block_tensors(tensors: dict[str, GGUFTensor]) -> dict[str, GGUFTensor]:
     """The matrices of a deepseek2 GGUF a kernel can take as blocks, by HF name: each expert's slice of the
-    stacked expert tensors (a view) and every other 2-D weight but kv_b, which the absorbed attention reads as a
-    float matrix."""
+    stacked expert tensors (a view), every other 2-D weight, and a split kv_b's per-head attn_k_b / attn_v_b as
+    `self_attn.kv_b_proj.k_b` / `.v_b` (a combined attn_kv_b stays out: the absorbed attention reads it as a
+    float matrix)."""
     sources = {}
     for gguf_name, tensor in tensors.items():
         match = _BLOCK.match(gguf_name)
@@ -105,6 +109,8 @@ def deepseek2_block_tensors(tensors: dict[str, GGUFTensor]) -> dict[str, GGUFTen
                                            tensor.raw[expert])
         elif part in _DEEPSEEK2_NAMES and match.group(3) == "weight" and len(tensor.shape) == 2:
             sources[f"{prefix}{_DEEPSEEK2_NAMES[part]}.weight"] = tensor
+        elif part in ("attn_k_b", "attn_v_b") and f"blk.{match.group(1)}.attn_kv_b.weight" not in tensors:
+            sources[f"{prefix}self_attn.kv_b_proj.{part[5:]}"] = tensor
         elif part not in ("attn_kv_b", "attn_k_b", "attn_v_b") and hf_tensor_name(gguf_name) is not None:
             sources[hf_tensor_name(gguf_name)] = tensor
     return sources
@@ -129,6 +135,8 @@ def deepseek2_hf_tensors(tensors: dict[str, GGUFTensor], taken: set[str] = froze
         elif part == "exp_probs_b":
             yield f"{prefix}mlp.gate.e_score_correction_bias", tensor.dequantize()
         elif part in ("attn_k_b", "attn_v_b") and f"blk.{match.group(1)}.attn_kv_b.weight" not in tensors:
+            if f"{prefix}self_attn.kv_b_proj.weight" in taken:
+                continue
             pair = split_kv.setdefault(prefix, {})
             pair[part] = tensor.dequantize()
             if len(pair) == 2:
@@ -224,7 +232,9 @@ class GGUFCheckpoint:
     def __init__(self, path: Path):
         self.path = Path(path)
         try:
-            data = np.memmap(self.path, mode="r")
+            with open(self.path, "rb") as file:
+                self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            data = np.frombuffer(self._map, np.uint8)
             self.metadata, infos, data_start = _read_header(data)
             self.tensors: dict[str, GGUFTensor] = {
                 name: _tensor(self.path, data, name, dims, type_id, data_start + offset)
@@ -238,6 +248,16 @@ class GGUFCheckpoint:
     @property
     def architecture(self) -> str:
         return self.metadata["general.architecture"]
+
+    def populate(self) -> None:
+        """Map the whole file into memory now, as kernels that compute from the mapping will read it: otherwise
+        each page faults in on its first use, and a MoE model, whose tokens reach new experts for hundreds of
+        steps, decodes at half speed until every expert has been read once. Linux 5.14+ (MADV_POPULATE_READ);
+        elsewhere the kernel is only asked to read ahead."""
+        try:
+            self._map.madvise(MADV_POPULATE_READ)
+        except (OSError, ValueError):
+            self._map.madvise(mmap.MADV_WILLNEED)
 
 
 def _read_header(data: np.ndarray) -> tuple[dict[str, Any], list[tuple[str, list[int], int, int]], int]:
