@@ -191,3 +191,36 @@ def test_unreadable_file_is_a_clear_error(tmp_path, gguf_file):
         truncated.write_bytes(whole[:cut])
         with pytest.raises(ModelLoadError, match=f"cut{cut}.gguf is truncated: .*{where}.*Fetch the file again"):
             GGUFCheckpoint(truncated)
+
+
+def _mapped_resident_bytes(path) -> int:
+    """Resident bytes of this process's mappings of `path` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps"):
+        if "-" in line.split(" ", 1)[0]:  # a mapping's header line
+            inside = line.rstrip().endswith(str(path))
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+def test_populate_maps_the_tensors_asked_for_and_nothing_else(tmp_path):
+    """Kernels that compute from the mapping would otherwise fault each page in on first use (a MoE model's
+    experts over hundreds of steps); the loader leaves the embedding, of which a step reads a few rows, out."""
+    path = tmp_path / "populate.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    rng = np.random.default_rng(0)
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    for name in ("blk.0.ffn_up.weight", "token_embd.weight"):
+        blocks = gguf.quants.quantize(rng.standard_normal((1024, 2048), np.float32), q8_0)
+        writer.add_tensor(name, blocks, raw_dtype=q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    checkpoint = GGUFCheckpoint(path)
+    before = _mapped_resident_bytes(path)
+    checkpoint.populate([checkpoint.tensors["blk.0.ffn_up.weight"]])
+    grown = _mapped_resident_bytes(path) - before
+    size = checkpoint.tensors["blk.0.ffn_up.weight"].raw.nbytes  # 2.1 MiB of Q8_0 blocks
+    assert size <= grown < size + 64 * 1024
