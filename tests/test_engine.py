@@ -118,16 +118,23 @@ def test_a_cache_sized_for_a_long_context_is_resident_only_where_written():
     assert sum(s.numel() * s.element_size() for s in cache.stores.values()) == 28 * 65536 * 2 * 256 * 4
     assert all(not s.any() for s in (cache.stores["k"][:, :64], cache.stores["v"][:, -64:]))  # reads as zeros
     assert _resident_bytes() - before < 256 * 2**20
+    # what /metrics reports as written (blocks handed out so far) is what became resident
+    assert cache.blocks.grow("a", 64 * 16)
+    written = cache.blocks.blocks_written * cache.block_size * cache.bytes_per_token()
+    assert written == 64 * 16 * 28 * 2 * 256 * 4
+    for store in cache.stores.values():
+        store[:, :64 * 16] = 1.0
+    assert written <= _resident_bytes() - before < written + 256 * 2**20
 
 
 def test_block_manager_chains_hashes_and_evicts_least_recently_freed():
     blocks = BlockManager(num_blocks=4, block_size=2)
     prompt = [1, 2, 3, 4, 5]
     assert blocks.prefix_hashes([9, 9, 3, 4])[1] != blocks.prefix_hashes(prompt)[1]  # same block, other prefix
-    assert blocks.allocate_prefix("a", prompt) == 0 and blocks.grow("a", 5)
+    assert blocks.allocate_prefix("a", prompt) == 0 and blocks.grow("a", 5) and blocks.blocks_written == 3
     blocks.register_full_blocks("a", prompt, 5)
     assert blocks.allocate_prefix("b", prompt) == 4  # two full blocks shared
-    assert blocks.grow("b", 6) and blocks.ref_counts[blocks.block_table("a")[0]] == 2
+    assert blocks.grow("b", 6) and blocks.ref_counts[blocks.block_table("a")[0]] == 2 and blocks.blocks_written == 4
     assert not blocks.grow("c", 4)  # 4 blocks: a has 3, b shares 2 and owns 1 -> none free
     blocks.free("b")
     blocks.free("a")
@@ -135,7 +142,7 @@ def test_block_manager_chains_hashes_and_evicts_least_recently_freed():
     assert blocks.allocate_prefix("d", prompt) == 4  # still cached after free
     blocks.free("d")
     assert blocks.grow("e", 8)  # takes all four blocks: the cached ones are evicted
-    assert blocks.allocate_prefix("f", prompt) == 0
+    assert blocks.allocate_prefix("f", prompt) == 0 and blocks.blocks_written == 4
 
 
 def test_a_repeated_greedy_chat_decodes_the_same_tokens_in_the_default_configuration():

@@ -33,10 +33,12 @@ def _value(text: str, series: str) -> float:
     return float(match.group(1))
 
 
-def test_metrics_after_traffic(default_url):
+def test_metrics_after_traffic(default_llm, default_url):
     body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Hi " * 20}], "max_tokens": 3}
     for _ in range(2):
-        assert httpx.post(f"{default_url}/v1/chat/completions", json=body).status_code == 200
+        response = httpx.post(f"{default_url}/v1/chat/completions", json=body)
+        assert response.status_code == 200
+    prompt_tokens = response.json()["usage"]["prompt_tokens"]
     assert httpx.post(f"{default_url}/v1/chat/completions", json={**body, "temperature": 5}).status_code == 422
     response = httpx.get(f"{default_url}/metrics")
     assert response.headers["content-type"].startswith("text/plain")
@@ -52,6 +54,11 @@ def test_metrics_after_traffic(default_url):
     assert _value(text, "whale_engine_queue_depth") == 0
     assert _value(text, "whale_kv_cache_blocks_total") == 256
     assert 0 <= _value(text, "whale_kv_cache_usage_ratio") <= 1
+    spec = default_llm.loaded.model.kv_cache_spec()
+    block_bytes = 16 * spec.num_layers * 2 * spec.num_kv_heads * spec.head_dim * default_llm.loaded.dtype.itemsize
+    written, rest = divmod(_value(text, "whale_kv_cache_bytes_written"), block_bytes)
+    # whole blocks: the first request's prompt and reply, and the second's own last block (it reused the full ones)
+    assert rest == 0 and -(-prompt_tokens // 16) + 1 <= written <= -(-(prompt_tokens + 3) // 16) + 1
     # the 135M model decodes at most a few hundred tokens/s here: no sample may claim more than 1,000
     assert _value(text, 'whale_decode_tokens_per_second_bucket{le="1000.0"}') == _value(
         text, "whale_decode_tokens_per_second_count") == 2

@@ -26,6 +26,9 @@ class BlockManager:
         self.cached: dict[int, int] = {}  # prefix hash -> block id
         self.tables: dict[Hashable, list[int]] = {}
         self.hashed_blocks: dict[Hashable, int] = {}  # how many leading blocks of a sequence are registered
+        # blocks handed out at least once: the free queue hands out never-used blocks first, in id order, so
+        # these are blocks 0..n-1 (on CPU the cache's storage is resident only where written)
+        self.blocks_written = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -52,6 +55,7 @@ class BlockManager:
             del self.cached[old]  # evicted: its contents are about to be overwritten
         self.block_hash[block] = None
         self.ref_counts[block] = 1
+        self.blocks_written = max(self.blocks_written, block + 1)
         return block
 
     def _reuse(self, block: int) -> None:

@@ -32,6 +32,7 @@ class EngineGauges:
     waiting: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    kv_bytes_written: int = 0
     speculation: SpeculationStats = field(default_factory=SpeculationStats)  # a copy, not the engine's own
 
 
@@ -51,7 +52,9 @@ class _ScrapeTimeGauges(Collector):
                 ("whale_engine_queue_depth", "Requests waiting for the engine.", gauges.waiting),
                 ("whale_kv_cache_blocks_used", "KV-cache blocks held by requests.", gauges.kv_blocks_used),
                 ("whale_kv_cache_blocks_total", "KV-cache blocks in all.", gauges.kv_blocks_total),
-                ("whale_kv_cache_usage_ratio", "Share of KV-cache blocks in use.", usage)):
+                ("whale_kv_cache_usage_ratio", "Share of KV-cache blocks in use.", usage),
+                ("whale_kv_cache_bytes_written", "KV-cache storage written at least once, in bytes: on CPU the "
+                 "cache is resident memory only where written.", gauges.kv_bytes_written)):
             yield GaugeMetricFamily(name, help_text, value=value)
         spec = gauges.speculation
         for name, help_text, value in (
@@ -158,7 +161,9 @@ def engine_gauges(async_engine: object) -> EngineGauges:
     scheduler = getattr(engine, "scheduler", None)
     if scheduler is None:
         return EngineGauges()
-    blocks, speculation = engine.cache.blocks, engine.speculation
+    cache, speculation = engine.cache, engine.speculation
+    blocks = cache.blocks
     return EngineGauges(running=len(scheduler.running), waiting=len(scheduler.waiting),
                         kv_blocks_used=blocks.num_blocks - blocks.num_free_blocks, kv_blocks_total=blocks.num_blocks,
+                        kv_bytes_written=blocks.blocks_written * cache.block_size * cache.bytes_per_token(),
                         speculation=replace(speculation))
