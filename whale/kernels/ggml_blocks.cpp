@@ -223,6 +223,7 @@ inline __m256i bit_bytes(uint32_t bits) {
 // off), w = d q + m for Q4_1 / Q5_1, whose m adds m * dx * (sum of the block's activation codes)
 struct LBlock {
   __m256i codes, magnitudes;  // magnitudes: |codes| for the signed types, the codes themselves otherwise
+  __m256 ds;                  // d in every lane (the many-row path scales with one vector multiply a row)
   float d, m;
 };
 
@@ -235,6 +236,7 @@ template <int64_t T>
 inline void legacy_block(const uint8_t* b, LBlock* out) {
   constexpr int kStart = T == kQ4_0 ? 2 : T == kQ4_1 ? 4 : T == kQ5_0 ? 6 : 8;  // where the nibbles begin
   out->d = half(b);
+  out->ds = _mm256_set1_ps(out->d);
   out->m = has_min<T>() ? half(b + 2) : 0.f;
   __m256i codes;
   if constexpr (T == kQ8_0) {
@@ -307,11 +309,12 @@ void legacy_decoded_dot(const LBlock* const* w, const Activations& x, int64_t ro
       const int64_t row = row0 + r;
       const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q.data() + row * x.k + i * 32));
       const float dx = x.d[row * blocks + i];
+      const __m256 dxs = _mm256_set1_ps(dx);
       for (int v = 0; v < W; ++v) {
         const LBlock& k = w[v][i];
         const __m256i signed_x = has_min<T>() ? xq : _mm256_sign_epi8(xq, k.codes);
         const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(k.magnitudes, signed_x), _mm256_set1_epi16(1));
-        acc[v][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(k.d * dx), acc[v][r]);
+        acc[v][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(k.ds, dxs), acc[v][r]);
         if constexpr (has_min<T>()) {
           const int16_t* sum = x.sums.data() + row * (x.k / 16) + 2 * i;
           mins[v][r] = _mm_fmadd_ss(_mm_set_ss(k.m * dx), _mm_set_ss(static_cast<float>(sum[0] + sum[1])), mins[v][r]);
