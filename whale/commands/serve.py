@@ -42,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-answer-tokens", type=int, default=None,
                         help="what a reasoning budget always leaves for the answer under max_tokens (at most half "
                              "of it; default 256)")
+    parser.add_argument("--upstream", action="append", default=None, metavar="URL",
+                        help="run no engine here: generate on this SGLang-protocol engine (SGLang, SGLang's model "
+                             "gateway, another whale serve); repeat for fallbacks tried in order. --model then "
+                             "only gives the tokenizer and chat format (no weights are read)")
+    parser.add_argument("--upstream-api-key", default=None,
+                        help="bearer token for the upstream (default: $WHALE_UPSTREAM_API_KEY)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
     parser.add_argument("--max-waiting", type=int, default=256,
                         help="requests queued beyond max-num-seqs before new ones get a 503")
@@ -119,20 +125,23 @@ def _effort_budgets(text: str) -> dict[str, int | None]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from whale.server.app import create_app, load_state
+    from whale.server.app import create_app, load_state, upstream_state
     from whale.server.streaming import StreamTimings
 
     keys = tuple(args.api_key or ([os.environ["WHALE_API_KEY"]] if os.environ.get("WHALE_API_KEY") else []))
+    common = {"served_model_name": args.served_model_name, "chat_format": args.chat_format, "api_keys": keys,
+              "protect_metrics": args.protect_metrics, "max_concurrent_requests": args.max_concurrent_requests,
+              "max_request_bytes": args.max_request_bytes, "timings": StreamTimings(keepalive_s=args.keepalive)}
     with listen(args.host, args.port) as sock:
         set_threads(args.threads)
-        state = load_state(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
-                           served_model_name=args.served_model_name,
-                           chat_format=args.chat_format,
-                           engine_options={"max_num_seqs": args.max_num_seqs, **engine_options(args)},
-                           max_waiting=args.max_waiting, api_keys=keys, protect_metrics=args.protect_metrics,
-                           max_concurrent_requests=args.max_concurrent_requests,
-                           max_request_bytes=args.max_request_bytes,
-                           timings=StreamTimings(keepalive_s=args.keepalive))
+        if args.upstream:
+            state = upstream_state(args.model, args.upstream, max_model_len=args.max_model_len,
+                                   upstream_api_key=args.upstream_api_key or os.environ.get("WHALE_UPSTREAM_API_KEY"),
+                                   **common)
+        else:
+            state = load_state(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
+                               engine_options={"max_num_seqs": args.max_num_seqs, **engine_options(args)},
+                               max_waiting=args.max_waiting, **common)
         served = state.served
         served.thinking_budget = args.thinking_budget
         served.effort_budgets.update(args.effort_budgets or {})
@@ -140,9 +149,10 @@ def run(args: argparse.Namespace) -> int:
             served.min_answer_tokens = args.min_answer_tokens
         threads = torch.get_num_threads()
         drafts = "" if args.speculative == "off" else f", {args.speculative} drafts"
+        engine = (f"generating on {', '.join(args.upstream)}" if args.upstream else
+                  f"{state.served.kernels} kernels, {threads} thread{'s' if threads > 1 else ''}{drafts}")
         print(f"whale serve: {state.served.name} ({state.served.variant.name} chat format, context "
-              f"{state.served.max_model_len}, {state.served.kernels} kernels, {threads} thread"
-              f"{'s' if threads > 1 else ''}{drafts}) on "
+              f"{state.served.max_model_len}, {engine}) on "
               f"http://{args.host}:{args.port}"
               f"{' (API key required)' if keys else ''}; requests that leave sampling unset get "
               f"{state.served.defaults.describe()}", file=sys.stderr)

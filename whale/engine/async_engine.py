@@ -15,7 +15,7 @@ import itertools
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from whale.engine.llm_engine import LLMEngine
 from whale.engine.request import Request
@@ -68,12 +68,32 @@ EngineCommand = AddRequest | AbortRequest | FailAll | Stop
 
 
 @dataclass
+class DeltaCursor:
+    """How much of one request's output its stream has sent; `next(request)` is the delta since then."""
+
+    text: int = 0
+    tokens: int = 0
+    logprobs: int = 0
+
+    def next(self, request: Request) -> StreamDelta:
+        text = request.streamable_text()
+        tokens = request.output_token_ids
+        # the prompt's logprobs go with the first delta (the first token: the whole prompt is scored by then)
+        first = self.tokens == 0 and request.params.prompt_logprobs is not None
+        delta = StreamDelta(request.request_id, text[self.text:], tokens[self.tokens:],
+                            request.logprobs[self.logprobs:], request.status.finished,
+                            request.finish_reason, request.stop_reason, request.num_prompt_tokens,
+                            len(tokens), request.num_cached_tokens, request.prompt_logprobs if first else None,
+                            request.reasoning_tokens)
+        self.text, self.tokens, self.logprobs = len(text), len(tokens), len(request.logprobs)
+        return delta
+
+
+@dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
     deltas: asyncio.Queue
-    sent_text: int = 0
-    sent_tokens: int = 0
-    sent_logprobs: int = 0
+    cursor: DeltaCursor = field(default_factory=DeltaCursor)
 
 
 class AsyncEngine:
@@ -160,17 +180,7 @@ class AsyncEngine:
             return None
         if request.error is not None:
             return RequestFailedError(request.error)
-        text = request.streamable_text()
-        tokens = request.output_token_ids
-        # the prompt's logprobs go with the first delta (the first token: the whole prompt is scored by then)
-        first = stream.sent_tokens == 0 and request.params.prompt_logprobs is not None
-        delta = StreamDelta(request.request_id, text[stream.sent_text:], tokens[stream.sent_tokens:],
-                            request.logprobs[stream.sent_logprobs:], request.status.finished,
-                            request.finish_reason, request.stop_reason, request.num_prompt_tokens,
-                            len(tokens), request.num_cached_tokens, request.prompt_logprobs if first else None,
-                            request.reasoning_tokens)
-        stream.sent_text, stream.sent_tokens, stream.sent_logprobs = len(text), len(tokens), len(request.logprobs)
-        return delta
+        return stream.cursor.next(request)
 
     def _run(self, engine: LLMEngine | Callable[[], LLMEngine]) -> None:
         try:

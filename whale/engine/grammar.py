@@ -111,6 +111,11 @@ class GrammarController:
         self._tail_done = 0
         self._history: list[tuple[str, int, bool]] = []  # (phase, tail_done, consumed by the matcher) per token
 
+    @property
+    def constraining(self) -> bool:
+        """Whether the grammar holds the tokens now (thinking and the format's tail after it are over)."""
+        return self._phase == "active"
+
     def allowed(self) -> Constraint | None:
         if self._phase == "tail":
             return Constraint(only=self._tail[self._tail_done])

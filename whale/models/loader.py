@@ -40,11 +40,11 @@ class LoadedModel:
     files: ModelFiles
     config: ModelConfig
     tokenizer: Tokenizer
-    model: nn.Module
+    model: nn.Module | None  # None: loaded without weights (load_model(weights=False))
     dtype: torch.dtype
     device: torch.device
     # "int4" / "hybrid": linears run weight-only 4-bit kernels (whale.models.quant); "blocks": straight from the
-    # GGUF's blocks (whale.models.gguf_blocks)
+    # GGUF's blocks (whale.models.gguf_blocks); "none": no weights
     kernels: str = "dense"
     generation_config: dict[str, Any] = field(default_factory=dict)  # generation_config.json fields
     generation_config_source: str = ""  # the file (or card) they came from
@@ -106,10 +106,13 @@ def _kernels_in(model: nn.Module, requested: str) -> str:
 
 
 def load_model(reference: str, dtype: str | torch.dtype | None = None,
-               device: str | torch.device | None = None, kernels: str | None = "auto") -> LoadedModel:
+               device: str | torch.device | None = None, kernels: str | None = "auto",
+               weights: bool = True) -> LoadedModel:
     """Resolve `reference` and load it, computing in `dtype` (auto: fp32 on CPU, bf16 on CUDA). `kernels`
-    (auto, dense, int4, hybrid, blocks) picks the linears' kernels; see `whale.platform.cpu_weight_kernels`."""
-    files = resolve_model(reference)
+    (auto, dense, int4, hybrid, blocks) picks the linears' kernels; see `whale.platform.cpu_weight_kernels`.
+    Without `weights`: the config, tokenizer and sampling defaults only (`model` is None), for a server whose
+    engine runs elsewhere."""
+    files = resolve_model(reference, weights=weights)
     device = resolve_device(device)
     kernels = cpu_weight_kernels(kernels, dtype, device)
     torch_dtype = resolve_dtype(dtype, device)
@@ -125,10 +128,14 @@ def load_model(reference: str, dtype: str | torch.dtype | None = None,
     else:
         config = load_hf_config(files.path)
         tokenizer = Tokenizer.from_hf_dir(files.path)
-        tensors, total = st.iter_tensors(files.path), st.count_tensors(files.path)
         generation_source = "generation_config.json"
         path = files.path / generation_source
         generation_config = json.loads(path.read_text()) if path.is_file() else {}
+    if not weights:
+        return LoadedModel(files, config, tokenizer, None, torch_dtype, device, "none", generation_config,
+                           generation_source)
+    if files.format == "hf":
+        tensors, total = st.iter_tensors(files.path), st.count_tensors(files.path)
         tensors = fp8.dequantize_stream(tensors, fp8.weight_block_size(files.path))
     model = build_model(config)
     if kernels != "dense" and files.format == "gguf":  # the kernels take their tensors' blocks, nothing expanded

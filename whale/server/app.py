@@ -11,7 +11,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from whale.server import anthropic_api, openai_api
+from whale.errors import InvalidRequestError
+from whale.server import anthropic_api, gateway_api, openai_api
 from whale.server.asgi import APIKeyGuard, BodySizeLimit, DisconnectWatch, RequestAccounting
 from whale.server.errors import install_error_handlers
 from whale.server.openapi import Health, error_responses, served_document
@@ -25,7 +26,7 @@ def create_app(state: ServerState) -> FastAPI:
                   description="DeepSeek-API-compatible server (OpenAI and Anthropic shapes)")
     app.state.whale = state
     install_error_handlers(app)
-    routers = [openai_api.build_router(), anthropic_api.build_router()]
+    routers = [openai_api.build_router(), anthropic_api.build_router(), gateway_api.build_router()]
     for router in routers:
         app.include_router(router)
 
@@ -78,3 +79,24 @@ def load_state(reference: str, *, dtype: str | None = None, device: str | None =
     from whale.models.loader import load_model
 
     return build_state(lambda: load_model(reference, dtype=dtype, device=device, kernels=kernels), **options)
+
+
+def upstream_state(reference: str, urls: list[str], *, upstream_api_key: str | None = None,
+                   max_model_len: int | None = None, served_model_name: str | None = None,
+                   chat_format: str | None = None, **state_options: Any) -> ServerState:
+    """The server over an engine elsewhere (whale.upstream): `reference` gives the tokenizer, chat format and
+    context (no weights are read); the tokens come from the first of `urls` that answers."""
+    from whale.engine.llm_engine import eos_token_ids
+    from whale.models.loader import load_model
+    from whale.upstream.engine import UpstreamEngine
+
+    loaded = load_model(reference, weights=False)
+    context = loaded.config.max_position_embeddings
+    if max_model_len is not None and not 1 < max_model_len <= context:
+        raise InvalidRequestError(f"max_model_len {max_model_len} must be in [2, {context}] (the model's context)")
+    length = max_model_len or context
+    engine = UpstreamEngine(list(urls), loaded.tokenizer, length, eos_token_ids(loaded), loaded.config.vocab_size,
+                            api_key=upstream_api_key)
+    served = served_model_from_loaded(loaded, length, served_model_name, chat_format, created=int(time.time()))
+    state_options.setdefault("timings", StreamTimings())
+    return ServerState(engine, served, **state_options)

@@ -32,6 +32,7 @@ class EngineGauges:
     waiting: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    kv_tokens_used: int = 0
     kv_bytes_written: int = 0
     speculation: SpeculationStats = field(default_factory=SpeculationStats)  # a copy, not the engine's own
 
@@ -159,11 +160,12 @@ def engine_gauges(async_engine: object) -> EngineGauges:
     """Read a whale AsyncEngine's scheduler and block manager; any other engine (a test double) reports zeros."""
     engine = getattr(async_engine, "engine", None)
     scheduler = getattr(engine, "scheduler", None)
-    if scheduler is None:
-        return EngineGauges()
+    if scheduler is None:  # an engine elsewhere (whale.upstream) knows its requests in flight only
+        return EngineGauges(running=getattr(async_engine, "num_unfinished", 0))
     cache, speculation = engine.cache, engine.speculation
     blocks = cache.blocks
     return EngineGauges(running=len(scheduler.running), waiting=len(scheduler.waiting),
                         kv_blocks_used=blocks.num_blocks - blocks.num_free_blocks, kv_blocks_total=blocks.num_blocks,
+                        kv_tokens_used=(blocks.num_blocks - blocks.num_free_blocks) * cache.block_size,
                         kv_bytes_written=blocks.blocks_written * cache.block_size * cache.bytes_per_token(),
                         speculation=replace(speculation))

@@ -14,7 +14,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from whale.engine.async_engine import StreamDelta
-from whale.errors import RequestFailedError
+from whale.errors import WhaleError
 from whale.server.asgi import ClientDisconnected
 from whale.server.errors import error_body, is_anthropic, status_of
 from whale.server.metrics import GenerationTimer
@@ -124,7 +124,7 @@ async def collect_response(request: Request, stream: EngineStream, timings: Stre
                                          media_type="application/json")
             collected.deltas.append(delta)
         return JSONResponse(build(collected))
-    except RequestFailedError:
+    except WhaleError:
         if not collected.deltas:
             raise
         collected.failed = True
@@ -140,7 +140,7 @@ async def _keepalive_body(request: Request, stream: EngineStream, timings: Strea
         while True:
             try:
                 delta = await stream.next(timings.keepalive_s)
-            except RequestFailedError as exc:
+            except WhaleError as exc:
                 if not collected.deltas:
                     yield json.dumps(error_body(status_of(exc), str(exc), anthropic=is_anthropic(request)))
                     return
@@ -170,7 +170,7 @@ async def sse_deltas(stream: EngineStream, timings: StreamTimings,
         while True:
             try:
                 delta = await stream.next(timings.keepalive_s)
-            except RequestFailedError as exc:
+            except WhaleError as exc:
                 yield exc
                 return
             if delta is None:
