@@ -43,16 +43,16 @@ def replica_and_front(tiny_path, default_llm):
         front.served.defaults = GREEDY
         with running_server(front) as front_url:
             yield (openai.OpenAI(base_url=replica_url, api_key="unused", max_retries=0),
-                   openai.OpenAI(base_url=front_url, api_key="unused", max_retries=0), front)
+                   openai.OpenAI(base_url=front_url, api_key="unused", max_retries=0), front, replica)
 
 
 def _both(replica_and_front, **request):
-    replica, front, _ = replica_and_front
+    replica, front, *_ = replica_and_front
     return replica.chat.completions.create(**request), front.chat.completions.create(**request)
 
 
 def test_front_reads_no_weights(replica_and_front):
-    _, _, front = replica_and_front
+    front = replica_and_front[2]
     assert front.served.kernels == "none" and front.served.name == "deepseek-v3.2-tiny"
 
 
@@ -92,12 +92,25 @@ def test_json_schema_after_thinking_through_the_front(replica_and_front):
 
 
 def test_what_the_upstream_cannot_enforce_is_a_400(replica_and_front):
-    _, front, _ = replica_and_front
+    front = replica_and_front[1]
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
     with pytest.raises(openai.BadRequestError) as refused:
         front.chat.completions.create(model="deepseek-chat", messages=ASK, tools=tools, tool_choice="required")
     assert "Lark grammar" in refused.value.message
     assert refused.value.body["type"] == "invalid_request_error"
+
+
+def test_a_client_that_leaves_frees_the_upstream_request(replica_and_front):
+    _, front, front_state, replica = replica_and_front
+    stream = front.chat.completions.create(model="deepseek-chat", messages=ASK, max_tokens=2000, stream=True)
+    for _ in zip(range(3), stream, strict=False):
+        pass
+    assert front_state.engine.num_unfinished == 1 and replica.engine.num_unfinished == 1
+    stream.close()
+    deadline = time.monotonic() + 5
+    while (front_state.engine.num_unfinished or replica.engine.num_unfinished) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert front_state.engine.num_unfinished == 0 and replica.engine.num_unfinished == 0
 
 
 def test_an_unreachable_upstream_is_a_503_in_the_deepseek_shape(tiny_path):
