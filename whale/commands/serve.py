@@ -82,21 +82,24 @@ def listen(host: str, port: int) -> socket.socket:
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, whose first Ctrl-C (or SIGTERM) lets requests in flight finish for `drain_s` seconds and
     then ends them, each stream with its final chunk (finish_reason insufficient_system_resource) and `[DONE]`;
-    a second one ends them at once."""
+    a second one ends them at once; later ones (a supervisor signalling its whole process group, repeatedly) change
+    nothing."""
 
     def __init__(self, config: uvicorn.Config, engine: Any, drain_s: float):
         super().__init__(config)
         self.engine, self.drain_s = engine, drain_s
         self.deadline: threading.Timer | None = None
+        self.signals = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.deadline is None:
+        self.signals += 1
+        if self.signals == 1:
             print(f"whale serve: shutting down; requests in flight get {self.drain_s:g} s to finish "
                   "(Ctrl-C again ends them now)", file=sys.stderr)
             self.deadline = threading.Timer(self.drain_s, self.engine.fail_all, (SHUTDOWN_MESSAGE,))
             self.deadline.daemon = True
             self.deadline.start()
-        else:
+        elif self.signals == 2:
             self.deadline.cancel()
             self.engine.fail_all(SHUTDOWN_MESSAGE)
         super().handle_exit(sig, frame)

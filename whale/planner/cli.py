@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
+from pathlib import Path
 
 from whale.errors import InvalidRequestError
 from whale.planner.catalog import resolve_model
@@ -12,6 +14,7 @@ from whale.planner.gpus import GPUS, resolve_gpu
 from whale.planner.memory import KV_DTYPES, WEIGHT_FORMATS
 from whale.planner.plan import PlanRequest, make_plan
 from whale.planner.report import render
+from whale.planner.topology import REPLICA_ENGINES, topology_for, write_topology
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([km]?)\s*$", re.IGNORECASE)
 
@@ -43,6 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs in one server (default 8)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("--chart", metavar="FILE", help="draw the memory plan to FILE.png or FILE.svg")
+    parser.add_argument("--emit", metavar="DIR", help="write the deployment to DIR: launch.sh (replicas, SGLang's "
+                        "model gateway, whale's front) and, where a replica fits one host, docker-compose.yml")
+    parser.add_argument("--replicas", type=int, default=2, help="engine replicas behind the gateway (default 2)")
+    parser.add_argument("--replica-engine", choices=REPLICA_ENGINES, default="sglang",
+                        help="what runs each replica (default sglang; whale where the plan has a whale command)")
     parser.set_defaults(func=run)
 
 
@@ -64,4 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
         draw_chart(plan, args.chart)
     print(json.dumps(plan.to_json(), indent=2) if args.json else render(plan))
+    if args.emit:
+        written = write_topology(topology_for(plan, args.replicas, args.replica_engine), Path(args.emit))
+        print(f"\nwritten: {', '.join(str(path) for path in written)}", file=sys.stderr)
     return 0 if plan.fits else 1

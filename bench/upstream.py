@@ -1,0 +1,114 @@
+"""What whale's front (`whale serve --upstream`) and SGLang's model gateway add to a request's latency: one
+`whale serve` replica of the default model asked directly, through the front straight over it, and through the
+front over the gateway (`sglang-router`) over it, in the same run, taking turns request by request so that the
+machine's drift touches every path alike. Sequential requests (the replica is otherwise idle): time to first
+token of a streamed chat reply, and the whole of a short non-streamed one.
+
+    .venv/bin/python bench/upstream.py [--requests 40] [--max-tokens 16] [--threads 2]
+
+The replica's own engine time is in every column; the differences are what the extra hops cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import time
+
+import httpx
+from report import Report, add_publish_option
+from servers import free_port, wait_ready
+
+ASK = [{"role": "user", "content": "Name three whales."}]
+
+
+def start(command: list[str], probe: str = "/v1/models") -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(process, url, probe=probe)
+    return process, url
+
+
+def first_token_ms(client: httpx.Client, url: str, max_tokens: int) -> float:
+    body = {"model": "deepseek-chat", "messages": ASK, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    start_s = time.perf_counter()
+    with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and '"content": "' in line and '"content": ""' not in line:
+                first = time.perf_counter() - start_s
+                break
+        for _ in response.iter_lines():
+            pass
+    return first * 1000
+
+
+def whole_ms(client: httpx.Client, url: str, max_tokens: int) -> float:
+    body = {"model": "deepseek-chat", "messages": ASK, "max_tokens": max_tokens, "temperature": 0}
+    start_s = time.perf_counter()
+    client.post(f"{url}/v1/chat/completions", json=body).raise_for_status()
+    return (time.perf_counter() - start_s) * 1000
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=40)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    add_publish_option(parser)
+    args = parser.parse_args()
+    whale = [sys.executable, "-m", "whale.cli", "serve", "--model", "default", "--log-level", "warning"]
+    processes = []
+    try:
+        replica, replica_url = start([*whale, "--threads", str(args.threads)])
+        processes.append(replica)
+        gateway, gateway_url = start([sys.executable, "-m", "sglang_router.launch_router", "--worker-urls",
+                                      replica_url, "--policy", "round_robin", "--log-level", "warn"], "/health")
+        processes.append(gateway)
+        while not httpx.get(f"{gateway_url}/workers").json().get("workers"):
+            time.sleep(0.2)
+        front, front_url = start([*whale, "--upstream", replica_url])
+        processes.append(front)
+        front_gw, front_gw_url = start([*whale, "--upstream", gateway_url])
+        processes.append(front_gw)
+        paths = {"replica alone": replica_url, "front -> replica": front_url,
+                 "front -> gateway -> replica": front_gw_url}
+        ttft: dict[str, list[float]] = {name: [] for name in paths}
+        whole: dict[str, list[float]] = {name: [] for name in paths}
+        with httpx.Client(timeout=120) as client:
+            for url in paths.values():  # warm every path once
+                whole_ms(client, url, args.max_tokens)
+            for _ in range(args.requests):
+                for name, url in paths.items():
+                    ttft[name].append(first_token_ms(client, url, args.max_tokens))
+                    whole[name].append(whole_ms(client, url, args.max_tokens))
+    finally:
+        for process in processes:
+            process.terminate()
+            process.wait(timeout=30)
+    report = Report("upstream")
+    report.line(f"{args.requests} sequential requests per path, default model, {args.max_tokens} tokens, "
+                f"replica on {args.threads} threads")
+    report.line()
+    report.line("| path | first token p50 / p99 ms | whole reply p50 / p99 ms | added p50 (first token / whole) |")
+    report.line("|---|---|---|---|")
+    base_t, base_w = statistics.median(ttft["replica alone"]), statistics.median(whole["replica alone"])
+    for name in paths:
+        t50, w50 = statistics.median(ttft[name]), statistics.median(whole[name])
+        added = "-" if name == "replica alone" else f"{t50 - base_t:+.1f} / {w50 - base_w:+.1f}"
+        report.line(f"| {name} | {t50:.1f} / {pct(ttft[name], 0.99):.1f} | {w50:.1f} / {pct(whole[name], 0.99):.1f} "
+                    f"| {added} |")
+    if args.publish:
+        report.publish()
+
+
+if __name__ == "__main__":
+    main()
