@@ -36,13 +36,11 @@ def start(command: list[str], probe: str = "/v1/models") -> tuple[subprocess.Pop
 def first_token_ms(client: httpx.Client, url: str, max_tokens: int) -> float:
     body = {"model": "deepseek-chat", "messages": ASK, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     start_s = time.perf_counter()
+    first = None
     with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         for line in response.iter_lines():
-            if line.startswith("data: ") and '"content": "' in line and '"content": ""' not in line:
+            if first is None and '"content": "' in line and '"content": ""' not in line:
                 first = time.perf_counter() - start_s
-                break
-        for _ in response.iter_lines():
-            pass
     return first * 1000
 
 
