@@ -1,6 +1,7 @@
-"""whale's front over engines that run elsewhere (`whale serve --upstream`): the requests go out through SGLang's
-native `/generate`, every token comes back through the front's own Request, and the controls the upstream
-cannot run (the reasoning budget, a grammar that waits for the end of thinking) hold from the front.
+"""whale's front over engines that run elsewhere (`whale serve --upstream`): the requests go out as token ids
+(SGLang's native `/generate`, or vLLM's `/v1/completions`), every token comes back through the front's own
+Request, and the controls the upstream cannot run (the reasoning budget, a grammar that waits for the end of
+thinking) hold from the front.
 
 Two setups, all real HTTP on loopback: the tiny random DeepSeek-V3.2 checkpoint served by a whale replica with
 the front straight over it (the reply through the front must equal the replica's own reply, token for token);
@@ -32,14 +33,16 @@ SCHEMA = {"type": "object", "properties": {"answer": {"type": "boolean"}}, "requ
           "additionalProperties": False}
 
 
-@pytest.fixture(scope="module")
-def replica_and_front(tiny_path, default_llm):
-    """(replica client, front client, front state): a whale server on the tiny checkpoint, and a front over it."""
+@pytest.fixture(scope="module", params=["sglang", "vllm"])
+def replica_and_front(request, tiny_path, default_llm):
+    """(replica client, front client, front state, replica state): a whale server on the tiny checkpoint, and a
+    front over it in each protocol (SGLang's /generate; vLLM's /v1/completions with token ids, which whale's own
+    completions route takes too)."""
     from whale.models.loader import load_model
 
     with serving(load_model(str(tiny_path), dtype="float32")) as (replica, replica_url):
         replica.served.defaults = GREEDY
-        front = upstream_state(str(tiny_path), [replica_url], timings=FAST_TIMINGS)
+        front = upstream_state(str(tiny_path), [replica_url], protocol=request.param, timings=FAST_TIMINGS)
         front.served.defaults = GREEDY
         with running_server(front) as front_url:
             yield (openai.OpenAI(base_url=replica_url, api_key="unused", max_retries=0),
@@ -62,6 +65,16 @@ def test_reply_through_the_front_equals_the_replicas_own(replica_and_front):
     assert remote.choices[0].finish_reason == local.choices[0].finish_reason == "length"
     assert remote.usage.prompt_tokens == local.usage.prompt_tokens
     assert remote.usage.completion_tokens == local.usage.completion_tokens == 24
+
+
+def test_logprobs_through_the_front_equal_the_replicas_own(replica_and_front):
+    local, remote = _both(replica_and_front, model="deepseek-chat", messages=ASK, max_tokens=6, logprobs=True,
+                          top_logprobs=2)
+    mine, theirs = remote.choices[0].logprobs.content, local.choices[0].logprobs.content
+    assert [t.token for t in mine] == [t.token for t in theirs] and len(mine) == 6
+    for a, b in zip(mine, theirs, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+        assert [t.token for t in a.top_logprobs] == [t.token for t in b.top_logprobs]
 
 
 def test_reasoning_budget_holds_through_the_front(replica_and_front):

@@ -46,6 +46,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="run no engine here: generate on this SGLang-protocol engine (SGLang, SGLang's model "
                              "gateway, another whale serve); repeat for fallbacks tried in order. --model then "
                              "only gives the tokenizer and chat format (no weights are read)")
+    parser.add_argument("--upstream-protocol", choices=("sglang", "vllm"), default="sglang",
+                        help="sglang: SGLang's /generate (SGLang, its model gateway, whale); vllm: vLLM's "
+                             "/v1/completions with token ids (vLLM 0.10.2 or later, whale)")
+    parser.add_argument("--upstream-model", default=None,
+                        help="the model id a vllm upstream serves (default: the first its /v1/models lists)")
     parser.add_argument("--upstream-api-key", default=None,
                         help="bearer token for the upstream (default: $WHALE_UPSTREAM_API_KEY)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together")
@@ -138,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     with listen(args.host, args.port) as sock:
         set_threads(args.threads)
         if args.upstream:
-            state = upstream_state(args.model, args.upstream, max_model_len=args.max_model_len,
+            state = upstream_state(args.model, args.upstream, protocol=args.upstream_protocol,
+                                   upstream_model=args.upstream_model, max_model_len=args.max_model_len,
                                    upstream_api_key=args.upstream_api_key or os.environ.get("WHALE_UPSTREAM_API_KEY"),
                                    **common)
         else:

@@ -128,18 +128,21 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 
 
 # -- FIM / text completions ------------------------------------------------------------------------------
-def _completion_logprobs(gen: Generation, scored: list[tuple[int, Any]], offset: int) -> dict[str, Any]:
-    """The legacy completions logprobs of (token id, SampledToken or None) pairs, text offsets from `offset`."""
+def _completion_logprobs(gen: Generation, scored: list[tuple[int, Any]], offset: int,
+                         as_ids: bool = False) -> dict[str, Any]:
+    """The legacy completions logprobs of (token id, SampledToken or None) pairs, text offsets from `offset`;
+    `as_ids` names each token "token_id:N" (vLLM's return_tokens_as_token_ids)."""
     token_text = gen.state.served.token_text
+    name = (lambda t: f"token_id:{t}") if as_ids else token_text
     tokens, token_logprobs, top, offsets = [], [], [], []
     for token_id, sampled in scored:
         text = token_text(token_id)
         offsets.append(offset)
         offset += len(text)
-        tokens.append(text)
+        tokens.append(name(token_id))
         token_logprobs.append(None if sampled is None else sampled.logprob)
         top.append(None if sampled is None else
-                   {token_text(t): lp for t, lp in (sampled.top_logprobs or {}).items()})
+                   {name(t): lp for t, lp in (sampled.top_logprobs or {}).items()})
     return {"text_offset": offsets, "token_logprobs": token_logprobs, "tokens": tokens, "top_logprobs": top}
 
 
@@ -149,19 +152,24 @@ def _scored(gen: Generation, delta: StreamDelta) -> list[tuple[int, Any]]:
     return prompt + [(sampled.token_id, sampled) for sampled in delta.logprobs]
 
 
-def completion_body(gen: Generation, collected: Collected) -> dict[str, Any]:
+def completion_body(gen: Generation, collected: Collected, body: CompletionRequest) -> dict[str, Any]:
     echo = gen.prepared.echo_text
     logprobs = None
     if gen.prepared.params.logprobs is not None:
-        logprobs = _completion_logprobs(gen, [pair for d in collected.deltas for pair in _scored(gen, d)], 0)
+        logprobs = _completion_logprobs(gen, [pair for d in collected.deltas for pair in _scored(gen, d)], 0,
+                                        body.return_tokens_as_token_ids)
     prompt, completion, cached = collected.usage_counts()
     choice = {"text": echo + collected.text, "index": 0, "logprobs": logprobs,
               "finish_reason": collected.finish_reason}
+    if body.return_token_ids:
+        choice.update(token_ids=[t for d in collected.deltas for t in d.token_ids],
+                      prompt_token_ids=gen.prepared.prompt_ids)
     return {**gen.header(chunk=False), "choices": [choice], "usage": usage_body(prompt, completion, cached)}
 
 
 async def completion_events(gen: Generation, items: AsyncIterator[StreamItem],
-                            include_usage: bool) -> AsyncIterator[str]:
+                            body: CompletionRequest) -> AsyncIterator[str]:
+    include_usage, ids = _include_usage(body), body.return_token_ids
     collected = Collected()
     echo, offset = gen.prepared.echo_text, 0
     scoring = gen.prepared.params.logprobs is not None
@@ -177,14 +185,19 @@ async def completion_events(gen: Generation, items: AsyncIterator[StreamItem],
             collected.failed = True
             break
         collected.deltas.append(item)
-        logprobs = _completion_logprobs(gen, _scored(gen, item), offset) if scoring else None
-        if logprobs and logprobs["tokens"]:  # offsets run on over the tokens' texts, as in the whole body
-            offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+        scored = _scored(gen, item)
+        logprobs = _completion_logprobs(gen, scored, offset, body.return_tokens_as_token_ids) if scoring else None
+        if scoring:  # offsets run on over the tokens' texts, as in the whole body
+            offset += sum(len(gen.state.served.token_text(t)) for t, _ in scored)
         text, echo = echo + item.text, ""
-        if text or logprobs or item.finished:
-            yield sse({**gen.header(chunk=True), "choices": [{
-                "text": text, "index": 0, "logprobs": logprobs,
-                "finish_reason": collected.finish_reason if item.finished else None}]})
+        if text or logprobs or item.finished or (ids and item.token_ids):
+            choice = {"text": text, "index": 0, "logprobs": logprobs,
+                      "finish_reason": collected.finish_reason if item.finished else None}
+            if ids:
+                choice["token_ids"] = item.token_ids
+                if len(collected.deltas) == 1:
+                    choice["prompt_token_ids"] = gen.prepared.prompt_ids
+            yield sse({**gen.header(chunk=True), "choices": [choice]})
     if collected.failed:
         yield sse({**gen.header(chunk=True), "choices": [{"text": "", "index": 0, "logprobs": None,
                                                            "finish_reason": collected.finish_reason}]})
@@ -196,8 +209,8 @@ async def completion_events(gen: Generation, items: AsyncIterator[StreamItem],
 async def completions(body: CompletionRequest, request: Request) -> Response:
     state: ServerState = request.app.state.whale
     gen = Generation(state, await asyncio.to_thread(state.served.prepare_fim, body), "text_completion")
-    return await respond(request, gen, bool(body.stream), lambda c: completion_body(gen, c),
-                         lambda items: completion_events(gen, items, _include_usage(body)))
+    return await respond(request, gen, bool(body.stream), lambda c: completion_body(gen, c, body),
+                         lambda items: completion_events(gen, items, body))
 
 
 # -- models -----------------------------------------------------------------------------------------------

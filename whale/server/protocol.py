@@ -270,6 +270,18 @@ class CompletionRequest(WireModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     n: int | None = Field(default=None, ge=1)
+    # vLLM's extras, for clients (and whale fronts, `--upstream-protocol vllm`) written for vLLM
+    top_k: int | None = Field(default=None, ge=-1)
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    min_tokens: int = Field(default=0, ge=0)
+    stop_token_ids: list[TokenId] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    return_token_ids: bool = False  # each choice carries its `token_ids` (and `prompt_token_ids`)
+    return_tokens_as_token_ids: bool = False  # logprobs name tokens "token_id:N"
+    structured_outputs: StructuredOutputs | None = None
 
     @field_validator("stop")
     @classmethod

@@ -194,19 +194,26 @@ class ServedModel:
         if thinking:
             raise APIError(400, "FIM completion is not available in thinking mode: use model 'deepseek-chat'",
                            param="model")
+        limits = FIM_MAX_TOKENS
         if isinstance(req.prompt, list):  # token ids, sent as the model is to read them (the engine checks them)
             ids = list(req.prompt)
             echo = self.tokenizer.decode(ids) if req.echo and max(ids) < self.tokenizer.vocab_size else ""
+            limits = (FIM_MAX_TOKENS[0], self.max_model_len)  # a rendered conversation (a whale front's), not FIM
         elif req.suffix is not None or self.capabilities.fim:
             check_request(self.variant, fim=True, config=self.config)
             ids, echo = encode_prompt(self.tokenizer, render_fim(req.prompt, req.suffix or "")), req.prompt
         else:
             ids, echo = self.tokenizer.encode(req.prompt), req.prompt
-        max_tokens = self._max_tokens(len(ids), req.max_tokens, FIM_MAX_TOKENS)
+        max_tokens = self._max_tokens(len(ids), req.max_tokens, limits)
+        structured = _vllm_structured_output(req.structured_outputs) if req.structured_outputs else None
         params = self.defaults.sampling_params(
-            temperature=req.temperature, top_p=req.top_p, presence_penalty=req.presence_penalty or 0.0,
+            temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty or 0.0,
             frequency_penalty=req.frequency_penalty or 0.0, max_tokens=max_tokens, stop=req.stop, seed=req.seed,
-            logprobs=req.logprobs, prompt_logprobs=req.logprobs if req.echo else None)
+            min_tokens=req.min_tokens, stop_token_ids=req.stop_token_ids, ignore_eos=req.ignore_eos,
+            skip_special_tokens=req.skip_special_tokens, include_stop_str_in_output=req.include_stop_str_in_output,
+            structured_output=structured, logprobs=req.logprobs,
+            prompt_logprobs=req.logprobs if req.echo else None)
         return PreparedRequest(req.model, ids, params, echo_text=echo if req.echo else "")
 
     def _max_tokens(self, prompt_tokens: int, requested: int | None, limits: tuple[int, int],

@@ -1,5 +1,5 @@
 """`UpstreamEngine`: the local engine's interface (`generate(prompt_ids, params, request_id)` -> StreamDelta
-stream) over an SGLang-protocol engine reached by HTTP.
+stream) over an engine reached by HTTP, through a `Wire` (wire.py: SGLang's `/generate` or vLLM's completions).
 
 Every token the upstream sends is replayed through a whale `Request` (engine/request.py): its detokenizer, stop
 checks and controllers are the local engine's own, so text, finish reasons and usage read the same. The
@@ -38,7 +38,8 @@ from whale.errors import (
     RequestFailedError,
 )
 from whale.sampling_params import SamplingParams
-from whale.upstream.sglang_wire import Chunk, generate_body, read_chunk, structured_fields
+from whale.upstream.sglang_wire import SGLangWire
+from whale.upstream.wire import Chunk, Wire
 
 CONNECT_TIMEOUT_S = 5.0
 log = logging.getLogger("whale.upstream")
@@ -70,14 +71,15 @@ def _allows(constraint: Constraint | None, token: int) -> bool:
 @dataclass
 class UpstreamEngine:
     """Requests go to the first of `urls` that accepts a connection (the others are fallbacks: for load
-    balancing, put SGLang's gateway in front of the replicas and give its URL). `api_key` is sent as a bearer
-    token; `max_in_flight` requests beyond which new ones get a 503."""
+    balancing, put SGLang's gateway in front of the replicas and give its URL), in `wire`'s protocol. `api_key`
+    is sent as a bearer token; `max_in_flight` requests beyond which new ones get a 503."""
 
     urls: list[str]
     tokenizer: object
     max_model_len: int
     eos_token_ids: frozenset[int]
     vocab_size: int
+    wire: Wire = field(default_factory=SGLangWire)
     api_key: str | None = None
     max_in_flight: int = 1024
     max_resumes: int = 2  # calls one reply may start again after its stream broke off
@@ -101,7 +103,7 @@ class UpstreamEngine:
             raise CapabilityError("logits processors and prompt logprobs need a local engine; this server's "
                                   "engine is an upstream")
         if params.structured_output is not None:
-            structured_fields(params.structured_output)  # a kind the protocol cannot carry is a 400 now
+            self.wire.check(params.structured_output)  # a kind the protocol cannot carry is a 400 now
         if len(self._running) >= self.max_in_flight:
             raise EngineOverloadedError(f"{len(self._running)} requests are in flight, the limit of this server: "
                                         "retry later")
@@ -120,7 +122,7 @@ class UpstreamEngine:
             while not request.status.finished:
                 try:
                     async for _ in self._call(running):
-                        if cursor.tokens < len(request.output_token_ids) or request.status.finished:
+                        if not request.status.finished and cursor.tokens < len(request.output_token_ids):
                             yield cursor.next(request)
                 except UpstreamBroke as exc:
                     if running.error is not None or resumes == self.max_resumes:
@@ -128,6 +130,7 @@ class UpstreamEngine:
                     resumes += 1
                     log.warning("%s: %s; resuming after %d tokens", request_id, exc,
                                 len(request.output_token_ids))
+            yield cursor.next(request)  # the last, once the call has ended (its usage read)
         finally:
             self._running.pop(request_id, None)
             if running.response is not None:
@@ -159,13 +162,14 @@ class UpstreamEngine:
             if running.grammar_start != produced:
                 raise RequestFailedError("the upstream's output left the grammar and cannot be resumed mid-answer")
             structured = params.structured_output
-        body = generate_body(list(request.all_token_ids), params, f"{request.request_id}-{running.calls}",
-                             max_new_tokens=max_new, min_new_tokens=min_new, structured=structured)
+        body = self.wire.body(list(request.all_token_ids), params, f"{request.request_id}-{running.calls}",
+                              max_new_tokens=max_new, min_new_tokens=min_new, structured=structured)
         return body, grammar
 
     async def _call(self, running: _Running) -> AsyncIterator[None]:
         """One upstream call: its tokens into the request, a yield after each chunk; returns when the upstream
-        ends, when the request is finished, or when a controller needs a new call."""
+        ends (after a finished call, the payloads up to `[DONE]`: vLLM's usage comes last), when the request is
+        finished while the upstream goes on, or when a controller needs a new call."""
         request = running.request
         self._force(request)
         if request.status.finished:
@@ -176,25 +180,27 @@ class UpstreamEngine:
         first = running.calls == 0
         running.calls += 1
         produced = len(request.output_token_ids)
-        seen, chunk = 0, Chunk()
-        async with self._stream(running, body) as lines:
-            async for payload in lines:
-                chunk = read_chunk(payload, seen)
+        seen, ended = 0, Chunk()
+        async with self._stream(running, body) as payloads:
+            async for payload in payloads:
+                chunk = self.wire.read(payload, seen)
                 seen += len(chunk.tokens)
-                if first and chunk.prompt_tokens:
+                if first and chunk.cached_tokens is not None:
                     request.num_cached_tokens = min(chunk.cached_tokens, request.num_prompt_tokens)
-                    first = False
-                more = self._take(running, chunk, grammar, pending_grammar)
-                yield None
-                if not more or request.status.finished:
+                ended = chunk if chunk.finish is not None else ended
+                if chunk.tokens and not self._take(running, chunk, grammar, pending_grammar):
+                    yield None
                     return
-                if chunk.finish is not None:
-                    break
-        if chunk.finish == "abort" and not request.status.finished:
-            raise self._abort_error(chunk)
+                yield None
+                if request.status.finished and ended.finish is None:
+                    return  # finished here (a stop string) while the upstream goes on: closing aborts it
+            if ended.finish is None and not request.status.finished:
+                raise UpstreamBroke(running.error or "the upstream engine's stream ended before the request did")
+        if ended.finish == "abort" and not request.status.finished:
+            raise self._abort_error(ended)
         if len(request.output_token_ids) == produced and not request.status.finished:
             raise RequestFailedError("the upstream engine ended the request without output: "
-                                     f"{chunk.message or chunk.finish or 'no reason given'}")
+                                     f"{ended.message or ended.finish or 'no reason given'}")
 
     def _take(self, running: _Running, chunk: Chunk, grammar: GrammarController | None,
               pending_grammar: bool) -> bool:
@@ -230,7 +236,7 @@ class UpstreamEngine:
         return _UpstreamStream(self, running, body)
 
     def _abort_error(self, chunk: Chunk) -> Exception:
-        message = f"the upstream engine refused the request: {chunk.message or 'no reason given'}"
+        message = f"the upstream engine ended the request: {chunk.message or 'no reason given'}"
         if chunk.status is not None and 400 <= chunk.status < 500:
             return InvalidRequestError(message)
         return RequestFailedError(message)
@@ -258,11 +264,15 @@ class _UpstreamStream:
         self.engine, self.running, self.body = engine, running, body
 
     async def __aenter__(self) -> AsyncIterator[dict]:
-        client = self.engine._http()
+        client, wire = self.engine._http(), self.engine.wire
         failures = []
         for url in self.engine.urls:
-            request = client.build_request("POST", f"{url.rstrip('/')}/generate", json=self.body)
             try:
+                if getattr(wire, "model", "") is None:  # vLLM wants its served name: the first it lists
+                    listed = (await client.get(f"{url.rstrip('/')}/v1/models")).json()
+                    wire.model = listed["data"][0]["id"]
+                    self.body["model"] = wire.model
+                request = client.build_request("POST", f"{url.rstrip('/')}{wire.path}", json=self.body)
                 response = await client.send(request, stream=True)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 failures.append(f"{url}: {exc or type(exc).__name__}")
@@ -294,6 +304,7 @@ class _UpstreamStream:
         return RequestFailedError(f"the upstream engine failed the request ({status}): {message}")
 
     async def _payloads(self, response: httpx.Response) -> AsyncIterator[dict]:
+        """Each `data:` payload until `[DONE]` or the end of the body."""
         try:
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
@@ -305,4 +316,3 @@ class _UpstreamStream:
         except (httpx.HTTPError, httpx.StreamError, ValueError) as exc:
             raise UpstreamBroke(self.running.error or "the upstream engine's stream broke off mid-way: "
                                 f"{exc or type(exc).__name__}") from None
-        raise UpstreamBroke(self.running.error or "the upstream engine's stream ended before the request finished")
