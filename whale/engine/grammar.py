@@ -100,7 +100,7 @@ class GrammarController:
 
     def __init__(self, grammar: str, tokenizer: llguidance.LLTokenizer, vocab_size: int,
                  reasoning: ReasoningSpec | None):
-        self._matcher = llguidance.LLMatcher(tokenizer, grammar, limits=LIMITS)
+        self._matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=LIMITS)  # errors: is_error()
         self._bitmask = torch.full(((vocab_size + 31) // 32,), -1, dtype=torch.int32)
         tail: tuple[int, ...] = ()
         if reasoning is not None:

@@ -7,7 +7,8 @@ controllers the upstream cannot run itself are enforced between calls: where a c
 upstream did not produce (the reasoning budget's end of thinking, the format's tail before a grammar), the front
 writes the forced tokens and continues with a new call on the whole sequence so far (the upstream's prefix cache
 makes that a short prefill). A grammar goes to the upstream from the first answer token on (a call that started
-in the thinking ends there); the end-of-sequence ban after thinking becomes `min_new_tokens`.
+in the thinking ends there) and is the upstream's to hold from then (its grammar engine may allow other
+whitespace than whale's llguidance); the end-of-sequence ban after thinking becomes `min_new_tokens`.
 
 The same continuation resumes a reply whose upstream stream broke off (a replica that died under the gateway):
 the next call carries every token so far, and the gateway sends it to a live replica. Only where that cannot
@@ -27,7 +28,6 @@ from dataclasses import dataclass, field
 import httpx
 
 from whale.engine.async_engine import DeltaCursor, StreamDelta
-from whale.engine.controllers import Constraint
 from whale.engine.grammar import GrammarController
 from whale.engine.request import Request
 from whale.engine.sampler import SampledToken
@@ -56,16 +56,6 @@ class _Running:
     error: str | None = None  # set by fail_all
     calls: int = 0
     grammar_start: int | None = None  # output tokens before the grammar took over
-
-
-def _allows(constraint: Constraint | None, token: int) -> bool:
-    if constraint is None:
-        return True
-    if constraint.only is not None:
-        return token == constraint.only
-    if token in constraint.banned:
-        return False
-    return constraint.mask is None or bool((int(constraint.mask[token // 32]) >> (token % 32)) & 1)
 
 
 @dataclass
@@ -131,6 +121,9 @@ class UpstreamEngine:
                     log.warning("%s: %s; resuming after %d tokens", request_id, exc,
                                 len(request.output_token_ids))
             yield cursor.next(request)  # the last, once the call has ended (its usage read)
+        except RequestFailedError as exc:
+            log.warning("%s: %s", request_id, exc)
+            raise
         finally:
             self._running.pop(request_id, None)
             if running.response is not None:
@@ -211,10 +204,7 @@ class UpstreamEngine:
             if request.status.finished:
                 return False
             constraint = request.constraint()
-            if not _allows(constraint, sampled.token_id):
-                if constraint.only is None:
-                    raise RequestFailedError(f"the upstream engine wrote token {sampled.token_id}, which the "
-                                             "request's constraints do not allow")
+            if constraint is not None and constraint.only is not None and sampled.token_id != constraint.only:
                 self._force(request)
                 return False
             request.append(sampled)
