@@ -109,6 +109,7 @@ def test_compose_for_a_host_of_one_gpu_replicas(tmp_path):
     gateway = shlex.split(services["gateway"]["command"][2].split("&& exec ", 1)[1])
     router = parse_router_args(gateway[3:])
     assert router.worker_urls == [f"http://replica-{i}:{30001 + i}" for i in range(4)]
+    assert router.health_check_interval_secs == 10  # a dead replica leaves the rotation in ~30 s, not ~3 min
     front = services["front"]["command"]
     args = build_parser(["serve"]).parse_args(["serve", *[a.split(":-", 1)[-1].rstrip("}") if a.startswith("${")
                                                           else a for a in front[1:]]])

@@ -200,6 +200,16 @@ def test_gateway_names_the_model_and_spreads_requests(gateway_cluster):
     assert served == [3, 3], served
 
 
+def test_clients_of_the_gateway_itself_keep_their_length_limit(gateway_cluster):
+    """The gateway rewrites a chat request's max_tokens to max_completion_tokens on its way to the replica; whale
+    reads either, so a client that talks to the gateway directly still gets its limit."""
+    gateway_url = gateway_cluster[3]
+    reply = httpx.post(f"{gateway_url}/v1/chat/completions", timeout=60,
+                       json={"model": "smollm2-135m-instruct", "messages": ASK, "max_tokens": 3})
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["usage"]["completion_tokens"] <= 3
+
+
 def test_auth_and_errors_at_the_front(gateway_cluster):
     """The key is the front's; a refusal by a replica (its context is shorter than the front's) comes back
     through the gateway as a 400 in the DeepSeek shape, with the replica's reason."""

@@ -17,6 +17,9 @@ REPLICA_ENGINES = ("sglang", "whale")
 GATEWAY_PORT, REPLICA_PORT, FRONT_PORT = 30000, 30001, 8000
 # a 671B checkpoint takes many minutes to load: the gateway waits this long for its workers to come up
 WORKER_STARTUP_S = 3600
+# the gateway's health checks (default: every 60 s, 3 failures: ~3 minutes to mark a dead replica) every 10 s,
+# so a dead replica leaves the rotation in ~30 s (its circuit breaker and retries cover the time between)
+HEALTH_FLAGS = "--health-check-interval-secs 10 --health-failure-threshold 3"
 SGLANG_IMAGE = "lmsysorg/sglang:latest"
 GATEWAY_PACKAGE = "sglang-router==0.3.2"
 
@@ -98,7 +101,7 @@ gateway() {{
     local urls=()
     for i in "${{!REPLICA_HOSTS[@]}}"; do urls+=("http://${{REPLICA_HOSTS[$i]}}:$((REPLICA_PORT + i))"); done
     exec python3 -m sglang_router.launch_router --worker-urls "${{urls[@]}}" --host 0.0.0.0 --port "$GATEWAY_PORT" \\
-        --policy {t.policy} --worker-startup-timeout-secs {WORKER_STARTUP_S}
+        --policy {t.policy} --worker-startup-timeout-secs {WORKER_STARTUP_S} {HEALTH_FLAGS}
 }}
 
 front() {{
@@ -152,7 +155,7 @@ def compose_file(t: Topology) -> str | None:
                   f"      interval: 30s\n      start_period: {WORKER_STARTUP_S}s"]
     gateway = ["sh", "-c", f"pip install --quiet {GATEWAY_PACKAGE} && exec python -m sglang_router.launch_router "
                f"--worker-urls {' '.join(urls)} --host 0.0.0.0 --port {GATEWAY_PORT} --policy {t.policy} "
-               f"--worker-startup-timeout-secs {WORKER_STARTUP_S}"]
+               f"--worker-startup-timeout-secs {WORKER_STARTUP_S} {HEALTH_FLAGS}"]
     lines += ["  gateway:", "    image: python:3.11-slim", f"    command: {_yaml_list(gateway)}",
               "    depends_on:", *[f"      replica-{i}: {{condition: service_healthy}}" for i in range(count)]]
     front = ["serve", "--model", "${MODEL:-" + t.front_model + "}", "--upstream",
