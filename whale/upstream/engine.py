@@ -203,7 +203,8 @@ class UpstreamEngine:
         for sampled in chunk.tokens:
             if request.status.finished:
                 return False
-            constraint = request.constraint()
+            # once the grammar holds (the upstream's to enforce) nothing is forced: skip computing its mask
+            constraint = None if grammar is not None and grammar.constraining else request.constraint()
             if constraint is not None and constraint.only is not None and sampled.token_id != constraint.only:
                 self._force(request)
                 return False
