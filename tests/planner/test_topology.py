@@ -21,6 +21,9 @@ from sglang_router.launch_router import parse_router_args
 
 from whale.cli import build_parser
 
+sys.path.insert(0, str(Path(__file__).parents[1] / "server"))
+from test_server_cli import _wait_ready  # noqa: E402
+
 
 def _emit(tmp_path: Path, *args: str) -> Path:
     command = [sys.executable, "-m", "whale.cli", "plan", *args, "--emit", str(tmp_path)]
@@ -127,9 +130,41 @@ def test_a_replica_over_several_nodes(tmp_path):
     subprocess.run(["bash", "-n", str(directory / "launch.sh")], check=True)
 
 
+def test_vllm_replicas_have_the_front_over_them_in_order(tmp_path, default_llm):
+    """The gateway routes SGLang's /generate only: over vLLM replicas the emitted front speaks vLLM's protocol to
+    each replica in turn. Its `front` role is run here over two whale replicas (whale's /v1/completions takes
+    vLLM's extras): it answers through the first, and through the second once the first is gone."""
+    directory = _emit(tmp_path, "deepseek-v3", "--gpu", "H200", "--dtype", "fp8", "--replica-engine", "vllm")
+    script = (directory / "launch.sh").read_text()
+    assert 'exec vllm serve "$WEIGHTS" --trust-remote-code --tensor-parallel-size 8' in script
+    assert "gateway" not in script.split("set -euo pipefail")[1] and not (directory / "docker-compose.yml").exists()
+    replica_port, front_port = _free_port_pair(), _free_port_pair()
+    replicas = [subprocess.Popen([sys.executable, "-m", "whale.cli", "serve", "--model", "default", "--host",
+                                  "127.0.0.1", "--port", str(replica_port + i), "--threads", "1"],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for i in range(2)]
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "MODEL": "default",
+           "REPLICA_PORT": str(replica_port), "FRONT_PORT": str(front_port)}
+    front = subprocess.Popen([str(directory / "launch.sh"), "front"], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        for i, replica in enumerate(replicas):
+            _wait_ready(replica, f"http://127.0.0.1:{replica_port + i}")
+        _wait_ready(front, f"http://127.0.0.1:{front_port}")
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{front_port}/v1", api_key="unused", max_retries=0)
+        ask = {"model": "deepseek-chat", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
+        assert client.chat.completions.create(**ask).choices[0].message.content
+        replicas[0].kill()
+        replicas[0].wait(timeout=20)
+        assert client.chat.completions.create(**ask).choices[0].message.content
+    finally:
+        for process in [*replicas, front]:
+            process.kill()
+            process.wait(timeout=20)
+
+
 def test_a_replica_engine_the_plan_has_no_command_for(tmp_path):
     command = [sys.executable, "-m", "whale.cli", "plan", "deepseek-v3", "--gpu", "H200", "--replica-engine",
-               "whale", "--emit", str(tmp_path)]
+               "whale", "--emit", str(tmp_path)]  # 8 GPUs: whale serves one
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode != 0 and "no whale command" in result.stderr
     assert not any(tmp_path.iterdir())

@@ -13,7 +13,7 @@ from whale.errors import InvalidRequestError
 from whale.planner.launch import HEAD, weight_source
 from whale.planner.plan import Plan
 
-REPLICA_ENGINES = ("sglang", "whale")
+REPLICA_ENGINES = ("sglang", "whale", "vllm")  # vllm: no gateway (it routes SGLang's /generate only)
 GATEWAY_PORT, REPLICA_PORT, FRONT_PORT = 30000, 30001, 8000
 # a 671B checkpoint takes many minutes to load: the gateway waits this long for its workers to come up
 WORKER_STARTUP_S = 3600
@@ -41,6 +41,12 @@ class Topology:
     policy: str = "cache_aware"
 
     @property
+    def gateway(self) -> bool:
+        """Whether SGLang's gateway fronts the replicas (it routes SGLang's /generate, which vLLM lacks: over vLLM
+        replicas the front takes them in order, as fallbacks)."""
+        return self.engine != "vllm"
+
+    @property
     def replicas_per_host(self) -> int:
         return self.gpus_per_node // self.replica_gpus if self.replica_nodes == 1 else 0
 
@@ -56,7 +62,7 @@ def topology_for(plan: Plan, replicas: int, engine: str = "sglang") -> Topology:
     spec, layout = plan.request.spec, plan.chosen.layout
     weights, _ = weight_source(spec, plan.request.dtype)
     command = plan.launch[engine].splitlines()[-1]  # multi-node commands start with a comment line
-    flag = "--model-path" if engine == "sglang" else "--model"
+    flag = {"sglang": "--model-path", "whale": "--model", "vllm": "vllm serve"}[engine]
     args = shlex.split(command.replace(f"{flag} {weights}", f"{flag} WEIGHTS_PLACEHOLDER"))
     args = ['"$WEIGHTS"' if a == "WEIGHTS_PLACEHOLDER" else a for a in args]
     args = [f"${{REPLICA_HEAD}}:{a.split(':', 1)[1]}" if a.startswith(f"{HEAD}:") else a for a in args]
@@ -70,23 +76,58 @@ def launch_script(t: Topology) -> str:
     multi = t.replica_nodes > 1
     replica_note = (f"on each of replica I's {t.replica_nodes} nodes, RANK=0..{t.replica_nodes - 1} "
                     "(rank 0 on REPLICA_HOSTS[I])" if multi else "on replica I's host, REPLICA_HOSTS[I]")
+    if t.engine == "vllm" and multi:
+        replica_note = "on the head node of replica I's Ray cluster (`ray start` on each of its nodes first)"
+    over = ("SGLang's model gateway in front of them, whale's front (the DeepSeek API) in front of the gateway"
+            if t.gateway else "whale's front (the DeepSeek API) over them, in order (fallbacks: for throughput,\n"
+            "# give one replica the plan's data parallelism)")
+    roles = ["replica) replica \"${2:?replica index}\" ;;", *(["gateway) gateway ;;"] if t.gateway else []),
+             "front) front ;;"]
+    started = ["for i in \"${!REPLICA_HOSTS[@]}\"; do replica \"$i\" & done", *(["gateway &"] if t.gateway else []),
+               "front &"]
+    if t.gateway:
+        gateway = f"""gateway() {{
+    local urls=()
+    for i in "${{!REPLICA_HOSTS[@]}}"; do urls+=("http://${{REPLICA_HOSTS[$i]}}:$((REPLICA_PORT + i))"); done
+    exec python3 -m sglang_router.launch_router --worker-urls "${{urls[@]}}" --host 0.0.0.0 --port "$GATEWAY_PORT" \\
+        --policy {t.policy} --worker-startup-timeout-secs {WORKER_STARTUP_S} {HEALTH_FLAGS}
+}}
+
+"""
+        front = """front() {
+    exec whale serve --model "$MODEL" --upstream "http://$GATEWAY_HOST:$GATEWAY_PORT" --host 0.0.0.0 \\
+        --port "$FRONT_PORT"
+}"""
+    else:
+        gateway = ""
+        front = """front() {
+    local upstreams=()
+    for i in "${!REPLICA_HOSTS[@]}"; do
+        upstreams+=(--upstream "http://${REPLICA_HOSTS[$i]}:$((REPLICA_PORT + i))")
+    done
+    exec whale serve --model "$MODEL" --upstream-protocol vllm "${upstreams[@]}" --host 0.0.0.0 \\
+        --port "$FRONT_PORT"
+}"""
+    gateway_vars = (f"GATEWAY_HOST=${{GATEWAY_HOST:-127.0.0.1}}\nGATEWAY_PORT=${{GATEWAY_PORT:-{GATEWAY_PORT}}}\n"
+                    if t.gateway else "")
+    gateway_line = f"#   ./launch.sh gateway     on GATEWAY_HOST ({GATEWAY_PACKAGE} installed)\n" if t.gateway else ""
+    usage = "replica I | gateway | front | all" if t.gateway else "replica I | front | all"
+    role_lines = "\n".join(f"    {line}" for line in roles)
+    start_lines = "\n".join(f"        {line}" for line in started)
     return f"""#!/usr/bin/env bash
 # {t.label}: {t.replicas} {t.engine} replica{"s" if t.replicas > 1 else ""} of {t.replica_gpus} GPU\
-{"s" if t.replica_gpus > 1 else ""} ({t.replica_nodes} node{"s" if multi else ""} each), SGLang's model gateway in front
-# of them, whale's front (the DeepSeek API) in front of the gateway. Written by `whale plan --emit`.
+{"s" if t.replica_gpus > 1 else ""} ({t.replica_nodes} node{"s" if multi else ""} each),
+# {over}. Written by `whale plan --emit`.
 #
 #   ./launch.sh replica I   {replica_note}
-#   ./launch.sh gateway     on GATEWAY_HOST ({GATEWAY_PACKAGE} installed)
-#   ./launch.sh front       where clients connect (whale installed; reads no weights)
+{gateway_line}#   ./launch.sh front       where clients connect (whale installed; reads no weights)
 #   ./launch.sh all         every role on this host, stopped together (one box, or trying it out)
 #
 # Set the hosts and ports below, or in the environment.
 set -euo pipefail
 read -r -a REPLICA_HOSTS <<< "${{REPLICA_HOSTS:-{hosts}}}"
 REPLICA_PORT=${{REPLICA_PORT:-{REPLICA_PORT}}}  # replica I listens on REPLICA_PORT + I
-GATEWAY_HOST=${{GATEWAY_HOST:-127.0.0.1}}
-GATEWAY_PORT=${{GATEWAY_PORT:-{GATEWAY_PORT}}}
-FRONT_PORT=${{FRONT_PORT:-{FRONT_PORT}}}
+{gateway_vars}FRONT_PORT=${{FRONT_PORT:-{FRONT_PORT}}}
 WEIGHTS=${{WEIGHTS:-{t.weights}}}  # what the replicas load
 MODEL=${{MODEL:-{t.front_model}}}  # what the front reads its tokenizer and chat template from
 {"RANK=${RANK:-0}" if multi else ""}
@@ -97,29 +138,15 @@ replica() {{
     exec {" ".join(t.replica_args)} --host 0.0.0.0 --port $((REPLICA_PORT + i))
 }}
 
-gateway() {{
-    local urls=()
-    for i in "${{!REPLICA_HOSTS[@]}}"; do urls+=("http://${{REPLICA_HOSTS[$i]}}:$((REPLICA_PORT + i))"); done
-    exec python3 -m sglang_router.launch_router --worker-urls "${{urls[@]}}" --host 0.0.0.0 --port "$GATEWAY_PORT" \\
-        --policy {t.policy} --worker-startup-timeout-secs {WORKER_STARTUP_S} {HEALTH_FLAGS}
-}}
-
-front() {{
-    exec whale serve --model "$MODEL" --upstream "http://$GATEWAY_HOST:$GATEWAY_PORT" --host 0.0.0.0 \\
-        --port "$FRONT_PORT"
-}}
+{gateway}{front}
 
 case "${{1:-}}" in
-    replica) replica "${{2:?replica index}}" ;;
-    gateway) gateway ;;
-    front) front ;;
+{role_lines}
     all)
         trap 'trap - EXIT INT TERM; kill 0' EXIT INT TERM  # once: the whole group goes with this script
-        for i in "${{!REPLICA_HOSTS[@]}}"; do replica "$i" & done
-        gateway &
-        front &
+{start_lines}
         wait ;;
-    *) echo "usage: $0 replica I | gateway | front | all" >&2; exit 2 ;;
+    *) echo "usage: $0 {usage}" >&2; exit 2 ;;
 esac
 """
 
