@@ -134,6 +134,13 @@ def test_an_unreachable_upstream_is_a_503_in_the_deepseek_shape(tiny_path):
     assert "no upstream engine accepts a connection" in reply.json()["error"]["message"]
 
 
+def test_local_engine_options_are_refused_with_an_upstream():
+    command = [sys.executable, "-m", "whale.cli", "serve", "--model", "default", "--upstream", "http://127.0.0.1:9",
+               "--speculative", "ngram", "--port", str(_free_port())]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "with --upstream there is none" in result.stderr
+
+
 # -- the real gateway in front of two whale replicas ----------------------------------------------------------
 REPLICA_CONTEXT = 1024  # the front takes the model's 8192
 STORY_TOKENS = 400

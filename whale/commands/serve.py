@@ -143,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
     with listen(args.host, args.port) as sock:
         set_threads(args.threads)
         if args.upstream:
+            if args.speculative != "off" or args.kernels != "auto" or args.dtype != "auto" or args.device:
+                raise InvalidRequestError("--speculative, --kernels, --dtype and --device choose how the local "
+                                          "engine runs; with --upstream there is none: set them on the upstream")
             state = upstream_state(args.model, args.upstream, protocol=args.upstream_protocol,
                                    upstream_model=args.upstream_model, max_model_len=args.max_model_len,
                                    upstream_api_key=args.upstream_api_key or os.environ.get("WHALE_UPSTREAM_API_KEY"),
