@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
-from server_harness import serving, write_tiny_deepseek
+from server_harness import DEFAULT_OPTIONS, serving, write_tiny_deepseek
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +19,10 @@ def tiny_server(tiny_path, default_llm):  # default_llm: the session's model, lo
 
     with serving(load_model(str(tiny_path), dtype="float32")) as (state, url):
         yield state, openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def default_url(default_llm):
+    """The base URL of a fresh server on the default model (DEFAULT_OPTIONS), for one test module."""
+    with serving(default_llm.loaded, **DEFAULT_OPTIONS) as (_, url):
+        yield url

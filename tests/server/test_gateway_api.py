@@ -8,17 +8,10 @@ import json
 
 import httpx
 import pytest
-from server_harness import DEFAULT_OPTIONS, serving
 
 from whale import SamplingParams
 
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def url(default_llm):
-    with serving(default_llm.loaded, **DEFAULT_OPTIONS) as (_, base):
-        yield base
 
 
 @pytest.fixture(scope="module")
@@ -29,25 +22,25 @@ def expected(default_llm):
     return ids, list(out.outputs[0].token_ids), out.outputs[0].text
 
 
-def test_generate_as_sglang_answers(url, expected):
+def test_generate_as_sglang_answers(default_url, expected):
     ids, output, text = expected
     body = {"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": 8}}
-    reply = httpx.post(f"{url}/generate", json=body, timeout=60).json()
+    reply = httpx.post(f"{default_url}/generate", json=body, timeout=60).json()
     assert reply["output_ids"] == output and reply["text"] == text
     meta = reply["meta_info"]
     assert meta["prompt_tokens"] == len(ids) and meta["completion_tokens"] == 8
     assert meta["finish_reason"] == {"type": "length", "length": 8}
-    by_text = httpx.post(f"{url}/generate", json={"text": PROMPT, "sampling_params": body["sampling_params"]},
+    by_text = httpx.post(f"{default_url}/generate", json={"text": PROMPT, "sampling_params": body["sampling_params"]},
                          timeout=60).json()
     assert by_text["output_ids"] == output
 
 
-def test_generate_streams_incrementally(url, expected):
+def test_generate_streams_incrementally(default_url, expected):
     ids, output, text = expected
     body = {"input_ids": ids, "sampling_params": {"temperature": 0, "max_new_tokens": 8}, "stream": True,
             "return_logprob": True, "top_logprobs_num": 2}
     payloads = []
-    with httpx.stream("POST", f"{url}/generate", json=body, timeout=60) as response:
+    with httpx.stream("POST", f"{default_url}/generate", json=body, timeout=60) as response:
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 payloads.append(json.loads(line[6:]))
@@ -60,30 +53,30 @@ def test_generate_streams_incrementally(url, expected):
     assert all(len(top) == 2 and top[0][0] >= top[1][0] for top in tops)
 
 
-def test_generate_refuses_what_it_cannot_do(url):
-    both = httpx.post(f"{url}/generate", json={"text": "a", "input_ids": [1]})
+def test_generate_refuses_what_it_cannot_do(default_url):
+    both = httpx.post(f"{default_url}/generate", json={"text": "a", "input_ids": [1]})
     assert both.status_code in (400, 422) and "exactly one of 'text' and 'input_ids'" in both.text
-    ebnf = httpx.post(f"{url}/generate", json={"text": "a", "sampling_params": {"ebnf": "root ::= 'a'"}})
+    ebnf = httpx.post(f"{default_url}/generate", json={"text": "a", "sampling_params": {"ebnf": "root ::= 'a'"}})
     assert ebnf.status_code == 400 and "'ebnf' grammars are not taken here" in ebnf.json()["error"]["message"]
 
 
-def test_gateway_probes(url):
-    info = httpx.get(f"{url}/server_info").json()
+def test_gateway_probes(default_url):
+    info = httpx.get(f"{default_url}/server_info").json()
     assert info["served_model_name"] == "smollm2-135m-instruct" and info["dp_size"] == 1
-    assert httpx.get(f"{url}/get_model_info").json()["is_generation"] is True
-    load = httpx.get(f"{url}/get_load").json()
+    assert httpx.get(f"{default_url}/get_model_info").json()["is_generation"] is True
+    load = httpx.get(f"{default_url}/get_load").json()
     assert load == [{"dp_rank": 0, "num_reqs": 0, "num_waiting_reqs": 0, "num_tokens": load[0]["num_tokens"]}]
 
 
-def test_completions_take_vllm_extras(url, expected):
+def test_completions_take_vllm_extras(default_url, expected):
     ids, output, text = expected
     body = {"model": "smollm2-135m-instruct", "prompt": ids, "max_tokens": 8, "temperature": 0,
             "return_token_ids": True, "logprobs": 1, "return_tokens_as_token_ids": True}
-    choice = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    choice = httpx.post(f"{default_url}/v1/completions", json=body, timeout=60).json()["choices"][0]
     assert choice["token_ids"] == output and choice["prompt_token_ids"] == ids and choice["text"] == text
     assert choice["logprobs"]["tokens"] == [f"token_id:{t}" for t in output]
     streamed, prompt_ids = [], None
-    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+    with httpx.stream("POST", f"{default_url}/v1/completions", json={**body, "stream": True}, timeout=60) as response:
         for line in response.iter_lines():
             if line.startswith("data: {"):
                 for chunk_choice in json.loads(line[6:])["choices"]:
@@ -92,11 +85,11 @@ def test_completions_take_vllm_extras(url, expected):
     assert streamed == output and prompt_ids == ids
 
 
-def test_completions_min_tokens_and_stop_token_ids(url, expected):
+def test_completions_min_tokens_and_stop_token_ids(default_url, expected):
     ids, output, _ = expected
     body = {"model": "smollm2-135m-instruct", "prompt": ids, "max_tokens": 8, "temperature": 0,
             "return_token_ids": True, "stop_token_ids": [output[2]]}
-    choice = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()["choices"][0]
+    choice = httpx.post(f"{default_url}/v1/completions", json=body, timeout=60).json()["choices"][0]
     assert choice["token_ids"] == output[:3] and choice["finish_reason"] == "stop"
-    held = httpx.post(f"{url}/v1/completions", json={**body, "min_tokens": 4}, timeout=60).json()["choices"][0]
+    held = httpx.post(f"{default_url}/v1/completions", json={**body, "min_tokens": 4}, timeout=60).json()["choices"][0]
     assert len(held["token_ids"]) > 3  # the stop id does not count before min_tokens

@@ -7,15 +7,8 @@ import pytest
 from langchain_core.messages import HumanMessage
 from langchain_openai import ChatOpenAI
 from scripted_engine import scripted_server
-from server_harness import DEFAULT_OPTIONS, serving
 
 from whale.server.served_model import served_model_from_loaded
-
-
-@pytest.fixture(scope="module")
-def default_url(default_llm):
-    with serving(default_llm.loaded, **DEFAULT_OPTIONS) as (_, url):
-        yield url
 
 
 @pytest.fixture(scope="module")

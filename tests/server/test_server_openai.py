@@ -10,19 +10,12 @@ import httpx
 import openai
 import pytest
 from scripted_engine import scripted_server
-from server_harness import DEFAULT_OPTIONS, serving
 
 from whale import SamplingParams
 from whale.server.served_model import served_model_from_loaded
 
 HELLO = [{"role": "user", "content": "Say hello."}]
 JSON_INSTRUCTION = "Reply with one valid JSON object and nothing else."
-
-
-@pytest.fixture(scope="module")
-def default_url(default_llm):
-    with serving(default_llm.loaded, **DEFAULT_OPTIONS) as (_, url):
-        yield url
 
 
 @pytest.fixture(scope="module")
