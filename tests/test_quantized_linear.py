@@ -140,12 +140,15 @@ def test_hybrid_falls_back_to_int4_when_the_bf16_twins_do_not_fit(monkeypatch):
     assert isinstance(loaded.model.lm_head, BlockLinear) and isinstance(loaded.model.model.embed_tokens, BlockEmbedding)
 
 
-def test_auto_picks_hybrid_only_where_bf16_is_in_hardware(monkeypatch):
+def test_auto_picks_hybrid_only_where_bf16_is_in_hardware_and_the_model_is_small(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr("whale.platform.cpu_flags", lambda: frozenset({"avx2", "fma"}))
     assert cpu_weight_kernels("auto", None, cpu) == "blocks"
     monkeypatch.setattr("whale.platform.cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
-    assert cpu_weight_kernels("auto", None, cpu) == "hybrid"
+    assert cpu_weight_kernels("auto", None, cpu, params=135_000_000) == "hybrid"
+    # a 1.5B model: hybrid's int4 repack and bf16 twins would cost a minute to load and several times the file
+    assert cpu_weight_kernels("auto", None, cpu, params=1_800_000_000) == "blocks"
+    assert cpu_weight_kernels("hybrid", None, cpu, params=1_800_000_000) == "hybrid"  # asked for by name
     assert cpu_weight_kernels("auto", "float32", cpu) == "dense"  # an explicit dtype means dense in that dtype
     assert cpu_weight_kernels("int4", "float32", cpu) == "int4"
     assert cpu_weight_kernels(None, "auto", torch.device("meta")) == "dense"

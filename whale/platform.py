@@ -15,6 +15,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
 
 
 WEIGHT_KERNELS = ("dense", "int4", "hybrid", "blocks")
+# `auto` takes hybrid only for models up to this many parameters: beyond, its int4 repack and bf16 GEMM twins cost
+# more than they give (R1-Distill-Qwen-1.5B Q4_0 on an AVX-512-bf16 EPYC: 79 s to load and 5.1 GiB resident for a
+# 0.99 GiB file, decode 0.78x llama.cpp; from its blocks: ~1 s and ~1.5x the file)
+HYBRID_MAX_PARAMS = 600_000_000
 # bf16 dot products in hardware: where the int4 weight-only kernel (bf16 activations) beats fp32 at batch 1
 _BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
@@ -32,12 +36,14 @@ def cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def cpu_weight_kernels(requested: str | None, dtype: str | torch.dtype | None, device: torch.device) -> str:
+def cpu_weight_kernels(requested: str | None, dtype: str | torch.dtype | None, device: torch.device,
+                       params: int = 0) -> str:
     """Which linear kernels a CPU model runs: "blocks" (straight from a GGUF's quantized blocks, every llama.cpp
     block type from Q4_0 to Q6_K, int8 activations: whale.models.gguf_blocks), "int4" (Q4_0/Q4_1 blocks repacked
     for ATen's 4-bit kernel, bf16 activations; other block types as "blocks"), "hybrid" (int4 for calls of a few
     rows, a packed bf16 GEMM for more: batches, prefill) or "dense" (the compute dtype). `auto`, when the dtype
-    was left to us: hybrid where the CPU does bf16 in hardware, else blocks (on an AVX2-only EPYC the default
+    was left to us: hybrid where the CPU does bf16 in hardware and the model has at most HYBRID_MAX_PARAMS
+    `params`, else blocks (on an AVX2-only EPYC the default
     model decodes at ~54 tok/s from its blocks, ~50 through int4, 11 in fp32; bf16 GEMM twins would be hundreds
     of times slower there). A checkpoint without GGUF blocks runs dense whatever is picked here (the loader
     requantizes nothing)."""
@@ -47,7 +53,7 @@ def cpu_weight_kernels(requested: str | None, dtype: str | torch.dtype | None, d
         return requested
     if device.type != "cpu" or dtype not in (None, "auto"):
         return "dense"
-    return "hybrid" if cpu_has_bf16() else "blocks"
+    return "hybrid" if cpu_has_bf16() and params <= HYBRID_MAX_PARAMS else "blocks"
 
 
 def cpu_has_bf16() -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -114,11 +115,12 @@ def load_model(reference: str, dtype: str | torch.dtype | None = None,
     engine runs elsewhere."""
     files = resolve_model(reference, weights=weights)
     device = resolve_device(device)
-    kernels = cpu_weight_kernels(kernels, dtype, device)
     torch_dtype = resolve_dtype(dtype, device)
     taken: set[str] = set()
+    params = 0
     if files.format == "gguf":
         checkpoint = GGUFCheckpoint(files.path)
+        params = sum(math.prod(tensor.shape) for tensor in checkpoint.tensors.values())
         config = parse_hf_config(gguf_to_hf_config(checkpoint.metadata))
         config = dataclasses.replace(config, tie_word_embeddings="output.weight" not in checkpoint.tensors)
         tokenizer = Tokenizer.from_gguf_metadata(checkpoint.metadata)
@@ -131,6 +133,7 @@ def load_model(reference: str, dtype: str | torch.dtype | None = None,
         generation_source = "generation_config.json"
         path = files.path / generation_source
         generation_config = json.loads(path.read_text()) if path.is_file() else {}
+    kernels = cpu_weight_kernels(kernels, dtype, device, params)
     if not weights:
         return LoadedModel(files, config, tokenizer, None, torch_dtype, device, "none", generation_config,
                            generation_source)
