@@ -25,6 +25,7 @@ import time
 import httpx
 import peers
 from report import Report, add_publish_option
+from serve import percentile
 from servers import free_port, wait_ready
 from throughput import default_model_as_hf_checkpoint
 
@@ -75,11 +76,6 @@ def whole_ms(client: httpx.Client, url: str, max_tokens: int) -> float:
     start_s = time.perf_counter()
     client.post(f"{url}/v1/chat/completions", json=body).raise_for_status()
     return (time.perf_counter() - start_s) * 1000
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def main() -> None:
@@ -140,8 +136,8 @@ def main() -> None:
         base_t, base_w = statistics.median(ttft[base]), statistics.median(whole[base])
         t50, w50 = statistics.median(ttft[name]), statistics.median(whole[name])
         added = "-" if name == base else f"{t50 - base_t:+.1f} / {w50 - base_w:+.1f}"
-        report.line(f"| {name} | {t50:.1f} / {pct(ttft[name], 0.99):.1f} | {w50:.1f} / {pct(whole[name], 0.99):.1f} "
-                    f"| {added} |")
+        t99, w99 = percentile(ttft[name], 99), percentile(whole[name], 99)
+        report.line(f"| {name} | {t50:.1f} / {t99:.1f} | {w50:.1f} / {w99:.1f} | {added} |")
     if check:
         report.line()
         report.line(check)

@@ -9,9 +9,8 @@ import json
 from typing import Any
 
 from whale.engine.sampler import SampledToken
-from whale.errors import CapabilityError
 from whale.sampling_params import SamplingParams, StructuredOutput
-from whale.upstream.wire import Chunk, error_chunk, regex_literal
+from whale.upstream.wire import Chunk, error_chunk, no_lark_grammar, regex_literal
 
 
 def _logprob(entry: Any) -> tuple[float, int]:
@@ -32,10 +31,7 @@ class SGLangWire:
             return {"regex": structured.value}
         if structured.kind == "choice":
             return {"regex": "(" + "|".join(regex_literal(c) for c in json.loads(structured.value)) + ")"}
-        raise CapabilityError(
-            "this server's engine is an upstream (SGLang protocol), which cannot hold the output to a Lark grammar "
-            "(tool_choice 'required' or a named function, strict tools): send tool_choice 'auto' without strict "
-            "tools, or use a server with a local engine")
+        raise no_lark_grammar(self.name)
 
     def check(self, structured: StructuredOutput) -> None:
         self.structured_fields(structured)

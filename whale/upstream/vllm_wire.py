@@ -8,9 +8,9 @@ import json
 from typing import Any
 
 from whale.engine.sampler import SampledToken
-from whale.errors import CapabilityError, RequestFailedError
+from whale.errors import RequestFailedError
 from whale.sampling_params import SamplingParams, StructuredOutput
-from whale.upstream.wire import Chunk, error_chunk
+from whale.upstream.wire import Chunk, error_chunk, no_lark_grammar
 
 ID_PREFIX = "token_id:"
 
@@ -35,10 +35,7 @@ class VLLMWire:
             return {"regex": structured.value}
         if structured.kind == "choice":
             return {"choice": json.loads(structured.value)}
-        raise CapabilityError(
-            "this server's engine is an upstream (vLLM protocol), which cannot hold the output to a Lark grammar "
-            "(tool_choice 'required' or a named function, strict tools): send tool_choice 'auto' without strict "
-            "tools, or use a server with a local engine")
+        raise no_lark_grammar(self.name)
 
     def check(self, structured: StructuredOutput) -> None:
         self.structured_outputs(structured)

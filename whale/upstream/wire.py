@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from whale.engine.sampler import SampledToken
+from whale.errors import CapabilityError
 from whale.sampling_params import SamplingParams, StructuredOutput
 
 
@@ -54,3 +55,11 @@ def error_chunk(payload: dict[str, Any]) -> Chunk:
     message = error.get("message", str(error)) if isinstance(error, dict) else str(error)
     status = error.get("code") if isinstance(error, dict) and isinstance(error.get("code"), int) else None
     return Chunk(finish="abort", message=message, status=status)
+
+
+def no_lark_grammar(protocol: str) -> CapabilityError:
+    """The 400 for a Lark grammar, which no upstream protocol carries."""
+    return CapabilityError(
+        f"this server's engine is an upstream ({protocol} protocol), which cannot hold the output to a Lark grammar "
+        "(tool_choice 'required' or a named function, strict tools): send tool_choice 'auto' without strict "
+        "tools, or use a server with a local engine")
