@@ -45,7 +45,11 @@ def test_whale_serve_starts_uvicorn_with_its_options():
         assert httpx.get(f"{url}/v1/models").status_code == 401
         models = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer sk-test"}).json()
         assert [m["id"] for m in models["data"]] == ["tiny-chat", "deepseek-v4-flash", "deepseek-v4-pro",
-                                                     "deepseek-flash", "deepseek-chat", "deepseek-reasoner"]
+                                                     "deepseek-flash", "deepseek-chat", "deepseek-reasoner",
+                                                     "deepseek-auto", "auto"]
+        routed = httpx.post(f"{url}/v1/chat/completions", headers={"Authorization": "Bearer sk-test"},
+                            json={"model": "auto", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]})
+        assert routed.headers["x-whale-route-mode"] == "non-thinking"  # the default model has no thinking mode
         long = {"model": "tiny-chat", "messages": [{"role": "user", "content": "whale " * 600}]}
         refused = httpx.post(f"{url}/v1/chat/completions", json=long, headers={"Authorization": "Bearer sk-test"})
         assert refused.status_code == 400 and "maximum context length is 512 tokens" in refused.text
@@ -55,7 +59,19 @@ def test_whale_serve_starts_uvicorn_with_its_options():
     banner = process.stdout.read().decode().splitlines()[0]
     assert banner.startswith("whale serve: tiny-chat (")
     # the default GGUF's kernels: its blocks (AVX2), hybrid (bf16 hardware), int4 (hybrid's twins not fitting)
-    assert re.search(r"context 512, (blocks|hybrid|int4) kernels, 1 thread\)", banner), banner
+    assert re.search(r"context 512, (blocks|hybrid|int4) kernels, 1 thread, route: deepseek-auto\)", banner), banner
+
+
+def test_a_bad_route_config_is_reported_before_the_model_loads(tmp_path):
+    config = tmp_path / "route.toml"
+    config.write_text("[route]\nsticky_margin = 3\n")
+    done = subprocess.run([sys.executable, "-m", "whale.cli", "serve", "--route-config", str(config),
+                           "--port", str(_free_port())], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr == "whale serve: error: route sticky_margin 3 must be in [0, 1]\n"
+    done = subprocess.run([sys.executable, "-m", "whale.cli", "serve", "--route", "off", "--route-config",
+                           str(config)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--route off turns off" in done.stderr
 
 
 def test_a_busy_port_is_reported_at_once_in_one_line():

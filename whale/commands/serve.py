@@ -8,6 +8,7 @@ import os
 import socket
 import sys
 import threading
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -17,6 +18,7 @@ from whale.chat.capabilities import REASONING_EFFORTS
 from whale.commands.generate import add_model_options, engine_options, set_threads
 from whale.errors import InvalidRequestError
 from whale.generation_defaults import RULE
+from whale.route.policy import RoutePolicy, Router, load_policy
 
 SHUTDOWN_MESSAGE = "the server is shutting down"
 
@@ -42,6 +44,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--min-answer-tokens", type=int, default=None,
                         help="what a reasoning budget always leaves for the answer under max_tokens (at most half "
                              "of it; default 256)")
+    parser.add_argument("--route", choices=("on", "default", "off"), default="on",
+                        help="the complexity route (docs/route.md): on: model 'deepseek-auto' (or 'auto') gets its "
+                             "mode and thinking budget from the prompt's difficulty; default: also every request "
+                             "that leaves the mode to the server (no 'thinking', not deepseek-chat/-reasoner); "
+                             "off: no route")
+    parser.add_argument("--route-config", type=Path, default=None, metavar="TOML",
+                        help="the route's bands (score thresholds, mode, budget), stickiness, modes fixed per API "
+                             "key and difficulty model (docs/route.md)")
     parser.add_argument("--upstream", action="append", default=None, metavar="URL",
                         help="run no engine here: generate on this SGLang-protocol engine (SGLang, SGLang's model "
                              "gateway, another whale serve); repeat for fallbacks tried in order. --model then "
@@ -130,6 +140,16 @@ def _effort_budgets(text: str) -> dict[str, int | None]:
     return budgets
 
 
+def build_router(args: argparse.Namespace) -> Router | None:
+    if args.route == "off":
+        if args.route_config is not None:
+            raise InvalidRequestError("--route-config configures the route, which --route off turns off")
+        return None
+    default = True if args.route == "default" else None
+    policy = load_policy(args.route_config, default) if args.route_config else RoutePolicy(default=default is True)
+    return Router(policy)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -137,9 +157,11 @@ def run(args: argparse.Namespace) -> int:
     from whale.server.streaming import StreamTimings
 
     keys = tuple(args.api_key or ([os.environ["WHALE_API_KEY"]] if os.environ.get("WHALE_API_KEY") else []))
-    common = {"served_model_name": args.served_model_name, "chat_format": args.chat_format, "api_keys": keys,
-              "protect_metrics": args.protect_metrics, "max_concurrent_requests": args.max_concurrent_requests,
-              "max_request_bytes": args.max_request_bytes, "timings": StreamTimings(keepalive_s=args.keepalive)}
+    router = build_router(args)
+    common = {"router": router, "served_model_name": args.served_model_name, "chat_format": args.chat_format,
+              "api_keys": keys, "protect_metrics": args.protect_metrics,
+              "max_concurrent_requests": args.max_concurrent_requests, "max_request_bytes": args.max_request_bytes,
+              "timings": StreamTimings(keepalive_s=args.keepalive)}
     with listen(args.host, args.port) as sock:
         set_threads(args.threads)
         if args.upstream:
@@ -163,6 +185,8 @@ def run(args: argparse.Namespace) -> int:
         drafts = "" if args.speculative == "off" else f", {args.speculative} drafts"
         engine = (f"generating on {', '.join(args.upstream)}" if args.upstream else
                   f"{state.served.kernels} kernels, {threads} thread{'s' if threads > 1 else ''}{drafts}")
+        if router is not None:
+            engine += ", route: deepseek-auto" + (" and requests that leave the mode" if router.policy.default else "")
         print(f"whale serve: {state.served.name} ({state.served.variant.name} chat format, context "
               f"{state.served.max_model_len}, {engine}) on "
               f"http://{args.host}:{args.port}"

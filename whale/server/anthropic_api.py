@@ -32,6 +32,7 @@ from whale.server.protocol import (
     check_stop,
     unsupported,
 )
+from whale.server.routing import prepare_routed_chat
 from whale.server.served_model import ServedModel
 from whale.server.state import ServerState
 from whale.server.streaming import SSE_KEEPALIVE, Collected
@@ -229,10 +230,10 @@ def _stop(collected: Collected, called: bool) -> tuple[str, str | None]:
     return STOP_REASONS.get(collected.finish_reason, "end_turn"), None
 
 
-def _usage(collected: Collected) -> dict[str, int]:
+def _usage(gen: Generation, collected: Collected) -> dict[str, Any]:
     prompt, completion, cached = collected.usage_counts()
     return {"input_tokens": prompt - cached, "output_tokens": completion, "cache_read_input_tokens": cached,
-            "cache_creation_input_tokens": 0}
+            "cache_creation_input_tokens": 0, **gen.route_usage()}
 
 
 def message_body(gen: Generation, collected: Collected) -> dict[str, Any]:
@@ -247,7 +248,7 @@ def message_body(gen: Generation, collected: Collected) -> dict[str, Any]:
                        "input": json.loads(call["function"]["arguments"] or "{}")})
     stop_reason, stop_sequence = _stop(collected, bool(parsed["tool_calls"]))
     return {"id": gen.id, "type": "message", "role": "assistant", "model": gen.prepared.model, "content": blocks,
-            "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": _usage(collected)}
+            "stop_reason": stop_reason, "stop_sequence": stop_sequence, "usage": _usage(gen, collected)}
 
 
 def event(kind: str, payload: dict[str, Any]) -> str:
@@ -314,14 +315,14 @@ async def message_events(gen: Generation, items: AsyncIterator[StreamItem]) -> A
         yield text
     stop_reason, stop_sequence = _stop(run.collected, run.called)
     yield event("message_delta", {"delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                                  "usage": _usage(run.collected)})
+                                  "usage": _usage(gen, run.collected)})
     yield event("message_stop", {})
 
 
 async def messages(body: MessagesRequest, request: Request) -> Response:
     state: ServerState = request.app.state.whale
     chat = to_chat_request(body, state.served)
-    prepared = await asyncio.to_thread(state.served.prepare_chat, chat, clamp_max_tokens=True)
+    prepared = await prepare_routed_chat(state, chat, request.scope, clamp_max_tokens=True)
     gen = Generation(state, prepared, "message", id_prefix="msg_")
     return await respond(request, gen, bool(body.stream), lambda c: message_body(gen, c),
                          lambda items: message_events(gen, items))

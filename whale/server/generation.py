@@ -37,6 +37,11 @@ class Generation:
         return {"id": self.id, "object": self.kind + suffix, "created": self.created, "model": self.prepared.model,
                 "system_fingerprint": self.state.system_fingerprint}
 
+    def route_usage(self) -> dict[str, Any]:
+        """The usage block's `whale_route` extension: what the complexity route chose (nothing if it did not run)."""
+        route = self.prepared.route
+        return {} if route is None else {"whale_route": route.usage_field()}
+
     def logprob_entries(self, delta: StreamDelta) -> list[dict[str, Any]]:
         """OpenAI chat logprobs for the delta's tokens: token text, logprob, UTF-8 bytes, top alternatives."""
         wanted = self.prepared.params.logprobs or 0
@@ -54,13 +59,17 @@ class Generation:
 async def respond(request: Request, gen: Generation, stream: bool, body: Callable[[Collected], dict[str, Any]],
                   events: Callable[[AsyncIterator[StreamItem]], AsyncIterator[str]]) -> Response:
     """Start the request on the engine; answer with one body (`body` of everything collected) or a stream of
-    `events` (SSE text) made from the stream items."""
+    `events` (SSE text) made from the stream items; either carries the complexity route's x-whale-route-* headers
+    where it chose the mode."""
     state = gen.state
     engine_stream, first = await start_generation(state, gen.prepared, gen.id, request.scope)
+    route = gen.prepared.route.headers() if gen.prepared.route is not None else {}
     if not stream:
-        return await collect_response(request, engine_stream, state.timings, body, first)
+        response = await collect_response(request, engine_stream, state.timings, body, first)
+        response.headers.update(route)
+        return response
     return StreamingResponse(events(sse_deltas(engine_stream, state.timings, first)), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **route})
 
 
 class ChatRun:

@@ -1,7 +1,8 @@
 """Prometheus metrics (prometheus-client, one registry per server): requests by route and status; per generation,
 time to first token, the gap between tokens and the decode rate, each recorded as its tokens arrive from the
 engine, streaming or not; prompt, cached and generated tokens; and, read from the engine when /metrics is
-scraped, queue depth, KV-cache usage and speculative decoding's drafts (verified, accepted)."""
+scraped, queue depth, KV-cache usage and speculative decoding's drafts (verified, accepted); the complexity
+route's choices and the time it took to make them."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from whale.engine.llm_engine import SpeculationStats
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 INTER_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+ROUTE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
 RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0)
 request_log = logging.getLogger("whale.requests")  # a line per generation (`whale serve --log-level info`)
 
@@ -93,6 +95,11 @@ class Metrics:
         self.cached_prompt_tokens = Counter("whale_prompt_cache_hit_tokens",
                                             "Prompt tokens served from the prefix cache.", registry=registry)
         self.generation_tokens = Counter("whale_generation_tokens", "Tokens generated.", registry=registry)
+        self.route_decisions = Counter("whale_route_decisions", "Requests the complexity route decided, by mode, "
+                                       "band and reason (score, sticky, request, key).", ["mode", "band", "reason"],
+                                       registry=registry)
+        self.route_seconds = Histogram("whale_route_decision_seconds", "Time the complexity route took to decide "
+                                       "a request (scoring included).", buckets=ROUTE_BUCKETS, registry=registry)
         registry.register(_ScrapeTimeGauges(gauges, lambda: self.in_flight))
 
     def record_request(self, route: str, status: int) -> None:

@@ -4,7 +4,8 @@ Today's hosted API (since 2026-04-24) serves `deepseek-v4-flash` and `deepseek-v
 thinking on by default; the earlier `deepseek-chat` / `deepseek-reasoner` (non-thinking / thinking) were retired
 on 2026-07-24, but clients written then still send them. whale answers every one of these names, and the served
 model's own id, with the one model it serves: on a model with both modes each name picks its mode (the own id
-the model's default), on a single-mode model every name runs that mode."""
+the model's default), on a single-mode model every name runs that mode. `deepseek-auto` and `auto` leave the mode
+and the thinking budget to the complexity route (server/routing.py)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ NAME_THINKING: dict[str, bool] = {V4_FLASH: True, V4_PRO: True, "deepseek-flash"
                                   REASONER_ALIAS: True}
 
 
-def served_names(own: str) -> list[str]:
-    """Every name the server answers to: the model's own id first, then the API's names."""
-    return [own, *(name for name in NAME_THINKING if name != own)]
+def served_names(own: str, routed: tuple[str, ...] = ()) -> list[str]:
+    """Every name the server answers to: the model's own id first, then the API's names, then the complexity
+    route's (`deepseek-auto`, `auto`: whale.route) where it is on."""
+    return [own, *(name for name in (*NAME_THINKING, *routed) if name != own)]
 
 
 def anthropic_model(requested: str, served: list[str]) -> str:

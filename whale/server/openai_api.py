@@ -23,6 +23,7 @@ from whale.server.openapi import (
     generation_responses,
 )
 from whale.server.protocol import ChatCompletionRequest, CompletionRequest
+from whale.server.routing import prepare_routed_chat
 from whale.server.served_model import ServedModel
 from whale.server.state import ServerState
 from whale.server.streaming import Collected, sse
@@ -67,7 +68,7 @@ def chat_body(gen: Generation, collected: Collected) -> dict[str, Any]:
     reasoning = _reasoning_tokens(gen, collected, message.get("reasoning_content") or "")
     return {**gen.header(chunk=False),
             "choices": [{"index": 0, "message": message, "logprobs": logprobs, "finish_reason": finish}],
-            "usage": usage_body(prompt, completion, cached, reasoning)}
+            "usage": {**usage_body(prompt, completion, cached, reasoning), **gen.route_usage()}}
 
 
 def _chat_delta_body(gen: Generation, piece: ChatDelta) -> dict[str, Any]:
@@ -111,8 +112,8 @@ async def chat_events(gen: Generation, items: AsyncIterator[StreamItem], include
     if include_usage:
         prompt, completion, cached = run.collected.usage_counts()
         reasoning_tokens = _reasoning_tokens(gen, run.collected, run.reasoning)
-        yield sse({**gen.header(chunk=True), "choices": [], "usage": usage_body(prompt, completion, cached,
-                                                                               reasoning_tokens)})
+        usage = {**usage_body(prompt, completion, cached, reasoning_tokens), **gen.route_usage()}
+        yield sse({**gen.header(chunk=True), "choices": [], "usage": usage})
     yield sse("[DONE]")
 
 
@@ -122,7 +123,7 @@ def _include_usage(body: ChatCompletionRequest | CompletionRequest) -> bool:
 
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     state: ServerState = request.app.state.whale
-    gen = Generation(state, await asyncio.to_thread(state.served.prepare_chat, body), "chat.completion")
+    gen = Generation(state, await prepare_routed_chat(state, body, request.scope), "chat.completion")
     return await respond(request, gen, bool(body.stream), lambda c: chat_body(gen, c),
                          lambda items: chat_events(gen, items, _include_usage(body)))
 

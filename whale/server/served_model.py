@@ -24,6 +24,7 @@ from whale.engine.grammar import compile_grammar, grammar_tokenizer, token_marke
 from whale.engine.llm_engine import eos_token_ids
 from whale.errors import InvalidRequestError
 from whale.generation_defaults import GenerationDefaults
+from whale.route.policy import RouteDecision
 from whale.sampling_params import SamplingParams, StructuredOutput
 from whale.server.errors import APIError
 from whale.server.model_names import NAME_THINKING, served_names
@@ -46,6 +47,7 @@ class PreparedRequest:
     thinking: bool = False
     parser: ChatOutputParser | None = None  # None: plain text (FIM)
     echo_text: str = ""  # /completions with echo: the prompt, returned before the completion
+    route: RouteDecision | None = None  # what the complexity route chose (server/routing.py), if it ran
 
 
 @dataclass
@@ -65,6 +67,7 @@ class ServedModel:
     vocab_size: int = 0  # the model's (0: the tokenizer's); with eos_ids, what a grammar is compiled for
     eos_ids: frozenset[int] = frozenset()
     kernels: str = "dense"  # the linears' kernels the model loaded with (LoadedModel.kernels), for the banner
+    route_names: tuple[str, ...] = ()  # the complexity route's names (deepseek-auto, auto) where it is on
 
     def __post_init__(self) -> None:
         if self.defaults is None:
@@ -76,14 +79,14 @@ class ServedModel:
 
     @property
     def model_ids(self) -> list[str]:
-        return served_names(self.name)
+        return served_names(self.name, self.route_names)
 
     def thinking_for(self, model: str) -> bool | None:
         """The thinking preference a model name carries: the aliases pick a mode where the model has both."""
         if model not in self.model_ids:
             raise APIError(400, f"Model Not Exist: this server serves {', '.join(map(repr, self.model_ids))}; "
                                 f"set 'model' to one of them (got {model!r})", param="model")
-        if model == self.name or len(self.capabilities.thinking_modes) < 2:
+        if model == self.name or model in self.route_names or len(self.capabilities.thinking_modes) < 2:
             return None
         return NAME_THINKING[model]
 
@@ -172,7 +175,8 @@ class ServedModel:
     def _chat_prompt(self, req: Any) -> ChatPrompt:
         """The ChatCompletionRequest's conversation ready for the engine (whale.chat.conversation), refusing what
         the model cannot do."""
-        thinking = self.thinking_for(req.model) if req.thinking is None else req.thinking.type == "enabled"
+        named = self.thinking_for(req.model)
+        thinking = named if req.thinking is None else req.thinking.type == "enabled"
         tools = _request_tools(req)
         messages = [m.as_template_dict() for m in req.messages]
         if req.response_format is not None and req.response_format.type != "text":

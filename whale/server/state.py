@@ -10,6 +10,7 @@ from typing import Any
 from starlette.types import Scope
 
 from whale.engine.async_engine import StreamDelta
+from whale.route.policy import AUTO_NAMES, Router
 from whale.server.asgi import client_gone, request_arrival
 from whale.server.metrics import Metrics, engine_gauges
 from whale.server.served_model import PreparedRequest, ServedModel
@@ -34,8 +35,11 @@ class ServerState:
     system_fingerprint: str = "fp_whale"
     metrics: Metrics | None = None
     background: set[asyncio.Task] = field(default_factory=set)
+    router: Router | None = None  # the complexity route (whale.route), which also serves deepseek-auto / auto
 
     def __post_init__(self) -> None:
+        if self.router is not None:
+            self.served.route_names = AUTO_NAMES
         if self.max_request_bytes is None:
             self.max_request_bytes = max(MIN_REQUEST_BYTES, REQUEST_BYTES_PER_TOKEN * self.served.max_model_len)
         if self.metrics is None:
