@@ -111,6 +111,8 @@ def test_policies_that_cannot_work_are_refused():
         RoutePolicy(bands=(Band("a", 0.0, NON_THINKING), Band("b", 0.7, THINKING), Band("c", 0.6, THINKING)))
     with pytest.raises(InvalidRequestError, match="mode 'fast'"):
         RoutePolicy(bands=(Band("a", 0.0, "fast"),))
+    with pytest.raises(InvalidRequestError, match="upstream_protocol 'grpc'"):
+        RoutePolicy(bands=(Band("a", 0.0, NON_THINKING, upstream=("http://x",), upstream_protocol="grpc"),))
     with pytest.raises(InvalidRequestError, match=r"route key \*\*\*\*1234"):
         RoutePolicy(key_modes={"sk-1234": "always"})
 
@@ -133,13 +135,16 @@ name = "think"
 min_score = 0.6
 mode = "thinking"
 budget = 3000
+upstream = ["http://pro-gateway:30000"]
+upstream_protocol = "vllm"
 
 [route.keys]
 "sk-batch" = "non-thinking"
 """)
     policy = load_policy(path)
     assert policy.default and policy.sticky_margin == 0.1 and policy.key_modes == {"sk-batch": NON_THINKING}
-    assert policy.bands == (Band("fast", 0.0, NON_THINKING), Band("think", 0.6, THINKING, 3000))
+    assert policy.bands == (Band("fast", 0.0, NON_THINKING),
+                            Band("think", 0.6, THINKING, 3000, ("http://pro-gateway:30000",), "vllm"))
     assert policy.model_path == tmp_path / "mine.npz"
     assert Router(policy).decide(HARD).budget == 3000
     assert not load_policy(path, default=False).default

@@ -55,7 +55,7 @@ def serving(loaded, **options) -> Iterator[tuple[ServerState, str]]:
         with running_server(state) as url:
             yield state, url
     finally:
-        state.engine.shutdown()
+        state.shutdown()
 
 
 # the API fuzz (bench/fuzz.py): 12 blocks of 16 = a 192-token context bounds every generation

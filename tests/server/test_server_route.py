@@ -158,3 +158,30 @@ def test_route_default_routes_requests_that_leave_the_mode_to_the_server(tiny_pa
         client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
         with pytest.raises(openai.BadRequestError, match="Model Not Exist"):
             client.chat.completions.create(model="deepseek-auto", messages=_ask(EASY))
+
+
+def test_a_band_can_run_on_another_engine(tiny_path, default_llm):
+    """The deep band on a second whale server (same tokenizer: in real use a larger model of the family, or a pool
+    of its replicas behind SGLang's gateway), the others on the front's own engine."""
+    from whale.models.loader import load_model
+    from whale.server.routing import band_engines
+
+    with serving(load_model(str(tiny_path), dtype="float32")) as (_, upstream_url):
+        bands = (*BANDS[:2], Band("deep", 0.8, THINKING, 12, upstream=(upstream_url,)))
+        router = Router(RoutePolicy(bands=bands))
+        with serving(load_model(str(tiny_path), dtype="float32"), router=router) as (state, url):
+            state.band_engines = band_engines(router.policy, state.served)
+            client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+
+            def upstream_calls() -> float:
+                lines = httpx.get(f"{upstream_url}/metrics").text.splitlines()
+                return sum(float(line.split()[-1]) for line in lines
+                           if line.startswith('whale_requests_total{route="/generate"'))
+
+            client.chat.completions.create(model="deepseek-auto", messages=_ask(EASY), max_tokens=8)
+            assert upstream_calls() == 0
+            reply = client.chat.completions.create(model="deepseek-auto", messages=_ask(HARD), max_tokens=40)
+            assert upstream_calls() >= 1
+            assert reply.usage.model_extra["whale_route"]["band"] == "deep"
+            assert 0 < reply.usage.completion_tokens_details.reasoning_tokens <= 12 < reply.usage.completion_tokens
+            assert reply.choices[0].message.model_extra["reasoning_content"]

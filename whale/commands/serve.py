@@ -100,9 +100,9 @@ class DrainingServer(uvicorn.Server):
     a second one ends them at once; later ones (a supervisor signalling its whole process group, repeatedly) change
     nothing."""
 
-    def __init__(self, config: uvicorn.Config, engine: Any, drain_s: float):
+    def __init__(self, config: uvicorn.Config, state: Any, drain_s: float):
         super().__init__(config)
-        self.engine, self.drain_s = engine, drain_s
+        self.state, self.drain_s = state, drain_s
         self.deadline: threading.Timer | None = None
         self.signals = 0
 
@@ -111,12 +111,12 @@ class DrainingServer(uvicorn.Server):
         if self.signals == 1:
             print(f"whale serve: shutting down; requests in flight get {self.drain_s:g} s to finish "
                   "(Ctrl-C again ends them now)", file=sys.stderr)
-            self.deadline = threading.Timer(self.drain_s, self.engine.fail_all, (SHUTDOWN_MESSAGE,))
+            self.deadline = threading.Timer(self.drain_s, self.state.fail_all, (SHUTDOWN_MESSAGE,))
             self.deadline.daemon = True
             self.deadline.start()
         elif self.signals == 2:
             self.deadline.cancel()
-            self.engine.fail_all(SHUTDOWN_MESSAGE)
+            self.state.fail_all(SHUTDOWN_MESSAGE)
         super().handle_exit(sig, frame)
 
 
@@ -154,10 +154,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from whale.server.app import create_app, load_state, upstream_state
+    from whale.server.routing import band_engines
     from whale.server.streaming import StreamTimings
 
     keys = tuple(args.api_key or ([os.environ["WHALE_API_KEY"]] if os.environ.get("WHALE_API_KEY") else []))
     router = build_router(args)
+    upstream_key = args.upstream_api_key or os.environ.get("WHALE_UPSTREAM_API_KEY")
     common = {"router": router, "served_model_name": args.served_model_name, "chat_format": args.chat_format,
               "api_keys": keys, "protect_metrics": args.protect_metrics,
               "max_concurrent_requests": args.max_concurrent_requests, "max_request_bytes": args.max_request_bytes,
@@ -170,12 +172,14 @@ def run(args: argparse.Namespace) -> int:
                                           "engine runs; with --upstream there is none: set them on the upstream")
             state = upstream_state(args.model, args.upstream, protocol=args.upstream_protocol,
                                    upstream_model=args.upstream_model, max_model_len=args.max_model_len,
-                                   upstream_api_key=args.upstream_api_key or os.environ.get("WHALE_UPSTREAM_API_KEY"),
+                                   upstream_api_key=upstream_key,
                                    **common)
         else:
             state = load_state(args.model, dtype=args.dtype, device=args.device, kernels=args.kernels,
                                engine_options={"max_num_seqs": args.max_num_seqs, **engine_options(args)},
                                max_waiting=args.max_waiting, **common)
+        if router is not None:
+            state.band_engines = band_engines(router.policy, state.served, upstream_key)
         served = state.served
         served.thinking_budget = args.thinking_budget
         served.effort_budgets.update(args.effort_budgets or {})
@@ -196,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             config = uvicorn.Config(create_app(state), log_level=args.log_level,
                                     timeout_graceful_shutdown=args.shutdown_timeout + 5)
-            DrainingServer(config, state.engine, args.shutdown_timeout).run(sockets=[sock])
+            DrainingServer(config, state, args.shutdown_timeout).run(sockets=[sock])
         finally:
-            state.engine.shutdown()
+            state.shutdown()
     return 0

@@ -22,6 +22,7 @@ from typing import Any
 
 from whale.errors import InvalidRequestError
 from whale.route.difficulty import DifficultyModel, shipped_model
+from whale.upstream import PROTOCOLS
 
 THINKING, NON_THINKING = "thinking", "non-thinking"
 MODES = (THINKING, NON_THINKING)
@@ -37,6 +38,11 @@ class Band:
     # thinking: the reasoning budget (None: all that max_tokens leaves for the answer's room); non-thinking: the
     # budget used instead on a model that can only think
     budget: int | None = None
+    # generate this band's requests on another engine (whale.upstream) with the same tokenizer: a larger model of
+    # the family, or a pool of replicas of it; empty: the server's own engine
+    upstream: tuple[str, ...] = ()
+    upstream_protocol: str = "sglang"
+    upstream_model: str | None = None  # a vllm upstream's model id (default: the first it lists)
 
 
 DEFAULT_BANDS = (Band("fast", 0.0, NON_THINKING, THINKING_ONLY_FAST_BUDGET), Band("think", 0.5, THINKING, 2048),
@@ -87,6 +93,9 @@ class RoutePolicy:
                 raise InvalidRequestError(f"route band {band.name!r}: mode {band.mode!r} must be one of {MODES}")
             if band.budget is not None and band.budget < 1:
                 raise InvalidRequestError(f"route band {band.name!r}: budget must be at least 1 token")
+            if band.upstream_protocol not in PROTOCOLS:
+                raise InvalidRequestError(f"route band {band.name!r}: upstream_protocol {band.upstream_protocol!r} "
+                                          f"must be one of {PROTOCOLS}")
         for key, mode in self.key_modes.items():
             if mode not in MODES:
                 raise InvalidRequestError(f"route key ****{key[-4:]}: mode {mode!r} must be one of {MODES}")
@@ -121,11 +130,14 @@ def load_policy(path: Path, default: bool | None = None) -> RoutePolicy:
     options: dict[str, Any] = {}
     if "band" in section:
         try:
-            options["bands"] = tuple(Band(b["name"], float(b.get("min_score", 0.0)), b["mode"], b.get("budget"))
-                                     for b in section["band"])
+            options["bands"] = tuple(
+                Band(b["name"], float(b.get("min_score", 0.0)), b["mode"], b.get("budget"),
+                     tuple(b.get("upstream", ())), b.get("upstream_protocol", "sglang"), b.get("upstream_model"))
+                for b in section["band"])
         except (KeyError, TypeError) as exc:
-            raise InvalidRequestError(f"route config {path}: each [[route.band]] needs name and mode "
-                                      f"(and min_score, budget): {exc}") from exc
+            raise InvalidRequestError(f"route config {path}: each [[route.band]] needs name and mode (and may set "
+                                      "min_score, budget, upstream, upstream_protocol, upstream_model): "
+                                      f"{exc}") from exc
     for name in ("sticky_margin", "carry", "memory_size", "default"):
         if name in section:
             options[name] = section[name]

@@ -20,8 +20,6 @@ from whale.server.served_model import served_model_from_loaded
 from whale.server.state import ServerState
 from whale.server.streaming import StreamTimings
 
-UPSTREAM_PROTOCOLS = ("sglang", "vllm")
-
 
 def create_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="whale", version="0.1.0", openapi_url=None, docs_url=None, redoc_url=None,
@@ -93,18 +91,14 @@ def upstream_state(reference: str, urls: list[str], *, protocol: str = "sglang",
     default the first the upstream lists)."""
     from whale.engine.llm_engine import eos_token_ids
     from whale.models.loader import load_model
-    from whale.upstream.engine import UpstreamEngine
-    from whale.upstream.sglang_wire import SGLangWire
-    from whale.upstream.vllm_wire import VLLMWire
+    from whale.upstream.engine import UpstreamEngine, wire_for
 
     loaded = load_model(reference, weights=False)
     context = loaded.config.max_position_embeddings
     if max_model_len is not None and not 1 < max_model_len <= context:
         raise InvalidRequestError(f"max_model_len {max_model_len} must be in [2, {context}] (the model's context)")
     length = max_model_len or context
-    if protocol not in UPSTREAM_PROTOCOLS:
-        raise InvalidRequestError(f"upstream protocol {protocol!r}: choose one of {', '.join(UPSTREAM_PROTOCOLS)}")
-    wire = SGLangWire() if protocol == "sglang" else VLLMWire(upstream_model)
+    wire = wire_for(protocol, upstream_model)
     engine = UpstreamEngine(list(urls), loaded.tokenizer, length, eos_token_ids(loaded), loaded.config.vocab_size,
                             wire, api_key=upstream_api_key)
     served = served_model_from_loaded(loaded, length, served_model_name, chat_format, created=int(time.time()))

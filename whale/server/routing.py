@@ -11,7 +11,15 @@ from typing import Any
 
 from starlette.types import Scope
 
-from whale.route.policy import AUTO_NAMES, NON_THINKING, THINKING, RouteDecision, Router, conversation_key
+from whale.route.policy import (
+    AUTO_NAMES,
+    NON_THINKING,
+    THINKING,
+    RouteDecision,
+    RoutePolicy,
+    Router,
+    conversation_key,
+)
 from whale.server.asgi import presented_key
 from whale.server.model_names import CHAT_ALIAS, REASONER_ALIAS
 from whale.server.protocol import ChatCompletionRequest, Thinking
@@ -76,3 +84,15 @@ async def prepare_routed_chat(state: ServerState, req: ChatCompletionRequest, sc
         state.metrics.route_decisions.labels(mode=route.mode, band=route.band, reason=route.reason).inc()
         state.metrics.route_seconds.observe(route.seconds)
     return prepared
+
+
+def band_engines(policy: RoutePolicy, served: ServedModel, api_key: str | None = None) -> dict[str, Any]:
+    """An UpstreamEngine for each band that names upstreams (the served model's tokenizer and context, so the
+    upstream must share the tokenizer: a larger model of the family, or replicas of it); `api_key` is their
+    bearer token."""
+    from whale.upstream.engine import UpstreamEngine, wire_for
+
+    return {band.name: UpstreamEngine(list(band.upstream), served.tokenizer, served.max_model_len, served.eos_ids,
+                                      served.vocab_size or served.tokenizer.vocab_size,
+                                      wire_for(band.upstream_protocol, band.upstream_model), api_key=api_key)
+            for band in policy.bands if band.upstream}

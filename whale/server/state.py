@@ -36,6 +36,7 @@ class ServerState:
     metrics: Metrics | None = None
     background: set[asyncio.Task] = field(default_factory=set)
     router: Router | None = None  # the complexity route (whale.route), which also serves deepseek-auto / auto
+    band_engines: dict[str, Any] = field(default_factory=dict)  # route band -> the engine elsewhere it runs on
 
     def __post_init__(self) -> None:
         if self.router is not None:
@@ -46,12 +47,31 @@ class ServerState:
             self.metrics = Metrics(lambda: engine_gauges(self.engine))
 
 
+    @property
+    def engines(self) -> list[Any]:
+        return [self.engine, *self.band_engines.values()]
+
+    def engine_for(self, prepared: PreparedRequest) -> Any:
+        """The engine a request runs on: its route band's, where that band has one, else the server's."""
+        route = prepared.route
+        return self.band_engines.get(route.band, self.engine) if route is not None else self.engine
+
+    def fail_all(self, message: str) -> None:
+        """End every request in flight on every engine (safe from any thread)."""
+        for engine in self.engines:
+            engine.fail_all(message)
+
+    def shutdown(self) -> None:
+        for engine in self.engines:
+            engine.shutdown()
+
+
 async def start_generation(state: ServerState, prepared: PreparedRequest, request_id: str,
                            scope: Scope) -> tuple[EngineStream, StreamDelta | None]:
     """Submit the request of the HTTP request `scope`; engine refusals raise here (mapped to their status).
     Returns the stream, which stops when the client disconnects and times every token for /metrics, and its
     first delta if it came within the short first wait."""
-    deltas = state.engine.generate(prepared.prompt_ids, prepared.params, request_id)
+    deltas = state.engine_for(prepared).generate(prepared.prompt_ids, prepared.params, request_id)
     timer = state.metrics.timer(request_arrival(scope), request_id, scope["path"])
     stream = EngineStream(deltas, state.background, client_gone(scope), timer)
     return stream, await first_delta(stream, state.timings)

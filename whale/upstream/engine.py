@@ -38,11 +38,20 @@ from whale.errors import (
     RequestFailedError,
 )
 from whale.sampling_params import SamplingParams
+from whale.upstream import PROTOCOLS
 from whale.upstream.sglang_wire import SGLangWire
+from whale.upstream.vllm_wire import VLLMWire
 from whale.upstream.wire import Chunk, Wire
 
 CONNECT_TIMEOUT_S = 5.0
 log = logging.getLogger("whale.upstream")
+
+
+def wire_for(protocol: str, model: str | None = None) -> Wire:
+    """The Wire of a protocol name; `model` is the model id a vLLM upstream serves (None: the first it lists)."""
+    if protocol not in PROTOCOLS:
+        raise InvalidRequestError(f"upstream protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    return SGLangWire() if protocol == "sglang" else VLLMWire(model)
 
 
 class UpstreamBroke(RequestFailedError):
