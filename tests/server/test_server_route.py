@@ -92,6 +92,10 @@ def test_the_request_and_the_key_override_the_score(routed):
         extra_body={"thinking": {"type": "enabled", "budget_tokens": 3}})
     assert raw.headers["x-whale-route-budget"] == "3"
     assert raw.parse().usage.completion_tokens_details.reasoning_tokens <= 3
+    raw = client.chat.completions.with_raw_response.create(model="deepseek-auto", messages=_ask(HARD), max_tokens=4,
+                                                           logprobs=True, top_logprobs=2)
+    assert raw.headers["x-whale-route-mode"] == "non-thinking"  # logprobs exist only without thinking
+    assert len(raw.parse().choices[0].logprobs.content) == 4
     research = openai.OpenAI(base_url=url, api_key="sk-research", max_retries=0)
     raw = research.chat.completions.with_raw_response.create(model="deepseek-auto", messages=_ask(EASY),
                                                              max_tokens=30)

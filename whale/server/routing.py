@@ -50,6 +50,8 @@ def decide(router: Router, served: ServedModel, req: ChatCompletionRequest, api_
     system = "".join(_text(m.content) for m in req.messages if m.role in ("system", "developer"))
     conversation = conversation_key(api_key, system, _text(users[0].content)) if users else None
     requested = None if req.thinking is None else THINKING if req.thinking.type == "enabled" else NON_THINKING
+    if requested is None and (req.logprobs or req.top_logprobs is not None):
+        requested = NON_THINKING  # logprobs exist only without thinking: the request has chosen
     modes = frozenset(THINKING if mode == "thinking" else NON_THINKING for mode in served.capabilities.thinking_modes)
     follow_up = any(m.role == "assistant" for m in req.messages)
     return router.decide(_text(users[-1].content) if users else "", conversation, api_key, requested, modes,
