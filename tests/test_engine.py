@@ -122,6 +122,11 @@ def test_a_cache_sized_for_a_long_context_is_resident_only_where_written():
     assert cache.blocks.grow("a", 64 * 16)
     written = cache.blocks.blocks_written * cache.block_size * cache.bytes_per_token()
     assert written == 64 * 16 * 28 * 2 * 256 * 4
+    # one token's row in every layer costs its bytes, not a huge page of each layer's storage (2 MiB x 56)
+    before = _resident_bytes()
+    for store in cache.stores.values():
+        store[:, 0] = 1.0
+    assert _resident_bytes() - before < 16 * 2**20
     for store in cache.stores.values():
         store[:, :64 * 16] = 1.0
     assert written <= _resident_bytes() - before < written + 256 * 2**20
