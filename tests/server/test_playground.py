@@ -1,7 +1,8 @@
 """The playground page in a real browser: headless Chromium (Debian's `chromium` package, `make install` tries to
 install it) driven by Playwright, against real `whale serve` instances: the default model for the chat and the
 dashboard, the tiny DeepSeek-V3.2 checkpoint (a format that thinks) behind an API key for the thinking panel.
-Screenshots of each view go to build/screenshots/ (linked from the README)."""
+The planner view is checked against `whale plan --json`. Screenshots of each view go to build/screenshots/
+(linked from the README)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,31 @@ def browser():
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         yield chromium
         chromium.close()
+
+
+# every visible element with text of its own whose WCAG contrast against the background it sits on is under 4.5
+# (disabled buttons are exempt, as WCAG has them)
+CONTRAST = """(() => {
+  const rgb = (c) => c.match(/[\\d.]+/g).map(Number);
+  const linear = (v) => { v /= 255; return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4; };
+  const lum = ([r, g, b]) => 0.2126 * linear(r) + 0.7152 * linear(g) + 0.0722 * linear(b);
+  const background = (node) => {
+    for (; node; node = node.parentElement) {
+      const c = rgb(getComputedStyle(node).backgroundColor);
+      if (c.length < 4 || c[3] > 0) return c;
+    }
+    return [255, 255, 255];
+  };
+  const low = [];
+  for (const node of document.querySelectorAll("body *")) {
+    const own = [...node.childNodes].some((n) => n.nodeType === 3 && n.textContent.trim());
+    if (!own || !node.checkVisibility() || node.disabled) continue;
+    const [a, b] = [lum(rgb(getComputedStyle(node).color)), lum(background(node))];
+    const ratio = (Math.max(a, b) + 0.05) / (Math.min(a, b) + 0.05);
+    if (ratio < 4.5) low.push(`${node.tagName}#${node.id}.${node.className}: ${ratio.toFixed(2)}`);
+  }
+  return low;
+})()"""
 
 
 def _open(browser, url: str, width: int = 1200):
@@ -68,6 +94,12 @@ def test_chat_streams_stops_and_the_dashboard_reads_metrics(default_url, browser
     # conversations are kept in the browser
     page.reload()
     page.wait_for_selector("text=Say hello.")
+    page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+    page.select_option("#model", "deepseek-chat")
+    page.fill("#max-tokens", "8")
+    page.click("#regenerate")  # the last reply again, in its place
+    page.wait_for_function("document.querySelector('#send').disabled === false")
+    assert page.locator("#messages li").count() == 2 and "ended: length" in page.inner_text("#messages")
 
     page.click("#tab-dashboard")
     assert not page.is_visible("#view-chat") and page.is_visible("#view-dashboard")
@@ -78,8 +110,8 @@ def test_chat_streams_stops_and_the_dashboard_reads_metrics(default_url, browser
                      if line.startswith("whale_generation_tokens_total "))
     assert float(page.inner_text("#m-generated")) == generated
     assert page.inner_text("#m-running") == "0" and page.inner_text("#m-waiting") == "0"
-    assert page.locator("#recent tr").count() == 2
-    assert page.inner_text("#recent tr >> nth=1").split("\t")[-1] == "stopped"
+    assert page.locator("#recent tr").count() == 3
+    assert page.inner_text("#recent tr >> nth=2").split("\t")[-1] == "stopped"
     page.screenshot(path=SHOTS / "dashboard.png", full_page=True)
     assert all(url.startswith(default_url) for url in requested), "the page asked another host"
 
@@ -138,6 +170,68 @@ def test_narrow_screens_and_labels(default_url, browser):
     unlabelled = page.evaluate("[...document.querySelectorAll('input, select, textarea')]"
                                ".filter(c => c.labels.length === 0).map(c => c.id)")
     assert unlabelled == []
+    assert page.evaluate(CONTRAST) == []
     page.keyboard.press("Tab")  # the first tab stop is the first view's tab, then on through the controls
     assert page.evaluate("document.activeElement.id") == "tab-chat"
     page.screenshot(path=SHOTS / "narrow.png", full_page=True)
+
+
+def test_the_planner_view_is_whale_plan(default_url, browser):
+    import json
+    import subprocess
+    import sys
+
+    page, requested = _open(browser, default_url)
+    page.click("#tab-planner")
+    page.wait_for_function("document.querySelectorAll('#plan-model option').length > 5")
+    page.select_option("#plan-model", "deepseek-v3")
+    page.select_option("#plan-gpu", "H200")
+    page.fill("#plan-context", "32k")
+    page.click("#plan-go")
+    page.wait_for_selector("#plan-result:not([hidden])")
+    cli = json.loads(subprocess.run([sys.executable, "-m", "whale.cli", "plan", "deepseek-v3", "--gpu", "H200",
+                                     "--context", "32k", "--json"], capture_output=True, text=True).stdout)
+    summary = page.inner_text("#plan-summary")
+    assert f"fits on {cli['gpus_needed']} GPUs ({cli['layout']['description']})" in summary
+    assert page.locator("#plan-launch pre").all_inner_texts() == list(cli["launch"].values())
+    weights = page.inner_text("#plan-memory tr >> nth=0").split("\t")
+    assert weights == ["weights", f"{cli['per_gpu']['weights_bytes'] / 2**30:.1f}"]
+    assert page.locator("#plan-bar span").count() == 5
+    page.screenshot(path=SHOTS / "planner.png", full_page=True)
+    page.fill("#plan-context", "lots")
+    page.click("#plan-go")
+    page.wait_for_function("document.querySelector('#error').innerText.startsWith('400: ')")
+    assert "cannot read 'lots' as a token count" in page.inner_text("#error")
+    assert all(url.startswith(default_url) for url in requested)
+
+
+def test_tool_calls_are_cards(browser):
+    """A V4 model's DSML tool call, written by the ScriptedEngine double (no V4 weights run here; the real server,
+    tokenizer, encoder and parser do the rest), shown as a card with its parsed arguments."""
+    import json
+
+    from scripted_engine import deepseek_v4_served, scripted_server
+
+    tool = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}
+    call = ('<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n'
+            '<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>\n'
+            '<｜DSML｜parameter name="days" string="false">2</｜DSML｜parameter>\n'
+            '</｜DSML｜invoke>\n</｜DSML｜tool_calls>')
+    with scripted_server(deepseek_v4_served()) as (engine, url):
+        engine.output = "I need the tool.</think>\n\n" + call
+        page, _ = _open(browser, url)
+        page.wait_for_function("document.querySelectorAll('#model option').length > 0")
+        page.select_option("#model", "deepseek-v4-flash")
+        page.fill("#tools", json.dumps([tool]))
+        page.fill("#prompt", "Weather in Paris?")
+        page.click("#send")
+        card = page.locator(".tool-call")
+        card.wait_for()
+        page.wait_for_function("document.querySelector('#send').disabled === false")
+        assert card.locator("strong").inner_text() == "Tool call: get_weather"
+        assert json.loads(card.locator("pre").inner_text()) == {"city": "Paris", "days": 2}
+        assert "ended: tool_calls" in page.inner_text("#messages li.assistant .meta")
+        assert page.inner_text("details.thinking summary").startswith("Thinking")
+        assert "get_weather" in engine.prompt_text()  # the pasted definition reached the model's prompt
+        page.screenshot(path=SHOTS / "tools.png", full_page=True)

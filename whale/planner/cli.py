@@ -12,7 +12,7 @@ from whale.errors import InvalidRequestError
 from whale.planner.catalog import resolve_model
 from whale.planner.gpus import GPUS, resolve_gpu
 from whale.planner.memory import KV_DTYPES, WEIGHT_FORMATS
-from whale.planner.plan import PlanRequest, make_plan
+from whale.planner.plan import make_plan, plan_request
 from whale.planner.report import render
 from whale.planner.topology import REPLICA_ENGINES, topology_for, write_topology
 
@@ -55,17 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    spec = resolve_model(args.model)
-    gpu = resolve_gpu(args.gpu)
-    if args.gpus_per_node < 1:
-        raise InvalidRequestError("--gpus-per-node must be at least 1")
-    default_context = spec.serving.max_model_len or spec.max_context
-    kv_dtype = args.kv_dtype or ("fp8" if spec.attention == "compressed" else "bf16")
-    request = PlanRequest(
-        spec=spec, gpu=gpu, dtype=args.dtype or spec.native_dtype,
-        context=parse_tokens(args.context) if args.context else default_context,
-        concurrency=args.concurrency, kv_dtype=kv_dtype, gpus=args.gpus, include_mtp=args.mtp,
-        gpus_per_node=args.gpus_per_node)
+    request = plan_request(resolve_model(args.model), resolve_gpu(args.gpu),
+                           context=parse_tokens(args.context) if args.context else None,
+                           concurrency=args.concurrency, dtype=args.dtype, kv_dtype=args.kv_dtype, gpus=args.gpus,
+                           include_mtp=args.mtp, gpus_per_node=args.gpus_per_node)
     plan = make_plan(request)
     if args.chart:
         from whale.planner.chart import draw_chart

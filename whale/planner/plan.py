@@ -154,6 +154,22 @@ def _notes(r: PlanRequest, params: ParamCount) -> list[str]:
     return notes
 
 
+def plan_request(spec: ModelSpec, gpu: GPU, *, context: int | None = None, concurrency: int = 1,
+                 dtype: str | None = None, kv_dtype: str | None = None, gpus: int | None = None,
+                 include_mtp: bool = False, gpus_per_node: int = 8) -> PlanRequest:
+    """A PlanRequest with the model's defaults where an option is left out: its released weight format, its
+    serving context, and fp8 KV for compressed attention (V4), bf16 otherwise."""
+    if gpus_per_node < 1:
+        raise InvalidRequestError("--gpus-per-node must be at least 1")
+    if concurrency < 1:
+        raise InvalidRequestError("concurrency must be at least 1")
+    return PlanRequest(spec=spec, gpu=gpu, dtype=dtype or spec.native_dtype,
+                       context=context or spec.serving.max_model_len or spec.max_context,
+                       concurrency=concurrency,
+                       kv_dtype=kv_dtype or ("fp8" if spec.attention == "compressed" else "bf16"),
+                       gpus=gpus, include_mtp=include_mtp, gpus_per_node=gpus_per_node)
+
+
 def make_plan(r: PlanRequest) -> Plan:
     """Count, size and lay out the model; `r.gpus` fixes the GPU count, otherwise the fewest that fit."""
     if r.dtype not in WEIGHT_FORMATS:

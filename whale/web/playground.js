@@ -327,16 +327,69 @@ function renderRecent() {
     ...[r.time, r.model, r.firstMs ?? "-", r.totalMs, r.tokens ?? "-", r.end].map((v) => element("td", { textContent: String(v) })))));
 }
 
+// -- planner ----------------------------------------------------------------------------------------------
+const PARTS = [["weights_bytes", "weights", "#0b5cad"], ["kv_pool_bytes", "KV cache", "#2a9d8f"],
+               ["activation_bytes", "activations", "#e9c46a"], ["cuda_graph_bytes", "CUDA graphs", "#f4a261"],
+               ["reserved_bytes", "reserved (runtime headroom)", "#8a99a6"]];
+let planned = false;
+async function loadCatalog() {
+  const response = await fetch("/playground/catalog");
+  if (!response.ok) { showError(await apiError(response)); return; }
+  const catalog = await response.json();
+  $("plan-model").replaceChildren(...catalog.models.map((m) => new Option(m.display_name, m.name)));
+  $("plan-gpu").replaceChildren(...catalog.gpus.map((g) => new Option(g, g)));
+  $("plan-dtype").append(...catalog.dtypes.map((d) => new Option(d, d)));
+  planned = true;
+}
+async function makePlan() {
+  const query = new URLSearchParams({ model: $("plan-model").value, gpu: $("plan-gpu").value,
+                                      concurrency: $("plan-concurrency").value || "1" });
+  if ($("plan-context").value.trim()) query.set("context", $("plan-context").value.trim());
+  if ($("plan-dtype").value) query.set("dtype", $("plan-dtype").value);
+  showError("");
+  const response = await fetch(`/playground/plan?${query}`);
+  if (!response.ok) { showError(await apiError(response)); return; }
+  const plan = await response.json();
+  const gib = (bytes) => (bytes / 2 ** 30).toFixed(1);
+  $("plan-summary").textContent = `${plan.model} on ${plan.gpu}: ${plan.fits ? "fits" : "does not fit"} on ` +
+    `${plan.gpus_needed} GPU${plan.gpus_needed === 1 ? "" : "s"} (${plan.layout.description}); ` +
+    `${gib(plan.weights_bytes)} GiB of ${plan.dtype} weights, ${plan.kv_cache_bytes_per_token} KV bytes a token, ` +
+    `${plan.max_concurrency_at_context} sequences of ${plan.context} tokens at once, ` +
+    `~${Math.round(plan.decode_tokens_per_s.single_stream)} tok/s for one stream.`;
+  const gpu = plan.per_gpu, total = gpu.capacity_bytes;
+  $("plan-bar").replaceChildren(...PARTS.map(([key, name, color]) => {
+    const part = element("span", { title: `${name}: ${gib(gpu[key])} GiB` });
+    part.style.width = `${100 * gpu[key] / total}%`;
+    part.style.background = color;
+    return part;
+  }));
+  $("plan-bar").setAttribute("aria-label", `Memory of one ${plan.gpu}: ` +
+    PARTS.map(([key, name]) => `${name} ${gib(gpu[key])} GiB`).join(", ") + ` of ${gib(total)} GiB`);
+  $("plan-memory").replaceChildren(...[...PARTS.map(([key, name, color]) => [name, gpu[key], color]), ["capacity", total]]
+    .map(([name, bytes, color]) => {
+      const swatch = element("span", { className: "swatch" });
+      if (color) swatch.style.background = color;
+      return element("tr", {}, element("td", {}, swatch, name), element("td", { textContent: gib(bytes) }));
+    }));
+  $("plan-launch").replaceChildren(...Object.entries(plan.launch).map(([engine, command]) =>
+    element("div", {}, element("h3", { textContent: engine }), element("pre", { className: "launch", textContent: command }))));
+  $("plan-notes").replaceChildren(...plan.notes.map((note) => element("li", { textContent: note })));
+  $("plan-result").hidden = false;
+}
+
 // -- wiring -----------------------------------------------------------------------------------------------
 function show(view) {
-  for (const name of ["chat", "dashboard"]) {
+  for (const name of ["chat", "dashboard", "planner"]) {
     $(`view-${name}`).hidden = name !== view;
     $(`tab-${name}`).setAttribute("aria-selected", String(name === view));
   }
   if (view === "dashboard") { renderRecent(); poll(); }
+  if (view === "planner" && !planned) loadCatalog();
 }
 $("tab-chat").addEventListener("click", () => show("chat"));
 $("tab-dashboard").addEventListener("click", () => show("dashboard"));
+$("tab-planner").addEventListener("click", () => show("planner"));
+$("plan-form").addEventListener("submit", (event) => { event.preventDefault(); makePlan(); });
 $("composer").addEventListener("submit", (event) => { event.preventDefault(); send($("prompt").value); });
 $("prompt").addEventListener("keydown", (event) => {
   if (event.key === "Enter" && !event.shiftKey) { event.preventDefault(); send($("prompt").value); }
