@@ -110,8 +110,12 @@ def test_chat_streams_stops_and_the_dashboard_reads_metrics(default_url, browser
                      if line.startswith("whale_generation_tokens_total "))
     assert float(page.inner_text("#m-generated")) == generated
     assert page.inner_text("#m-running") == "0" and page.inner_text("#m-waiting") == "0"
-    assert page.locator("#recent tr").count() == 3
-    assert page.inner_text("#recent tr >> nth=2").split("\t")[-1] == "stopped"
+    recent = httpx.get(f"{default_url}/metrics/recent").json()["data"]
+    assert page.locator("#recent tr").count() == len(recent) >= 3
+    newest = page.inner_text("#recent tr >> nth=0").split("\t")
+    assert newest[1] == "/v1/chat/completions" and newest[3] == str(recent[0]["generated_tokens"]) == "8"
+    assert newest[-1] == "length"
+    assert page.inner_text("#recent tr >> nth=2").split("\t")[-1] == "client left"  # the stopped one
     page.screenshot(path=SHOTS / "dashboard.png", full_page=True)
     assert all(url.startswith(default_url) for url in requested), "the page asked another host"
 

@@ -114,12 +114,16 @@ def test_api_keys_guard_every_route_but_health_and_metrics(auth_url, default_sta
     assert httpx.get(f"{auth_url}/openapi.json").status_code == 401
     assert httpx.get(f"{auth_url}/health").status_code == 200
     assert httpx.get(f"{auth_url}/metrics").status_code == 200  # a Prometheus scraper has no key
+    assert httpx.get(f"{auth_url}/metrics/recent").status_code == 200
+    assert httpx.get(f"{auth_url}/playground").status_code == 200  # the page asks for the key itself
+    assert httpx.get(f"{auth_url}/playground/plan", params={"model": "deepseek-v3"}).status_code == 200
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=auth_url, api_key="wrong", max_retries=0).models.list()
     protected = ServerState(default_state.engine, default_state.served, api_keys=("sk-one",), protect_metrics=True,
                             timings=FAST_TIMINGS)
     with running_server(protected) as url:
         assert "no API key" in _error(httpx.get(f"{url}/metrics"), 401)
+        assert "no API key" in _error(httpx.get(f"{url}/metrics/recent"), 401)
         assert httpx.get(f"{url}/metrics", headers={"Authorization": "Bearer sk-one"}).status_code == 200
 
 

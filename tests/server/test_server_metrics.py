@@ -40,6 +40,13 @@ def test_metrics_after_traffic(default_llm, default_url):
         assert response.status_code == 200
     prompt_tokens = response.json()["usage"]["prompt_tokens"]
     assert httpx.post(f"{default_url}/v1/chat/completions", json={**body, "temperature": 5}).status_code == 422
+    recent = httpx.get(f"{default_url}/metrics/recent").json()["data"]
+    assert len(recent) == 2  # the 422 never started
+    newest = recent[0]
+    assert (newest["route"], newest["prompt_tokens"], newest["generated_tokens"], newest["finish_reason"]) == (
+        "/v1/chat/completions", prompt_tokens, 3, "length")
+    assert newest["cached_tokens"] > 0 and 0 < newest["first_token_ms"] <= newest["total_ms"]
+    assert recent[1]["finished_at"] <= newest["finished_at"]
     response = httpx.get(f"{default_url}/metrics")
     assert response.headers["content-type"].startswith("text/plain")
     text = response.text

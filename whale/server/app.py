@@ -5,6 +5,7 @@ from a model reference for `whale serve`."""
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -39,16 +40,23 @@ def create_app(state: ServerState) -> FastAPI:
     async def metrics() -> Response:
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    @app.get("/metrics/recent", summary="The last 50 finished generations, newest first, with their timings (no "
+             "text); open or protected as /metrics is", responses=error_responses(401))
+    async def recent() -> dict[str, Any]:
+        return {"data": [asdict(finished) for finished in reversed(state.metrics.recent)]}
+
     @app.get("/openapi.json", include_in_schema=False)
     async def openapi(request: Request) -> JSONResponse:
         return JSONResponse(served_document(request.app, state.served.model_ids))
 
     # metric labels only for the routes the server has, so stray paths cannot grow the series without bound
-    known = {route.path for router in routers for route in router.routes} | {"/health", "/metrics", "/openapi.json"}
+    known = {route.path for router in routers for route in router.routes} | {"/health", "/metrics", "/metrics/recent",
+                                                                              "/openapi.json"}
     # the last added runs first: accounting sees every answer, a missing key wins over a body's size
     app.add_middleware(DisconnectWatch)
     app.add_middleware(BodySizeLimit, max_bytes=state.max_request_bytes)
-    open_paths = ("/health", *web.OPEN_PATHS) if state.protect_metrics else ("/health", "/metrics", *web.OPEN_PATHS)
+    metrics_paths = () if state.protect_metrics else ("/metrics", "/metrics/recent")
+    open_paths = ("/health", *metrics_paths, *web.OPEN_PATHS)
     app.add_middleware(APIKeyGuard, keys=state.api_keys, open_paths=open_paths)
     app.add_middleware(RequestAccounting, metrics=state.metrics, known_paths=known,
                        limit=state.max_concurrent_requests)

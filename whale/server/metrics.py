@@ -2,12 +2,14 @@
 time to first token, the gap between tokens and the decode rate, each recorded as its tokens arrive from the
 engine, streaming or not; prompt, cached and generated tokens; and, read from the engine when /metrics is
 scraped, queue depth, KV-cache usage and speculative decoding's drafts (verified, accepted); the complexity
-route's choices and the time it took to make them."""
+route's choices and the time it took to make them. `recent` keeps the last finished generations for
+`/metrics/recent` (the playground's dashboard)."""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
@@ -21,6 +23,7 @@ from whale.engine.llm_engine import SpeculationStats
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 INTER_TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+RECENT_REQUESTS = 50  # finished generations `/metrics/recent` keeps
 ROUTE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025)
 RATE_BUCKETS = (1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0)
 request_log = logging.getLogger("whale.requests")  # a line per generation (`whale serve --log-level info`)
@@ -72,6 +75,22 @@ class _ScrapeTimeGauges(Collector):
                                 "Tokens per verifying step: accepted drafts + 1.", value=spec.mean_accepted_length)
 
 
+@dataclass(frozen=True)
+class FinishedRequest:
+    """One finished generation, as `/metrics/recent` lists it (no prompt or output text)."""
+
+    id: str
+    route: str
+    finished_at: float  # Unix time
+    prompt_tokens: int
+    cached_tokens: int
+    generated_tokens: int
+    first_token_ms: float
+    total_ms: float
+    tokens_per_s: float | None
+    finish_reason: str  # "client left" where it ended with its client
+
+
 class Metrics:
     """The metrics of one server. `in_flight` is kept by the request accounting (asgi.RequestAccounting)."""
 
@@ -101,6 +120,7 @@ class Metrics:
         self.route_seconds = Histogram("whale_route_decision_seconds", "Time the complexity route took to decide "
                                        "a request (scoring included).", buckets=ROUTE_BUCKETS, registry=registry)
         registry.register(_ScrapeTimeGauges(gauges, lambda: self.in_flight))
+        self.recent: deque[FinishedRequest] = deque(maxlen=RECENT_REQUESTS)  # newest last
 
     def record_request(self, route: str, status: int) -> None:
         self.requests.labels(route=route, status=str(status)).inc()
@@ -157,6 +177,10 @@ class GenerationTimer:
         if self._tokens > 1 and self._last > self._first:
             rate = (self._tokens - 1) / (self._last - self._first)
             self._metrics.decode_rate.observe(rate)
+        self._metrics.recent.append(FinishedRequest(
+            self._request_id, self._route, time.time(), self._prompt, self._cached, self._tokens,
+            round((self._first - self._arrival) * 1e3, 1), round((self._last - self._arrival) * 1e3, 1),
+            None if rate is None else round(rate, 2), self._finish_reason or "client left"))
         request_log.info("%s %s: %d prompt tokens (%d cached), %d generated, first token %.0f ms, %s, %s",
                          self._request_id, self._route, self._prompt, self._cached, self._tokens,
                          (self._first - self._arrival) * 1e3, "-" if rate is None else f"{rate:.1f} tok/s",

@@ -1,13 +1,11 @@
 // whale's playground: the chat (streamed from /v1/chat/completions) and the dashboard (read from /metrics).
 // Plain JavaScript, no build step, no request to any other host. Conversations stay in this browser
-// (localStorage); the API key and the recent requests for the tab's session only (sessionStorage).
+// (localStorage); the API key for the tab's session only (sessionStorage).
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const STORE = "whale.playground";
 const store = JSON.parse(localStorage.getItem(STORE) || "null") || { conversations: [], current: null };
-// this tab's requests, newest first: {time, model, firstMs, totalMs, tokens, end}
-const recent = JSON.parse(sessionStorage.getItem(STORE + ".recent") || "[]");
 let controller = null;  // the AbortController of the request in flight
 
 // -- conversations ----------------------------------------------------------------------------------------
@@ -104,8 +102,7 @@ async function generate() {
   render();
   controller = new AbortController();
   busy(true);
-  const start = performance.now();
-  let first = null, end = "stop";
+  let end = "stop";
   try {
     const response = await fetch("/v1/chat/completions", {
       method: "POST", headers: headers(), body: JSON.stringify(body), signal: controller.signal });
@@ -115,7 +112,6 @@ async function generate() {
       if (chunk.usage) reply.usage = chunk.usage;
       const choice = chunk.choices?.[0];
       if (!choice) return;
-      first = first ?? performance.now();
       const delta = choice.delta || {};
       if (delta.reasoning_content) reply.reasoning += delta.reasoning_content;
       if (delta.content) reply.content += delta.content;
@@ -141,11 +137,6 @@ async function generate() {
     reply.end = end;
     controller = null;
     busy(false);
-    recent.unshift({ time: new Date().toLocaleTimeString(), model: body.model, end,
-                     firstMs: first === null ? null : Math.round(first - start), totalMs: Math.round(performance.now() - start),
-                     tokens: reply.usage?.completion_tokens ?? null });
-    recent.length = Math.min(recent.length, 20);
-    sessionStorage.setItem(STORE + ".recent", JSON.stringify(recent));
     if (talk.title === "New conversation") {
       const asked = talk.messages.find((m) => m.role === "user");
       if (asked) talk.title = asked.content.slice(0, 40);
@@ -153,7 +144,6 @@ async function generate() {
     save();
     render();
     listConversations();
-    renderRecent();
   }
 }
 
@@ -301,6 +291,7 @@ async function poll() {
   history.push({ t: now, rate, running: m.whale_engine_running_requests || 0 });
   while (history.length && now - history[0].t > 300) history.shift();
   plot();
+  renderRecent();
 }
 function plot() {
   const canvas = $("plot"), g = canvas.getContext("2d");
@@ -322,9 +313,14 @@ function plot() {
   g.fillStyle = "#14202b";
   g.fillText(`${top.toFixed(1)} tok/s`, 4, 12);
 }
-function renderRecent() {
-  $("recent").replaceChildren(...recent.map((r) => element("tr", {},
-    ...[r.time, r.model, r.firstMs ?? "-", r.totalMs, r.tokens ?? "-", r.end].map((v) => element("td", { textContent: String(v) })))));
+async function renderRecent() {
+  const response = await fetch("/metrics/recent", { headers: headers() });
+  if (!response.ok) return;
+  const rows = (await response.json()).data.map((r) => [
+    new Date(r.finished_at * 1000).toLocaleTimeString(), r.route, `${r.prompt_tokens} (${r.cached_tokens})`,
+    r.generated_tokens, r.first_token_ms, r.total_ms, r.tokens_per_s ?? "-", r.finish_reason]);
+  $("recent").replaceChildren(...rows.map((row) => element("tr", {},
+    ...row.map((v) => element("td", { textContent: String(v) })))));
 }
 
 // -- planner ----------------------------------------------------------------------------------------------
@@ -383,7 +379,7 @@ function show(view) {
     $(`view-${name}`).hidden = name !== view;
     $(`tab-${name}`).setAttribute("aria-selected", String(name === view));
   }
-  if (view === "dashboard") { renderRecent(); poll(); }
+  if (view === "dashboard") poll();
   if (view === "planner" && !planned) loadCatalog();
 }
 $("tab-chat").addEventListener("click", () => show("chat"));
