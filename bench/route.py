@@ -23,7 +23,7 @@ from servers import free_port, wait_ready
 
 from whale.route.difficulty import shipped_model
 from whale.route.policy import RoutePolicy, Router
-from whale.route.train import DEFAULT_DATA, load_examples, report
+from whale.route.train import DEFAULT_DATA, heldout_report, load_examples
 
 
 def decision_ms(prompts: list[str], repeats: int) -> list[float]:
@@ -75,7 +75,7 @@ def main() -> None:
     out.line("Held-out prompts, default bands (fast < 0.5 <= think (2048-token budget) < 0.8 <= deep (the answer's "
              "room)):")
     out.line()
-    for line in report(shipped_model(), examples, RoutePolicy(), answer=400, easy_reasoning=600,
+    for line in heldout_report(shipped_model(), examples, RoutePolicy(), answer=400, easy_reasoning=600,
                        hard_reasoning=6000, hard_share=0.2).splitlines():
         out.line(line)
     decisions = decision_ms(held, args.repeats)

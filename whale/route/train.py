@@ -106,8 +106,8 @@ def _auc(scores: list[float], labels: list[bool]) -> float:
     return wins / (len(pos) * len(neg))
 
 
-def report(model: DifficultyModel, examples: list[Example], policy: RoutePolicy, answer: int, easy_reasoning: int,
-           hard_reasoning: int, hard_share: float) -> str:
+def heldout_report(model: DifficultyModel, examples: list[Example], policy: RoutePolicy, answer: int,
+                   easy_reasoning: int, hard_reasoning: int, hard_share: float) -> str:
     held = [e for e in examples if e.split == "heldout"]
     scores = [model.score(e.prompt) for e in held]
     bands = [policy.band_for(s) for s in scores]
@@ -182,8 +182,8 @@ def main(argv: list[str] | None = None) -> None:
         model.save(args.out)
         print(f"trained on {sum(e.split == 'train' for e in examples)} prompts; L2 {l2:g} (5-fold log-loss: "
               + ", ".join(f"{k:g}: {v:.3f}" for k, v in losses.items()) + f"); saved {args.out}")
-    print(report(model, examples, RoutePolicy(), args.answer_tokens, args.easy_reasoning, args.hard_reasoning,
-                 args.hard_share))
+    print(heldout_report(model, examples, RoutePolicy(), args.answer_tokens, args.easy_reasoning,
+                         args.hard_reasoning, args.hard_share))
     print(scoring_times(model, [e.prompt for e in examples if e.split == "heldout"]))
 
 

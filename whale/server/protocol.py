@@ -85,11 +85,18 @@ class ChatMessage(WireModel):
             raise ValueError("'prefix': true is only valid on the last message, with role 'assistant'")
         return self
 
+    @property
+    def text(self) -> str:
+        """The content as one string (content parts joined; none: empty)."""
+        if isinstance(self.content, list):
+            return "".join(part.text or "" for part in self.content)
+        return self.content or ""
+
     def as_template_dict(self) -> dict[str, Any]:
         """The plain dict the chat layer renders; content parts are joined into one string."""
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
-            message["content"] = "".join(part.text or "" for part in self.content)
+            message["content"] = self.text
         return message
 
 

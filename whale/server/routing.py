@@ -1,5 +1,5 @@
 """The complexity route in the server (docs/route.md): a chat request for `deepseek-auto` / `auto` (or, with
-`--route-default`, one that leaves the mode to the server) gets its mode and thinking budget from
+`--route default`, one that leaves the mode to the server) gets its mode and thinking budget from
 whale.route's Router, written into the request as an explicit `thinking`, so the token-level controls run it
 as if the client had asked; the decision travels on the PreparedRequest to the response's headers and usage."""
 
@@ -37,24 +37,18 @@ def routed(router: Router | None, req: ChatCompletionRequest) -> bool:
     return router.policy.default and req.thinking is None and req.model not in _CHOSEN_BY_NAME
 
 
-def _text(content: Any) -> str:
-    if isinstance(content, list):
-        return "".join(part.text or "" for part in content)
-    return content or ""
-
-
 def decide(router: Router, served: ServedModel, req: ChatCompletionRequest, api_key: str | None) -> RouteDecision:
     """The route's decision for `req`: the last user message is scored; the conversation is known by its API key,
     system prompt and first user message, and is a follow-up where it holds an assistant turn."""
     users = [m for m in req.messages if m.role == "user"]
-    system = "".join(_text(m.content) for m in req.messages if m.role in ("system", "developer"))
-    conversation = conversation_key(api_key, system, _text(users[0].content)) if users else None
+    system = "".join(m.text for m in req.messages if m.role in ("system", "developer"))
+    conversation = conversation_key(api_key, system, users[0].text) if users else None
     requested = None if req.thinking is None else THINKING if req.thinking.type == "enabled" else NON_THINKING
     if requested is None and (req.logprobs or req.top_logprobs is not None):
         requested = NON_THINKING  # logprobs exist only without thinking: the request has chosen
     modes = frozenset(THINKING if mode == "thinking" else NON_THINKING for mode in served.capabilities.thinking_modes)
     follow_up = any(m.role == "assistant" for m in req.messages)
-    return router.decide(_text(users[-1].content) if users else "", conversation, api_key, requested, modes,
+    return router.decide(users[-1].text if users else "", conversation, api_key, requested, modes,
                          follow_up)
 
 
