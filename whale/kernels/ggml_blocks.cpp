@@ -39,6 +39,10 @@ namespace {
 
 enum BlockType : int64_t { kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14 };
 
+// A type's rows repacked by pack_rows (below): kPacked | the ggml type
+constexpr int64_t kPacked = 256;
+constexpr int64_t kPackRows = 8;  // weight rows interleaved in a packed group
+
 struct Format {
   int64_t values;  // weights a block
   int64_t bytes;   // bytes a block
@@ -60,6 +64,7 @@ constexpr int64_t bytes_of(int64_t type) {
 }
 
 Format format_of(int64_t type) {
+  type &= ~kPacked;
   TORCH_CHECK(bytes_of(type) > 0, "ggml block type ", type, " has no kernel");
   return {type == kQ4_K || type == kQ5_K || type == kQ6_K ? 256 : 32, bytes_of(type)};
 }
@@ -533,6 +538,69 @@ void dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
 
 #endif
 
+// ---- packed rows: kPackRows weight rows interleaved, one output column per float lane ----
+//
+// A weight row at a time, a GEMV spends most of its instructions on each block's own scale (a scalar multiply,
+// a broadcast and a float multiply-add per 32 weights) and on horizontal sums. pack_rows interleaves groups of 8
+// rows so that one 32-byte load holds 4 codes of each of the 8 rows: a block's 8 scales convert in one
+// instruction, the activations are broadcast 4 codes at a time, and each (weight row, activation row) dot
+// product accumulates in its own lane, block by block: out = sum_i float(dot_i) * (d_i dx_i), in the order of
+// i, with dot_i the exact integer dot product of block i. That value does not depend on how many activation
+// rows a call takes or on the instruction set (VNNI or not): the same integers, the same float operations.
+//
+// Q4_0, packed: per group of 8 rows, per block i (144 bytes, as the 8 rows' blocks take): the 8 rows' d (f16),
+// then 4 x 32 bytes, byte 4r + b of vector c holding row r's qs[4c + b] (weights 4c + b in the low nibble,
+// 16 + 4c + b in the high one).
+
+#if defined(__AVX2__)
+
+// codes (unsigned 4-bit values as bytes) times 4 activation codes broadcast, summed into int32 lanes
+inline __m256i dot_add(__m256i sum, __m256i codes, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(sum, codes, x);
+#elif defined(__AVXVNNI__)
+  return _mm256_dpbusd_avx_epi32(sum, codes, x);
+#else
+  return _mm256_add_epi32(sum, _mm256_madd_epi16(_mm256_maddubs_epi16(codes, x), _mm256_set1_epi16(1)));
+#endif
+}
+
+template <int R>
+void q4_0_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
+  const int64_t blocks = x.k / 32;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < blocks; ++i) {
+    const uint8_t* b = group + i * kPackRows * 18;
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+    __m256i codes[8];
+    for (int c = 0; c < 4; ++c) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * c));
+      codes[c] = _mm256_and_si256(v, low);
+      codes[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = row0 + r;
+      const int8_t* xq = x.q.data() + row * x.k + 32 * i;
+      __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
+      for (int c = 0; c < 8; c += 2) {  // vector c holds weights 4c .. 4c + 3 of each row (c < 4), 16 + ... above
+        int32_t x0, x1;
+        std::memcpy(&x0, xq + 4 * c, 4);
+        std::memcpy(&x1, xq + 4 * c + 4, 4);
+        even = dot_add(even, codes[c], _mm256_set1_epi32(x0));
+        odd = dot_add(odd, codes[c + 1], _mm256_set1_epi32(x1));
+      }
+      const int16_t* sums = x.sums.data() + row * (x.k / 16) + 2 * i;
+      const __m256i dot = _mm256_sub_epi32(_mm256_add_epi32(even, odd), _mm256_set1_epi32(8 * (sums[0] + sums[1])));
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(x.d[row * blocks + i])), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + kPackRows * r, acc[r]);
+}
+
+#endif
+
 constexpr int kRowTile = 4;  // activation rows per pass over a weight row (its codes unpacked once for all)
 constexpr int64_t kDecodedRows = 8;
 constexpr int64_t kPrefetchBytes = 4096;  // from this many rows, a weight row is unpacked once per call
@@ -579,6 +647,38 @@ void decoded_columns(const Part& part, int64_t begin, int64_t end, const Activat
             ? dot(std::integral_constant<int, kWeightTile>(), std::integral_constant<int, 1>(), rows, row, results)
             : dot(std::integral_constant<int, 1>(), std::integral_constant<int, 1>(), rows, row, results);
         for (int v = 0; v < width; ++v) column[row * n + v] = results[v];
+      }
+    }
+  }
+}
+#endif
+
+#if defined(__AVX2__)
+// output columns [begin, end) of a packed part, every activation row: each group of 8 weight rows against the
+// activation rows, kRowTile at a time, the activations in chunks that stay in L2 (a group at the range's edges
+// is computed whole and only its columns in range kept)
+template <int64_t T>
+void packed_columns(const Part& part, int64_t begin, int64_t end, const Activations& x, float* out, int64_t n) {
+  const int64_t chunk = std::max<int64_t>(kRowTile, kChunkBytes / x.k / kRowTile * kRowTile);
+  float results[kRowTile * kPackRows];
+  for (int64_t first = 0; first < x.rows; first += chunk) {
+    const int64_t last = std::min(x.rows, first + chunk);
+    for (int64_t g = begin / kPackRows; g * kPackRows < end; ++g) {
+      const uint8_t* group = part.data + g * kPackRows * part.row_bytes;
+      const int64_t lo = std::max(begin, g * kPackRows), hi = std::min(end, (g + 1) * kPackRows);
+      const auto keep = [&](int64_t row, int rows) {
+        for (int r = 0; r < rows; ++r) {
+          for (int64_t j = lo; j < hi; ++j) out[(row + r) * n + part.start + j] = results[r * kPackRows + j - g * kPackRows];
+        }
+      };
+      int64_t row = first;
+      for (; row + kRowTile <= last; row += kRowTile) {
+        q4_0_packed_dot<kRowTile>(group, x, row, results);
+        keep(row, kRowTile);
+      }
+      for (; row < last; ++row) {
+        q4_0_packed_dot<1>(group, x, row, results);
+        keep(row, 1);
       }
     }
   }
@@ -638,6 +738,9 @@ void columns(const Part& part, int64_t begin, int64_t end, const Activations& x,
     case kQ4_K: return part_columns<kQ4_K>(part, begin, end, x, out, n);
     case kQ5_K: return part_columns<kQ5_K>(part, begin, end, x, out, n);
     case kQ6_K: return part_columns<kQ6_K>(part, begin, end, x, out, n);
+#if defined(__AVX2__)
+    case kPacked | kQ4_0: return packed_columns<kQ4_0>(part, begin, end, x, out, n);
+#endif
     default: TORCH_CHECK(false, "ggml block type ", part.type, " has no kernel");
   }
 }
@@ -685,11 +788,43 @@ torch::Tensor block_linear(torch::Tensor x, std::vector<torch::Tensor> weights, 
   return out;
 }
 
+// The rows of a weight (uint8 [rows, bytes a row], ggml `type`) in the layout of the packed kernels, with the
+// type that names it (kPacked | type); the weight itself and its type where there is no packed kernel for it
+// (a type without one, rows not a multiple of 8, no AVX2). The same bytes, moved: every value is as stored.
+std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type) {
+  TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.dim() == 2 && weight.is_contiguous(),
+              "pack_rows: weight must be contiguous uint8 [rows, bytes]");
+#if defined(__AVX2__)
+  const int64_t rows = weight.size(0), row_bytes = weight.size(1);
+  if (type != kQ4_0 || rows % kPackRows != 0 || row_bytes % bytes_of(type) != 0) return {weight, type};
+  const int64_t blocks = row_bytes / bytes_of(type);
+  auto packed = torch::empty_like(weight);
+  const uint8_t* src = weight.data_ptr<uint8_t>();
+  uint8_t* dst = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, rows / kPackRows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t i = 0; i < blocks; ++i) {
+        uint8_t* to = dst + (g * blocks + i) * kPackRows * 18;
+        for (int64_t r = 0; r < kPackRows; ++r) {
+          const uint8_t* from = src + (g * kPackRows + r) * row_bytes + i * 18;
+          std::memcpy(to + 2 * r, from, 2);
+          for (int c = 0; c < 4; ++c) std::memcpy(to + 16 + 32 * c + 4 * r, from + 2 + 4 * c, 4);
+        }
+      }
+    }
+  });
+  return {packed, kPacked | type};
+#else
+  return {weight, type};
+#endif
+}
+
 // rows `ids` of a block-quantized matrix (uint8 [N, bytes a row]) as float32 [len(ids), K]: embedding lookups
 torch::Tensor block_rows(torch::Tensor weight, int64_t type, torch::Tensor ids, int64_t k) {
   TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.dim() == 2 && weight.is_contiguous(),
               "block_rows: weight must be contiguous uint8 [rows, bytes]");
   TORCH_CHECK(ids.scalar_type() == torch::kInt64 && ids.dim() == 1, "block_rows: ids must be int64 [n]");
+  TORCH_CHECK(!(type & kPacked), "block_rows: the rows of a packed weight are not stored one after another");
   const Format f = format_of(type);
   TORCH_CHECK(k % f.values == 0 && weight.size(1) == k / f.values * f.bytes, "block_rows: rows of ",
               weight.size(1), " bytes do not hold ", k, " values of type ", type);

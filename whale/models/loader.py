@@ -149,8 +149,6 @@ def load_model(reference: str, dtype: str | torch.dtype | None = None,
         sources = gguf_block_sources(checkpoint)
         taken = quantize_gguf_linears(model, sources, rope_heads, kernels)
         kernels = _kernels_in(model, kernels) if taken else "dense"
-        if kernels == "blocks":  # the linears compute from the mapping itself (the embedding reads a few rows)
-            checkpoint.populate(sources[name] for name in taken - {"model.embed_tokens.weight"} if name in sources)
     else:
         kernels = "dense"  # only GGUF blocks are taken as they are; nothing else is requantized
     if files.format == "gguf":

@@ -12,7 +12,7 @@ import mmap
 import re
 import struct
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,31 @@ class GGUFTensor:
     ggml_type: str
     shape: tuple[int, ...]
     raw: np.ndarray
+    mapping: mmap.mmap | None = field(default=None, repr=False, compare=False)  # the file's map `raw` is a view of
+
+    def _advise(self, advice: int, whole_pages_only: bool) -> None:
+        start = self.raw.ctypes.data - np.frombuffer(self.mapping, np.uint8).ctypes.data
+        end = start + self.raw.nbytes
+        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE if whole_pages_only else start - start % mmap.PAGESIZE
+        last = end - end % mmap.PAGESIZE if whole_pages_only else end
+        if last > first:
+            self.mapping.madvise(advice, first, last - first)
+
+    def populate(self) -> None:
+        """Map the bytes into memory now (Linux 5.14+: MADV_POPULATE_READ; elsewhere a read-ahead request)."""
+        if self.mapping is None:
+            return
+        try:
+            self._advise(MADV_POPULATE_READ, whole_pages_only=False)
+        except (OSError, ValueError):
+            self._advise(mmap.MADV_WILLNEED, whole_pages_only=False)
+
+    def release(self) -> None:
+        """Take the bytes' pages out of the process's resident memory, once a kernel holds them in a layout of
+        its own: the page cache keeps them, and a later read maps them again. Only pages wholly inside the
+        tensor, so a neighbour's bytes stay mapped."""
+        if self.mapping is not None:
+            self._advise(mmap.MADV_DONTNEED, whole_pages_only=True)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from gguf import GGMLQuantizationType
@@ -106,7 +131,7 @@ def deepseek2_block_tensors(tensors: dict[str, GGUFTensor]) -> dict[str, GGUFTen
             for expert in range(tensor.shape[0]):
                 name = f"{prefix}mlp.experts.{expert}.{_STACKED_EXPERTS[part]}.weight"
                 sources[name] = GGUFTensor(f"{gguf_name}[{expert}]", tensor.ggml_type, tensor.shape[1:],
-                                           tensor.raw[expert])
+                                           tensor.raw[expert], tensor.mapping)
         elif part in _DEEPSEEK2_NAMES and match.group(3) == "weight" and len(tensor.shape) == 2:
             sources[f"{prefix}{_DEEPSEEK2_NAMES[part]}.weight"] = tensor
         elif part in ("attn_k_b", "attn_v_b") and f"blk.{match.group(1)}.attn_kv_b.weight" not in tensors:
@@ -237,7 +262,7 @@ class GGUFCheckpoint:
             data = np.frombuffer(self._map, np.uint8)
             self.metadata, infos, data_start = _read_header(data)
             self.tensors: dict[str, GGUFTensor] = {
-                name: _tensor(self.path, data, name, dims, type_id, data_start + offset)
+                name: _tensor(self.path, data, self._map, name, dims, type_id, data_start + offset)
                 for name, dims, type_id, offset in infos}
         except _Truncated as exc:
             raise ModelLoadError(f"{self.path} is truncated: {exc}; an interrupted download or copy? Fetch the "
@@ -253,16 +278,9 @@ class GGUFCheckpoint:
         """Map these tensors' bytes into memory now, as kernels that compute from the mapping will read them:
         otherwise each page faults in on its first use, and a MoE model, whose tokens reach new experts for
         hundreds of steps, decodes at a fraction of its speed until every expert has been read once (the
-        embedding table, of which a step reads a few rows, is better left out). Linux 5.14+
-        (MADV_POPULATE_READ); elsewhere the kernel is only asked to read ahead."""
-        base = np.frombuffer(self._map, np.uint8).ctypes.data
+        embedding table, of which a step reads a few rows, is better left out)."""
         for tensor in tensors:
-            start = tensor.raw.ctypes.data - base
-            aligned = start - start % mmap.PAGESIZE
-            try:
-                self._map.madvise(MADV_POPULATE_READ, aligned, start + tensor.raw.nbytes - aligned)
-            except (OSError, ValueError):
-                self._map.madvise(mmap.MADV_WILLNEED, aligned, start + tensor.raw.nbytes - aligned)
+            tensor.populate()
 
 
 def _read_header(data: np.ndarray) -> tuple[dict[str, Any], list[tuple[str, list[int], int, int]], int]:
@@ -289,7 +307,8 @@ def _read_header(data: np.ndarray) -> tuple[dict[str, Any], list[tuple[str, list
     return metadata, infos, -(-cursor.offset // alignment) * alignment
 
 
-def _tensor(path: Path, data: np.ndarray, name: str, dims: list[int], type_id: int, start: int) -> GGUFTensor:
+def _tensor(path: Path, data: np.ndarray, mapping: mmap.mmap, name: str, dims: list[int], type_id: int,
+            start: int) -> GGUFTensor:
     try:
         type_name = GGMLQuantizationType(type_id).name
     except ValueError:
@@ -307,7 +326,7 @@ def _tensor(path: Path, data: np.ndarray, name: str, dims: list[int], type_id: i
     if end > len(data):
         raise _Truncated(f"tensor {name} ends at byte {end:,}, the file at {len(data):,}")
     raw = np.ndarray(layout, dtype, data, start)
-    return GGUFTensor(name, type_name, shape, raw)
+    return GGUFTensor(name, type_name, shape, raw, mapping)
 
 
 def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
