@@ -21,7 +21,7 @@ from whale.kernels import cpu_ops
 pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="the compiled CPU kernels are not built here")
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
-PACKED = ["Q4_0"]  # the types `pack_rows` has a layout for (8 rows interleaved)
+PACKED = ["Q4_0", "Q4_K"]  # the types `pack_rows` has a layout for (8 rows interleaved)
 # every matmul test runs on the blocks as stored and, for the types with one, in the packed layout
 LAYOUTS = [(t, "stored") for t in TYPES] + [(t, "packed") for t in PACKED]
 
@@ -32,7 +32,7 @@ def weight_for(blocks: np.ndarray, ggml_type: str, layout: str) -> tuple[torch.T
     if layout == "stored":
         return stored, code
     packed, packed_code = cpu_ops().pack_rows(stored, code)
-    assert packed_code != code and packed.shape == stored.shape and not torch.equal(packed, stored)
+    assert packed_code != code and packed.shape[0] == stored.shape[0] and packed.shape[1] >= stored.shape[1]
     return packed, packed_code
 def reference_weight(blocks: np.ndarray, ggml_type: str, cols: int) -> np.ndarray:
     return dequantize(blocks, GGMLQuantizationType[ggml_type]).reshape(blocks.shape[0], cols).astype(np.float64)

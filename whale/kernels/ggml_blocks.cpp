@@ -63,10 +63,16 @@ constexpr int64_t bytes_of(int64_t type) {
   }
 }
 
+// bytes a row takes per block once packed (Q4_K: its 6-bit scales and mins stored a byte each)
+constexpr int64_t packed_bytes_of(int64_t type) {
+  return type == kQ4_K ? 148 : bytes_of(type);
+}
+
 Format format_of(int64_t type) {
-  type &= ~kPacked;
-  TORCH_CHECK(bytes_of(type) > 0, "ggml block type ", type, " has no kernel");
-  return {type == kQ4_K || type == kQ5_K || type == kQ6_K ? 256 : 32, bytes_of(type)};
+  const int64_t base = type & ~kPacked;
+  TORCH_CHECK(bytes_of(base) > 0, "ggml block type ", base, " has no kernel");
+  return {base == kQ4_K || base == kQ5_K || base == kQ6_K ? 256 : 32,
+          type & kPacked ? packed_bytes_of(base) : bytes_of(base)};
 }
 
 inline float half(const uint8_t* p) {
@@ -551,6 +557,11 @@ void dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
 // Q4_0, packed: per group of 8 rows, per block i (144 bytes, as the 8 rows' blocks take): the 8 rows' d (f16),
 // then 4 x 32 bytes, byte 4r + b of vector c holding row r's qs[4c + b] (weights 4c + b in the low nibble,
 // 16 + 4c + b in the high one).
+// Q4_K, packed: per group of 8 rows, per super-block (1184 bytes, 148 a row): the rows' d, then dmin (f16); the
+// 6-bit scales a byte each, [group g][row r]; the mins a byte each, per group pair j [row r][2j, 2j + 1]; then
+// per pair j, 8 x 32 bytes, byte 4r + b of vector c holding row r's qs[32j + 4c + b] (group 2j's weight 4c + b
+// in the low nibble, group 2j + 1's in the high one). The integer sums are each group's scale times its codes'
+// dot product, and each group's min times its activations' sum; then d dx and dmin dx, as the stored path.
 
 #if defined(__AVX2__)
 
@@ -599,6 +610,64 @@ void q4_0_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, f
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + kPackRows * r, acc[r]);
 }
 
+
+template <int R>
+void q4_k_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
+  const int64_t blocks = x.k / 256;
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < blocks; ++i) {
+    const uint8_t* b = group + i * kPackRows * packed_bytes_of(kQ4_K);
+    __m256i scaled[R], offsets[R];
+    for (int r = 0; r < R; ++r) scaled[r] = offsets[r] = _mm256_setzero_si256();
+    for (int j = 0; j < 4; ++j) {  // groups 2j and 2j + 1
+      __m256i sums_low[R], sums_high[R];
+      for (int r = 0; r < R; ++r) sums_low[r] = sums_high[r] = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 160 + 256 * j + 32 * c));
+        const __m256i codes_low = _mm256_and_si256(v, low), codes_high = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        for (int r = 0; r < R; ++r) {
+          const int8_t* xq = x.q.data() + (row0 + r) * x.k + 256 * i + 64 * j + 4 * c;
+          int32_t x_low, x_high;
+          std::memcpy(&x_low, xq, 4);
+          std::memcpy(&x_high, xq + 32, 4);
+          sums_low[r] = dot_add(sums_low[r], codes_low, _mm256_set1_epi32(x_low));
+          sums_high[r] = dot_add(sums_high[r], codes_high, _mm256_set1_epi32(x_high));
+        }
+      }
+      const auto scale = [&](int g) {
+        return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 32 + 8 * g)));
+      };
+      const __m256i scale_low = scale(2 * j), scale_high = scale(2 * j + 1);
+      const __m256i mins = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 96 + 16 * j)));
+      for (int r = 0; r < R; ++r) {
+        scaled[r] = _mm256_add_epi32(scaled[r], _mm256_add_epi32(_mm256_mullo_epi32(sums_low[r], scale_low),
+                                                                 _mm256_mullo_epi32(sums_high[r], scale_high)));
+        const int16_t* xs = x.sums.data() + (row0 + r) * (x.k / 16) + 16 * i + 4 * j;
+        const int32_t pair = static_cast<uint16_t>(xs[0] + xs[1]) | (static_cast<int32_t>(xs[2] + xs[3]) << 16);
+        offsets[r] = _mm256_add_epi32(offsets[r], _mm256_madd_epi16(mins, _mm256_set1_epi32(pair)));
+      }
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+    const __m256 dmin = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
+    for (int r = 0; r < R; ++r) {
+      const __m256 dx = _mm256_set1_ps(x.d[(row0 + r) * blocks + i]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(scaled[r]), _mm256_mul_ps(d, dx), acc[r]);
+      acc[r] = _mm256_fnmadd_ps(_mm256_cvtepi32_ps(offsets[r]), _mm256_mul_ps(dmin, dx), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + kPackRows * r, acc[r]);
+}
+
+template <int64_t T, int R>
+inline void packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
+  if constexpr (T == kQ4_K) {
+    q4_k_packed_dot<R>(group, x, row0, out);
+  } else {
+    q4_0_packed_dot<R>(group, x, row0, out);
+  }
+}
 #endif
 
 constexpr int kRowTile = 4;  // activation rows per pass over a weight row (its codes unpacked once for all)
@@ -673,11 +742,11 @@ void packed_columns(const Part& part, int64_t begin, int64_t end, const Activati
       };
       int64_t row = first;
       for (; row + kRowTile <= last; row += kRowTile) {
-        q4_0_packed_dot<kRowTile>(group, x, row, results);
+        packed_dot<T, kRowTile>(group, x, row, results);
         keep(row, kRowTile);
       }
       for (; row < last; ++row) {
-        q4_0_packed_dot<1>(group, x, row, results);
+        packed_dot<T, 1>(group, x, row, results);
         keep(row, 1);
       }
     }
@@ -740,6 +809,7 @@ void columns(const Part& part, int64_t begin, int64_t end, const Activations& x,
     case kQ6_K: return part_columns<kQ6_K>(part, begin, end, x, out, n);
 #if defined(__AVX2__)
     case kPacked | kQ4_0: return packed_columns<kQ4_0>(part, begin, end, x, out, n);
+    case kPacked | kQ4_K: return packed_columns<kQ4_K>(part, begin, end, x, out, n);
 #endif
     default: TORCH_CHECK(false, "ggml block type ", part.type, " has no kernel");
   }
@@ -796,19 +866,35 @@ std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type)
               "pack_rows: weight must be contiguous uint8 [rows, bytes]");
 #if defined(__AVX2__)
   const int64_t rows = weight.size(0), row_bytes = weight.size(1);
-  if (type != kQ4_0 || rows % kPackRows != 0 || row_bytes % bytes_of(type) != 0) return {weight, type};
-  const int64_t blocks = row_bytes / bytes_of(type);
-  auto packed = torch::empty_like(weight);
+  if ((type != kQ4_0 && type != kQ4_K) || rows % kPackRows != 0 || row_bytes % bytes_of(type) != 0) {
+    return {weight, type};
+  }
+  const int64_t blocks = row_bytes / bytes_of(type), block_bytes = packed_bytes_of(type);
+  auto packed = torch::empty({rows, blocks * block_bytes}, weight.options());
   const uint8_t* src = weight.data_ptr<uint8_t>();
   uint8_t* dst = packed.data_ptr<uint8_t>();
   at::parallel_for(0, rows / kPackRows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       for (int64_t i = 0; i < blocks; ++i) {
-        uint8_t* to = dst + (g * blocks + i) * kPackRows * 18;
+        uint8_t* to = dst + (g * blocks + i) * kPackRows * block_bytes;
         for (int64_t r = 0; r < kPackRows; ++r) {
-          const uint8_t* from = src + (g * kPackRows + r) * row_bytes + i * 18;
+          const uint8_t* from = src + (g * kPackRows + r) * row_bytes + i * bytes_of(type);
+          if (type == kQ4_0) {
+            std::memcpy(to + 2 * r, from, 2);
+            for (int c = 0; c < 4; ++c) std::memcpy(to + 16 + 32 * c + 4 * r, from + 2 + 4 * c, 4);
+            continue;
+          }
           std::memcpy(to + 2 * r, from, 2);
-          for (int c = 0; c < 4; ++c) std::memcpy(to + 16 + 32 * c + 4 * r, from + 2 + 4 * c, 4);
+          std::memcpy(to + 16 + 2 * r, from + 2, 2);
+          for (int group = 0; group < 8; ++group) {
+            int sc, m;
+            scale_min(from + 4, group, &sc, &m);
+            to[32 + 8 * group + r] = static_cast<uint8_t>(sc);
+            to[96 + 16 * (group / 2) + 2 * r + group % 2] = static_cast<uint8_t>(m);
+          }
+          for (int j = 0; j < 4; ++j) {
+            for (int c = 0; c < 8; ++c) std::memcpy(to + 160 + 256 * j + 32 * c + 4 * r, from + 16 + 32 * j + 4 * c, 4);
+          }
         }
       }
     }
