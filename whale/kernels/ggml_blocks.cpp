@@ -562,6 +562,9 @@ void dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
 // per pair j, 8 x 32 bytes, byte 4r + b of vector c holding row r's qs[32j + 4c + b] (group 2j's weight 4c + b
 // in the low nibble, group 2j + 1's in the high one). The integer sums are each group's scale times its codes'
 // dot product, and each group's min times its activations' sum; then d dx and dmin dx, as the stored path.
+// Q6_K, packed: per group of 8 rows, per super-block (1680 bytes, as stored): the rows' d (f16); the int8 scales
+// per pair t of 16-weight sub-blocks [t][row r][2t, 2t + 1]; ql as 32 vectors (byte 4r + b of vector v: row r's
+// ql[4v + b]) and qh as 16 (row r's qh[4u + b]). Integer: sum over sub-blocks of scale x (codes . x - 32 sum x).
 
 #if defined(__AVX2__)
 
@@ -660,10 +663,63 @@ void q4_k_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, f
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + kPackRows * r, acc[r]);
 }
 
+template <int R>
+void q6_k_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
+  const int64_t blocks = x.k / 256;
+  const __m256i low = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < blocks; ++i) {
+    const uint8_t* b = group + i * kPackRows * 210;
+    const uint8_t* ql = b + 144;
+    const uint8_t* qh = ql + 1024;
+    __m256i scaled[R], offsets[R];
+    for (int r = 0; r < R; ++r) scaled[r] = offsets[r] = _mm256_setzero_si256();
+    for (int g = 0; g < 8; ++g) {  // weights 32g .. 32g + 31: half h = g / 4, j = g % 4 of ggml's layout
+      const int h = g / 4, j = g % 4;
+      __m256i first[R], second[R];  // sub-blocks 2g and 2g + 1
+      for (int r = 0; r < R; ++r) first[r] = second[r] = _mm256_setzero_si256();
+      for (int c = 0; c < 8; ++c) {
+        const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32 * (16 * h + 8 * (j % 2) + c)));
+        const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * (8 * h + c)));
+        const __m256i nibbles = _mm256_and_si256(j < 2 ? l : _mm256_srli_epi16(l, 4), low);
+        const __m256i bits = j == 0 ? _mm256_slli_epi16(hb, 4) : j == 1 ? _mm256_slli_epi16(hb, 2)
+                                    : j == 2 ? hb : _mm256_srli_epi16(hb, 2);
+        const __m256i codes = _mm256_or_si256(nibbles, _mm256_and_si256(bits, top));
+        for (int r = 0; r < R; ++r) {
+          int32_t xc;
+          std::memcpy(&xc, x.q.data() + (row0 + r) * x.k + 256 * i + 32 * g + 4 * c, 4);
+          (c < 4 ? first[r] : second[r]) = dot_add(c < 4 ? first[r] : second[r], codes, _mm256_set1_epi32(xc));
+        }
+      }
+      // scales of sub-blocks 2g, 2g + 1 as int16 pairs per row, and each as int32
+      const __m256i pair = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 + 16 * g)));
+      const __m256i scale_first = _mm256_srai_epi32(_mm256_slli_epi32(pair, 16), 16);
+      const __m256i scale_second = _mm256_srai_epi32(pair, 16);
+      for (int r = 0; r < R; ++r) {
+        scaled[r] = _mm256_add_epi32(scaled[r], _mm256_add_epi32(_mm256_mullo_epi32(first[r], scale_first),
+                                                                 _mm256_mullo_epi32(second[r], scale_second)));
+        int32_t sums;
+        std::memcpy(&sums, x.sums.data() + (row0 + r) * (x.k / 16) + 16 * i + 2 * g, 4);
+        offsets[r] = _mm256_add_epi32(offsets[r], _mm256_madd_epi16(pair, _mm256_set1_epi32(sums)));
+      }
+    }
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+    for (int r = 0; r < R; ++r) {
+      const __m256i total = _mm256_sub_epi32(scaled[r], _mm256_slli_epi32(offsets[r], 5));
+      const __m256 dx = _mm256_set1_ps(x.d[(row0 + r) * blocks + i]);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(total), _mm256_mul_ps(d, dx), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + kPackRows * r, acc[r]);
+}
+
 template <int64_t T, int R>
 inline void packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
   if constexpr (T == kQ4_K) {
     q4_k_packed_dot<R>(group, x, row0, out);
+  } else if constexpr (T == kQ6_K) {
+    q6_k_packed_dot<R>(group, x, row0, out);
   } else {
     q4_0_packed_dot<R>(group, x, row0, out);
   }
@@ -810,6 +866,7 @@ void columns(const Part& part, int64_t begin, int64_t end, const Activations& x,
 #if defined(__AVX2__)
     case kPacked | kQ4_0: return packed_columns<kQ4_0>(part, begin, end, x, out, n);
     case kPacked | kQ4_K: return packed_columns<kQ4_K>(part, begin, end, x, out, n);
+    case kPacked | kQ6_K: return packed_columns<kQ6_K>(part, begin, end, x, out, n);
 #endif
     default: TORCH_CHECK(false, "ggml block type ", part.type, " has no kernel");
   }
@@ -866,7 +923,8 @@ std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type)
               "pack_rows: weight must be contiguous uint8 [rows, bytes]");
 #if defined(__AVX2__)
   const int64_t rows = weight.size(0), row_bytes = weight.size(1);
-  if ((type != kQ4_0 && type != kQ4_K) || rows % kPackRows != 0 || row_bytes % bytes_of(type) != 0) {
+  if ((type != kQ4_0 && type != kQ4_K && type != kQ6_K) || rows % kPackRows != 0 ||
+      row_bytes % bytes_of(type) != 0) {
     return {weight, type};
   }
   const int64_t blocks = row_bytes / bytes_of(type), block_bytes = packed_bytes_of(type);
@@ -882,6 +940,13 @@ std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type)
           if (type == kQ4_0) {
             std::memcpy(to + 2 * r, from, 2);
             for (int c = 0; c < 4; ++c) std::memcpy(to + 16 + 32 * c + 4 * r, from + 2 + 4 * c, 4);
+            continue;
+          }
+          if (type == kQ6_K) {
+            std::memcpy(to + 2 * r, from + 208, 2);
+            for (int t = 0; t < 8; ++t) std::memcpy(to + 16 + 16 * t + 2 * r, from + 192 + 2 * t, 2);
+            for (int v = 0; v < 32; ++v) std::memcpy(to + 144 + 32 * v + 4 * r, from + 4 * v, 4);
+            for (int u = 0; u < 16; ++u) std::memcpy(to + 144 + 1024 + 32 * u + 4 * r, from + 128 + 4 * u, 4);
             continue;
           }
           std::memcpy(to + 2 * r, from, 2);
