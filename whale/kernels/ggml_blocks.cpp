@@ -1,6 +1,8 @@
 // Matmuls straight from llama.cpp's quantized blocks (the bytes of a GGUF tensor, as stored): Q4_0, Q4_1, Q5_0,
 // Q5_1, Q8_0 (32 weights a block) and the K-quants Q4_K, Q5_K, Q6_K (256 weights a super-block). Nothing is
-// expanded: each call reads the blocks once and computes with their exact codes and scales.
+// expanded: each call reads the blocks once and computes with their exact codes and scales. Q4_0, Q8_0, Q4_K and
+// Q6_K weights are packed once at load (pack_rows: 8 rows interleaved, the same codes and scales) for kernels
+// that compute 8 output columns at once; the other types, and rows not in whole groups of 8, run as stored.
 //
 // Activations are quantized per row to int8 with one scale per 32 values (per 256 for the K-quants), the
 // sums of every 16 codes kept beside them; a block's dot product is then integer arithmetic (AVX2 maddubs: 32
@@ -557,6 +559,8 @@ void dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
 // Q4_0, packed: per group of 8 rows, per block i (144 bytes, as the 8 rows' blocks take): the 8 rows' d (f16),
 // then 4 x 32 bytes, byte 4r + b of vector c holding row r's qs[4c + b] (weights 4c + b in the low nibble,
 // 16 + 4c + b in the high one).
+// Q8_0, packed: per group of 8 rows, per block (272 bytes, as stored): the rows' d (f16), then 8 x 32 bytes, byte
+// 4r + b of vector c holding row r's code 4c + b (signed: |w| times x with w's sign, llama.cpp's trick).
 // Q4_K, packed: per group of 8 rows, per super-block (1184 bytes, 148 a row): the rows' d, then dmin (f16); the
 // 6-bit scales a byte each, [group g][row r]; the mins a byte each, per group pair j [row r][2j, 2j + 1]; then
 // per pair j, 8 x 32 bytes, byte 4r + b of vector c holding row r's qs[32j + 4c + b] (group 2j's weight 4c + b
@@ -714,9 +718,42 @@ void q6_k_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, f
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + kPackRows * r, acc[r]);
 }
 
+template <int R>
+void q8_0_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
+  const int64_t blocks = x.k / 32;
+  __m256 acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t i = 0; i < blocks; ++i) {
+    const uint8_t* b = group + i * kPackRows * 34;
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
+    __m256i codes[8], magnitudes[8];
+    for (int c = 0; c < 8; ++c) {
+      codes[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * c));
+      magnitudes[c] = _mm256_sign_epi8(codes[c], codes[c]);
+    }
+    for (int r = 0; r < R; ++r) {
+      const int64_t row = row0 + r;
+      const int8_t* xq = x.q.data() + row * x.k + 32 * i;
+      __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
+      for (int c = 0; c < 8; c += 2) {
+        int32_t x0, x1;
+        std::memcpy(&x0, xq + 4 * c, 4);
+        std::memcpy(&x1, xq + 4 * c + 4, 4);
+        even = dot_add(even, magnitudes[c], _mm256_sign_epi8(_mm256_set1_epi32(x0), codes[c]));
+        odd = dot_add(odd, magnitudes[c + 1], _mm256_sign_epi8(_mm256_set1_epi32(x1), codes[c + 1]));
+      }
+      const __m256i dot = _mm256_add_epi32(even, odd);
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(x.d[row * blocks + i])), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + kPackRows * r, acc[r]);
+}
+
 template <int64_t T, int R>
 inline void packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
-  if constexpr (T == kQ4_K) {
+  if constexpr (T == kQ8_0) {
+    q8_0_packed_dot<R>(group, x, row0, out);
+  } else if constexpr (T == kQ4_K) {
     q4_k_packed_dot<R>(group, x, row0, out);
   } else if constexpr (T == kQ6_K) {
     q6_k_packed_dot<R>(group, x, row0, out);
@@ -865,6 +902,7 @@ void columns(const Part& part, int64_t begin, int64_t end, const Activations& x,
     case kQ6_K: return part_columns<kQ6_K>(part, begin, end, x, out, n);
 #if defined(__AVX2__)
     case kPacked | kQ4_0: return packed_columns<kQ4_0>(part, begin, end, x, out, n);
+    case kPacked | kQ8_0: return packed_columns<kQ8_0>(part, begin, end, x, out, n);
     case kPacked | kQ4_K: return packed_columns<kQ4_K>(part, begin, end, x, out, n);
     case kPacked | kQ6_K: return packed_columns<kQ6_K>(part, begin, end, x, out, n);
 #endif
@@ -915,6 +953,43 @@ torch::Tensor block_linear(torch::Tensor x, std::vector<torch::Tensor> weights, 
   return out;
 }
 
+#if defined(__AVX2__)
+constexpr bool has_packed_kernel(int64_t type) {
+  return type == kQ4_0 || type == kQ8_0 || type == kQ4_K || type == kQ6_K;
+}
+
+// row r's block `from` into its group's packed block `to` (the layouts above the packed kernels)
+void pack_block(int64_t type, const uint8_t* from, int64_t r, uint8_t* to) {
+  switch (type) {
+    case kQ4_0:
+    case kQ8_0:
+      std::memcpy(to + 2 * r, from, 2);
+      for (int c = 0; c < (type == kQ4_0 ? 4 : 8); ++c) std::memcpy(to + 16 + 32 * c + 4 * r, from + 2 + 4 * c, 4);
+      return;
+    case kQ4_K:
+      std::memcpy(to + 2 * r, from, 2);
+      std::memcpy(to + 16 + 2 * r, from + 2, 2);
+      for (int group = 0; group < 8; ++group) {
+        int sc, m;
+        scale_min(from + 4, group, &sc, &m);
+        to[32 + 8 * group + r] = static_cast<uint8_t>(sc);
+        to[96 + 16 * (group / 2) + 2 * r + group % 2] = static_cast<uint8_t>(m);
+      }
+      for (int j = 0; j < 4; ++j) {
+        for (int c = 0; c < 8; ++c) std::memcpy(to + 160 + 256 * j + 32 * c + 4 * r, from + 16 + 32 * j + 4 * c, 4);
+      }
+      return;
+    case kQ6_K:
+      std::memcpy(to + 2 * r, from + 208, 2);
+      for (int t = 0; t < 8; ++t) std::memcpy(to + 16 + 16 * t + 2 * r, from + 192 + 2 * t, 2);
+      for (int v = 0; v < 32; ++v) std::memcpy(to + 144 + 32 * v + 4 * r, from + 4 * v, 4);
+      for (int u = 0; u < 16; ++u) std::memcpy(to + 144 + 1024 + 32 * u + 4 * r, from + 128 + 4 * u, 4);
+      return;
+    default: TORCH_CHECK(false, "ggml block type ", type, " has no packed layout");
+  }
+}
+#endif
+
 // The rows of a weight (uint8 [rows, bytes a row], ggml `type`) in the layout of the packed kernels, with the
 // type that names it (kPacked | type); the weight itself and its type where there is no packed kernel for it
 // (a type without one, rows not a multiple of 8, no AVX2). The same bytes, moved: every value is as stored.
@@ -923,8 +998,7 @@ std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type)
               "pack_rows: weight must be contiguous uint8 [rows, bytes]");
 #if defined(__AVX2__)
   const int64_t rows = weight.size(0), row_bytes = weight.size(1);
-  if ((type != kQ4_0 && type != kQ4_K && type != kQ6_K) || rows % kPackRows != 0 ||
-      row_bytes % bytes_of(type) != 0) {
+  if (!has_packed_kernel(type) || rows % kPackRows != 0 || row_bytes % bytes_of(type) != 0) {
     return {weight, type};
   }
   const int64_t blocks = row_bytes / bytes_of(type), block_bytes = packed_bytes_of(type);
@@ -936,30 +1010,7 @@ std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type)
       for (int64_t i = 0; i < blocks; ++i) {
         uint8_t* to = dst + (g * blocks + i) * kPackRows * block_bytes;
         for (int64_t r = 0; r < kPackRows; ++r) {
-          const uint8_t* from = src + (g * kPackRows + r) * row_bytes + i * bytes_of(type);
-          if (type == kQ4_0) {
-            std::memcpy(to + 2 * r, from, 2);
-            for (int c = 0; c < 4; ++c) std::memcpy(to + 16 + 32 * c + 4 * r, from + 2 + 4 * c, 4);
-            continue;
-          }
-          if (type == kQ6_K) {
-            std::memcpy(to + 2 * r, from + 208, 2);
-            for (int t = 0; t < 8; ++t) std::memcpy(to + 16 + 16 * t + 2 * r, from + 192 + 2 * t, 2);
-            for (int v = 0; v < 32; ++v) std::memcpy(to + 144 + 32 * v + 4 * r, from + 4 * v, 4);
-            for (int u = 0; u < 16; ++u) std::memcpy(to + 144 + 1024 + 32 * u + 4 * r, from + 128 + 4 * u, 4);
-            continue;
-          }
-          std::memcpy(to + 2 * r, from, 2);
-          std::memcpy(to + 16 + 2 * r, from + 2, 2);
-          for (int group = 0; group < 8; ++group) {
-            int sc, m;
-            scale_min(from + 4, group, &sc, &m);
-            to[32 + 8 * group + r] = static_cast<uint8_t>(sc);
-            to[96 + 16 * (group / 2) + 2 * r + group % 2] = static_cast<uint8_t>(m);
-          }
-          for (int j = 0; j < 4; ++j) {
-            for (int c = 0; c < 8; ++c) std::memcpy(to + 160 + 256 * j + 32 * c + 4 * r, from + 16 + 32 * j + 4 * c, 4);
-          }
+          pack_block(type, src + (g * kPackRows + r) * row_bytes + i * bytes_of(type), r, to);
         }
       }
     }
