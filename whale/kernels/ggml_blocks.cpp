@@ -26,6 +26,7 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <cmath>
@@ -958,37 +959,77 @@ constexpr bool has_packed_kernel(int64_t type) {
   return type == kQ4_0 || type == kQ8_0 || type == kQ4_K || type == kQ6_K;
 }
 
-// row r's block `from` into its group's packed block `to` (the layouts above the packed kernels)
-void pack_block(int64_t type, const uint8_t* from, int64_t r, uint8_t* to) {
+// to[32 v + 4 r .. 32 v + 4 r + 3] = from[r][offset + 4 v .. + 3] for v < count (4 or a multiple of 8): dword v of
+// each of the 8 rows side by side, as 8 x 8 transposes of dwords
+inline void interleave_dwords(const uint8_t* const* from, int64_t offset, int count, uint8_t* to) {
+  for (int v0 = 0; v0 < count; v0 += 8) {
+    __m256i r[8], t[8], u[8];
+    for (int row = 0; row < 8; ++row) {
+      const uint8_t* p = from[row] + offset + 4 * v0;
+      r[row] = count == 4 ? _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))
+                          : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    }
+    for (int k = 0; k < 8; k += 2) {
+      t[k] = _mm256_unpacklo_epi32(r[k], r[k + 1]);
+      t[k + 1] = _mm256_unpackhi_epi32(r[k], r[k + 1]);
+    }
+    for (int k = 0; k < 8; k += 4) {
+      u[k] = _mm256_unpacklo_epi64(t[k], t[k + 2]);
+      u[k + 1] = _mm256_unpackhi_epi64(t[k], t[k + 2]);
+      u[k + 2] = _mm256_unpacklo_epi64(t[k + 1], t[k + 3]);
+      u[k + 3] = _mm256_unpackhi_epi64(t[k + 1], t[k + 3]);
+    }
+    for (int v = 0; v < std::min(count, 8); ++v) {
+      const __m256i out = v < 4 ? _mm256_permute2x128_si256(u[v], u[v + 4], 0x20)
+                                : _mm256_permute2x128_si256(u[v - 4], u[v], 0x31);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(to + 32 * (v0 + v)), out);
+    }
+  }
+}
+
+// block i of the group's 8 rows (from[r]: row r's block) into the group's packed block `to` (the layouts above
+// the packed kernels)
+void pack_blocks(int64_t type, const uint8_t* const* from, uint8_t* to) {
   switch (type) {
     case kQ4_0:
     case kQ8_0:
-      std::memcpy(to + 2 * r, from, 2);
-      for (int c = 0; c < (type == kQ4_0 ? 4 : 8); ++c) std::memcpy(to + 16 + 32 * c + 4 * r, from + 2 + 4 * c, 4);
+      for (int r = 0; r < 8; ++r) std::memcpy(to + 2 * r, from[r], 2);
+      interleave_dwords(from, 2, type == kQ4_0 ? 4 : 8, to + 16);
       return;
     case kQ4_K:
-      std::memcpy(to + 2 * r, from, 2);
-      std::memcpy(to + 16 + 2 * r, from + 2, 2);
-      for (int group = 0; group < 8; ++group) {
-        int sc, m;
-        scale_min(from + 4, group, &sc, &m);
-        to[32 + 8 * group + r] = static_cast<uint8_t>(sc);
-        to[96 + 16 * (group / 2) + 2 * r + group % 2] = static_cast<uint8_t>(m);
+      for (int r = 0; r < 8; ++r) {
+        std::memcpy(to + 2 * r, from[r], 2);
+        std::memcpy(to + 16 + 2 * r, from[r] + 2, 2);
+        for (int group = 0; group < 8; ++group) {
+          int sc, m;
+          scale_min(from[r] + 4, group, &sc, &m);
+          to[32 + 8 * group + r] = static_cast<uint8_t>(sc);
+          to[96 + 16 * (group / 2) + 2 * r + group % 2] = static_cast<uint8_t>(m);
+        }
       }
-      for (int j = 0; j < 4; ++j) {
-        for (int c = 0; c < 8; ++c) std::memcpy(to + 160 + 256 * j + 32 * c + 4 * r, from + 16 + 32 * j + 4 * c, 4);
-      }
+      interleave_dwords(from, 16, 32, to + 160);
       return;
     case kQ6_K:
-      std::memcpy(to + 2 * r, from + 208, 2);
-      for (int t = 0; t < 8; ++t) std::memcpy(to + 16 + 16 * t + 2 * r, from + 192 + 2 * t, 2);
-      for (int v = 0; v < 32; ++v) std::memcpy(to + 144 + 32 * v + 4 * r, from + 4 * v, 4);
-      for (int u = 0; u < 16; ++u) std::memcpy(to + 144 + 1024 + 32 * u + 4 * r, from + 128 + 4 * u, 4);
+      for (int r = 0; r < 8; ++r) {
+        std::memcpy(to + 2 * r, from[r] + 208, 2);
+        for (int t = 0; t < 8; ++t) std::memcpy(to + 16 + 16 * t + 2 * r, from[r] + 192 + 2 * t, 2);
+      }
+      interleave_dwords(from, 0, 32, to + 144);
+      interleave_dwords(from, 128, 16, to + 144 + 1024);
       return;
     default: TORCH_CHECK(false, "ggml block type ", type, " has no packed layout");
   }
 }
 #endif
+
+// uint8 [rows, columns] in memory of its own, its pages mapped in one call (MAP_POPULATE): every byte is about to
+// be written, and a page fault apiece made filling a 1 GB model cost ~1 s of its load
+torch::Tensor populated_bytes(int64_t rows, int64_t columns) {
+  const size_t bytes = static_cast<size_t>(rows * columns);
+  void* memory = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+  if (memory == MAP_FAILED) return torch::empty({rows, columns}, torch::kUInt8);
+  return torch::from_blob(memory, {rows, columns}, [bytes](void* p) { munmap(p, bytes); }, torch::kUInt8);
+}
 
 // The rows of a weight (uint8 [rows, bytes a row], ggml `type`) in the layout of the packed kernels, with the
 // type that names it (kPacked | type); the weight itself and its type where there is no packed kernel for it
@@ -1002,16 +1043,15 @@ std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type)
     return {weight, type};
   }
   const int64_t blocks = row_bytes / bytes_of(type), block_bytes = packed_bytes_of(type);
-  auto packed = torch::empty({rows, blocks * block_bytes}, weight.options());
+  auto packed = populated_bytes(rows, blocks * block_bytes);
   const uint8_t* src = weight.data_ptr<uint8_t>();
   uint8_t* dst = packed.data_ptr<uint8_t>();
   at::parallel_for(0, rows / kPackRows, 1, [&](int64_t begin, int64_t end) {
     for (int64_t g = begin; g < end; ++g) {
       for (int64_t i = 0; i < blocks; ++i) {
-        uint8_t* to = dst + (g * blocks + i) * kPackRows * block_bytes;
-        for (int64_t r = 0; r < kPackRows; ++r) {
-          pack_block(type, src + (g * kPackRows + r) * row_bytes + i * bytes_of(type), r, to);
-        }
+        const uint8_t* from[kPackRows];
+        for (int64_t r = 0; r < kPackRows; ++r) from[r] = src + (g * kPackRows + r) * row_bytes + i * bytes_of(type);
+        pack_blocks(type, from, dst + (g * blocks + i) * kPackRows * block_bytes);
       }
     }
   });
