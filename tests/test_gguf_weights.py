@@ -206,7 +206,7 @@ def _mapped_resident_bytes(path) -> int:
 
 def test_populate_maps_the_tensors_asked_for_and_nothing_else(tmp_path):
     """Kernels that compute from the mapping would otherwise fault each page in on first use (a MoE model's
-    experts over hundreds of steps); the loader leaves the embedding, of which a step reads a few rows, out."""
+    experts over hundreds of steps); the embedding, of which a step reads a few rows, is left out."""
     path = tmp_path / "populate.gguf"
     writer = gguf.GGUFWriter(str(path), "llama")
     rng = np.random.default_rng(0)
@@ -224,3 +224,33 @@ def test_populate_maps_the_tensors_asked_for_and_nothing_else(tmp_path):
     grown = _mapped_resident_bytes(path) - before
     size = checkpoint.tensors["blk.0.ffn_up.weight"].raw.nbytes  # 2.1 MiB of Q8_0 blocks
     assert size <= grown < size + 64 * 1024
+
+
+def test_a_packed_tensor_is_not_held_twice(tmp_path):
+    """A linear whose blocks the kernels repack (8 rows interleaved) holds them once: the file's pages are let go
+    as they are packed (the page cache keeps them), and the packed kernel computes the file's weights."""
+    from random_blocks import round_activations
+
+    from whale.kernels import cpu_ops
+    from whale.models.gguf_blocks import BlockLinear
+
+    if cpu_ops() is None:
+        pytest.skip("the compiled CPU kernels are not built here")
+    path = tmp_path / "packed.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    blocks = gguf.quants.quantize(np.random.default_rng(0).standard_normal((1024, 2048), np.float32), q8_0)
+    writer.add_tensor("blk.0.ffn_up.weight", blocks, raw_dtype=q8_0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tensor = GGUFCheckpoint(path).tensors["blk.0.ffn_up.weight"]
+    linear = BlockLinear.from_gguf(tensor, None)
+    assert linear.types != [q8_0.value]  # packed
+    assert _mapped_resident_bytes(path) < 64 * 1024  # of the file's 2.1 MiB, the header at most
+    x = torch.randn(3, 2048, generator=torch.Generator().manual_seed(0))
+    weight = tensor.dequantize().double()
+    exact = round_activations(x, 32).double() @ weight.T
+    assert ((linear(x).double() - exact).abs() / (x.double().abs() @ weight.abs().T)).max() < 1e-6
+

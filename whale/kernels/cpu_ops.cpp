@@ -299,7 +299,7 @@ torch::Tensor packed_bf16_linear(const torch::Tensor& x, const torch::Tensor& pa
 // ggml_blocks.cpp
 torch::Tensor block_linear(torch::Tensor x, std::vector<torch::Tensor> weights, std::vector<int64_t> types);
 torch::Tensor block_rows(torch::Tensor weight, int64_t type, torch::Tensor ids, int64_t k);
-std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type);
+std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type, bool mapped);
 void bind_block_experts(pybind11::module& m);
 torch::Tensor block_heads(torch::Tensor x, torch::Tensor w, int64_t type);
 
@@ -460,7 +460,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_linear", &block_linear, "x W^T straight from ggml blocks (W: parts stacked by rows)");
   m.def("block_heads", &block_heads, "per head x_h W_h^T straight from ggml blocks");
   m.def("block_rows", &block_rows, "rows of a ggml block matrix as float32");
-  m.def("pack_rows", &pack_rows, "a block matrix's rows in the packed kernels' layout, and its type");
+  m.def("pack_rows", &pack_rows, "a block matrix's rows in the packed kernels' layout, and its type",
+        pybind11::arg("weight"), pybind11::arg("type"), pybind11::arg("mapped") = false);
   m.def("paged_attention", &paged_attention, "attention over paged K/V storage");
   m.def("mask_logits_", &mask_logits_, "-inf where an allowed-token bitmask is clear, in place");
 }

@@ -27,6 +27,7 @@
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
@@ -1022,6 +1023,8 @@ void pack_blocks(int64_t type, const uint8_t* const* from, uint8_t* to) {
 }
 #endif
 
+constexpr int kPopulateRead = 22;  // MADV_POPULATE_READ, Linux 5.14 (older headers lack the name)
+
 // uint8 [rows, columns] in memory of its own, its pages mapped in one call (MAP_POPULATE): every byte is about to
 // be written, and a page fault apiece made filling a 1 GB model cost ~1 s of its load
 torch::Tensor populated_bytes(int64_t rows, int64_t columns) {
@@ -1034,7 +1037,10 @@ torch::Tensor populated_bytes(int64_t rows, int64_t columns) {
 // The rows of a weight (uint8 [rows, bytes a row], ggml `type`) in the layout of the packed kernels, with the
 // type that names it (kPacked | type); the weight itself and its type where there is no packed kernel for it
 // (a type without one, rows not a multiple of 8, no AVX2). The same bytes, moved: every value is as stored.
-std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type) {
+// `mapped`: the weight is a view of a file's read-only mapping, whose pages are then mapped in (MADV_POPULATE_READ)
+// and let go again (MADV_DONTNEED: the page cache keeps them) 32 MB at a time as they are packed, so that a
+// model's resident memory never holds a matrix twice. Never for anonymous memory, which that would zero.
+std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type, bool mapped) {
   TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.dim() == 2 && weight.is_contiguous(),
               "pack_rows: weight must be contiguous uint8 [rows, bytes]");
 #if defined(__AVX2__)
@@ -1046,15 +1052,33 @@ std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type)
   auto packed = populated_bytes(rows, blocks * block_bytes);
   const uint8_t* src = weight.data_ptr<uint8_t>();
   uint8_t* dst = packed.data_ptr<uint8_t>();
-  at::parallel_for(0, rows / kPackRows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t g = begin; g < end; ++g) {
-      for (int64_t i = 0; i < blocks; ++i) {
-        const uint8_t* from[kPackRows];
-        for (int64_t r = 0; r < kPackRows; ++r) from[r] = src + (g * kPackRows + r) * row_bytes + i * bytes_of(type);
-        pack_blocks(type, from, dst + (g * blocks + i) * kPackRows * block_bytes);
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  const auto address = [&](int64_t group) { return reinterpret_cast<uintptr_t>(src + group * kPackRows * row_bytes); };
+  uintptr_t released = (address(0) + page - 1) / page * page;  // whole pages of the weight only
+  const int64_t groups = rows / kPackRows, step = std::max<int64_t>(1, (32 << 20) / (kPackRows * row_bytes));
+  for (int64_t first = 0; first < groups; first += step) {
+    const int64_t last = std::min(groups, first + step);
+    if (mapped) {
+      const uintptr_t begin = address(first) / page * page;
+      if (madvise(reinterpret_cast<void*>(begin), address(last) - begin, kPopulateRead) != 0) {
+        madvise(reinterpret_cast<void*>(begin), address(last) - begin, MADV_WILLNEED);
       }
     }
-  });
+    at::parallel_for(first, last, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t g = begin; g < end; ++g) {
+        for (int64_t i = 0; i < blocks; ++i) {
+          const uint8_t* from[kPackRows];
+          for (int64_t r = 0; r < kPackRows; ++r) from[r] = src + (g * kPackRows + r) * row_bytes + i * bytes_of(type);
+          pack_blocks(type, from, dst + (g * blocks + i) * kPackRows * block_bytes);
+        }
+      }
+    });
+    const uintptr_t done = address(last) / page * page;
+    if (mapped && done > released) {
+      madvise(reinterpret_cast<void*>(released), done - released, MADV_DONTNEED);
+      released = done;
+    }
+  }
   return {packed, kPacked | type};
 #else
   return {weight, type};

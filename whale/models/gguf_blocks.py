@@ -41,27 +41,23 @@ class BlockLinear(nn.Module):
     """y = x W^T (+ b), W the row-wise stack of `weights` (uint8 [rows, bytes a row] in ggml block `types`): one
     part per checkpoint tensor, so a fused q/k/v may mix Q4_K and Q6_K. Takes fp32 or bf16, answers fp32."""
 
-    def __init__(self, weights: list[torch.Tensor], types: list[int], bias: nn.Parameter | None,
-                 source: GGUFTensor | None = None):
+    def __init__(self, weights: list[torch.Tensor], types: list[int], bias: nn.Parameter | None):
         super().__init__()
         self.weights, self.types = weights, types  # plain attributes: the blocks, not state to save
         self.kernel = cpu_ops().BlockKernel(weights, types)  # what the compiled decode stack calls too
         self.bias = bias
         self.out_features = sum(w.shape[0] for w in weights)
-        self.source = source  # the GGUF tensor whose mapped bytes the kernel reads, if it reads them in place
 
     @classmethod
     def from_gguf(cls, tensor: GGUFTensor, bias: nn.Parameter | None, rope_heads: int | None = None) -> BlockLinear:
         """The tensor's blocks, packed for the kernel where it has a packed layout for them (`pack_rows`: groups
-        of 8 rows interleaved; the file's pages are then let go), else read where the file maps them."""
-        if rope_heads is None:
-            tensor.populate()  # read at once rather than a page fault at a time
+        of 8 rows interleaved; the file's pages are let go as they are packed), else read where the file maps
+        them (mapped in now, rather than a page fault at a time)."""
+        in_place = rope_heads is None and tensor.mapping is not None
         raw, ggml_type = block_bytes(tensor, rope_heads), BLOCK_TYPES[tensor.ggml_type]
-        weight, type_id = cpu_ops().pack_rows(raw, ggml_type)
-        if type_id == ggml_type:
-            return cls([weight], [type_id], bias, tensor if rope_heads is None else None)
-        if rope_heads is None:
-            tensor.release()
+        weight, type_id = cpu_ops().pack_rows(raw, ggml_type, mapped=in_place)
+        if type_id == ggml_type and in_place:
+            tensor.populate()
         return cls([weight], [type_id], bias)
 
     @classmethod

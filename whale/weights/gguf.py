@@ -55,29 +55,16 @@ class GGUFTensor:
     raw: np.ndarray
     mapping: mmap.mmap | None = field(default=None, repr=False, compare=False)  # the file's map `raw` is a view of
 
-    def _advise(self, advice: int, whole_pages_only: bool) -> None:
-        start = self.raw.ctypes.data - np.frombuffer(self.mapping, np.uint8).ctypes.data
-        end = start + self.raw.nbytes
-        first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE if whole_pages_only else start - start % mmap.PAGESIZE
-        last = end - end % mmap.PAGESIZE if whole_pages_only else end
-        if last > first:
-            self.mapping.madvise(advice, first, last - first)
-
     def populate(self) -> None:
         """Map the bytes into memory now (Linux 5.14+: MADV_POPULATE_READ; elsewhere a read-ahead request)."""
         if self.mapping is None:
             return
+        start = self.raw.ctypes.data - np.frombuffer(self.mapping, np.uint8).ctypes.data
+        aligned = start - start % mmap.PAGESIZE
         try:
-            self._advise(MADV_POPULATE_READ, whole_pages_only=False)
+            self.mapping.madvise(MADV_POPULATE_READ, aligned, start + self.raw.nbytes - aligned)
         except (OSError, ValueError):
-            self._advise(mmap.MADV_WILLNEED, whole_pages_only=False)
-
-    def release(self) -> None:
-        """Take the bytes' pages out of the process's resident memory, once a kernel holds them in a layout of
-        its own: the page cache keeps them, and a later read maps them again. Only pages wholly inside the
-        tensor, so a neighbour's bytes stay mapped."""
-        if self.mapping is not None:
-            self._advise(mmap.MADV_DONTNEED, whole_pages_only=True)
+            self.mapping.madvise(mmap.MADV_WILLNEED, aligned, start + self.raw.nbytes - aligned)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         from gguf import GGMLQuantizationType
