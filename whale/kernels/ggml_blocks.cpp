@@ -823,8 +823,11 @@ void decoded_columns(const Part& part, int64_t begin, int64_t end, const Activat
 // is computed whole and only its columns in range kept)
 template <int64_t T>
 void packed_columns(const Part& part, int64_t begin, int64_t end, const Activations& x, float* out, int64_t n) {
-  const int64_t chunk = std::max<int64_t>(kRowTile, kChunkBytes / x.k / kRowTile * kRowTile);
-  float results[kRowTile * kPackRows];
+  // activation rows a call, each group's codes unpacked once for all (Q4_K's kernel, with twice the integer
+  // sums a row, spills its registers at 8 and is fastest at 4)
+  constexpr int kTile = T == kQ4_K ? 4 : 8;
+  const int64_t chunk = std::max<int64_t>(kTile, kChunkBytes / x.k / kTile * kTile);
+  float results[kTile * kPackRows];
   for (int64_t first = 0; first < x.rows; first += chunk) {
     const int64_t last = std::min(x.rows, first + chunk);
     for (int64_t g = begin / kPackRows; g * kPackRows < end; ++g) {
@@ -836,9 +839,15 @@ void packed_columns(const Part& part, int64_t begin, int64_t end, const Activati
         }
       };
       int64_t row = first;
-      for (; row + kRowTile <= last; row += kRowTile) {
-        packed_dot<T, kRowTile>(group, x, row, results);
-        keep(row, kRowTile);
+      for (; row + kTile <= last; row += kTile) {
+        packed_dot<T, kTile>(group, x, row, results);
+        keep(row, kTile);
+      }
+      if constexpr (kTile > kRowTile) {
+        for (; row + kRowTile <= last; row += kRowTile) {
+          packed_dot<T, kRowTile>(group, x, row, results);
+          keep(row, kRowTile);
+        }
       }
       for (; row < last; ++row) {
         packed_dot<T, 1>(group, x, row, results);
