@@ -585,40 +585,48 @@ inline __m256i dot_add(__m256i sum, __m256i codes, __m256i x) {
 #endif
 }
 
-template <int R>
-void q4_0_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
+// Q4_0 and Q8_0: per block, 8 code vectors against 4 activation codes each
+template <int64_t T, int R>
+void legacy_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
   const int64_t blocks = x.k / 32;
-  const __m256i low = _mm256_set1_epi8(0x0F);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t i = 0; i < blocks; ++i) {
-    const uint8_t* b = group + i * kPackRows * 18;
+    const uint8_t* b = group + i * kPackRows * bytes_of(T);
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-    __m256i codes[8];
-    for (int c = 0; c < 4; ++c) {
-      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * c));
-      codes[c] = _mm256_and_si256(v, low);
-      codes[c + 4] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+    __m256i codes[8], magnitudes[8];  // Q4_0: vector c < 4 holds weights 4c .. 4c + 3 of each row, c + 4 16 above
+    for (int c = 0; c < 8; ++c) {
+      if constexpr (T == kQ4_0) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * (c % 4)));
+        magnitudes[c] = _mm256_and_si256(c < 4 ? v : _mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F));
+      } else {
+        codes[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * c));
+        magnitudes[c] = _mm256_sign_epi8(codes[c], codes[c]);
+      }
     }
     for (int r = 0; r < R; ++r) {
       const int64_t row = row0 + r;
       const int8_t* xq = x.q.data() + row * x.k + 32 * i;
       __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
-      for (int c = 0; c < 8; c += 2) {  // vector c holds weights 4c .. 4c + 3 of each row (c < 4), 16 + ... above
+      for (int c = 0; c < 8; c += 2) {
         int32_t x0, x1;
         std::memcpy(&x0, xq + 4 * c, 4);
         std::memcpy(&x1, xq + 4 * c + 4, 4);
-        even = dot_add(even, codes[c], _mm256_set1_epi32(x0));
-        odd = dot_add(odd, codes[c + 1], _mm256_set1_epi32(x1));
+        __m256i v0 = _mm256_set1_epi32(x0), v1 = _mm256_set1_epi32(x1);
+        if constexpr (T == kQ8_0) v0 = _mm256_sign_epi8(v0, codes[c]), v1 = _mm256_sign_epi8(v1, codes[c + 1]);
+        even = dot_add(even, magnitudes[c], v0);
+        odd = dot_add(odd, magnitudes[c + 1], v1);
       }
-      const int16_t* sums = x.sums.data() + row * (x.k / 16) + 2 * i;
-      const __m256i dot = _mm256_sub_epi32(_mm256_add_epi32(even, odd), _mm256_set1_epi32(8 * (sums[0] + sums[1])));
+      __m256i dot = _mm256_add_epi32(even, odd);
+      if constexpr (T == kQ4_0) {  // the codes' offset of 8, through the activations' sum
+        const int16_t* sums = x.sums.data() + row * (x.k / 16) + 2 * i;
+        dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(8 * (sums[0] + sums[1])));
+      }
       acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(x.d[row * blocks + i])), acc[r]);
     }
   }
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + kPackRows * r, acc[r]);
 }
-
 
 template <int R>
 void q4_k_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
@@ -720,47 +728,14 @@ void q6_k_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, f
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + kPackRows * r, acc[r]);
 }
 
-template <int R>
-void q8_0_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
-  const int64_t blocks = x.k / 32;
-  __m256 acc[R];
-  for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t i = 0; i < blocks; ++i) {
-    const uint8_t* b = group + i * kPackRows * 34;
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-    __m256i codes[8], magnitudes[8];
-    for (int c = 0; c < 8; ++c) {
-      codes[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * c));
-      magnitudes[c] = _mm256_sign_epi8(codes[c], codes[c]);
-    }
-    for (int r = 0; r < R; ++r) {
-      const int64_t row = row0 + r;
-      const int8_t* xq = x.q.data() + row * x.k + 32 * i;
-      __m256i even = _mm256_setzero_si256(), odd = _mm256_setzero_si256();
-      for (int c = 0; c < 8; c += 2) {
-        int32_t x0, x1;
-        std::memcpy(&x0, xq + 4 * c, 4);
-        std::memcpy(&x1, xq + 4 * c + 4, 4);
-        even = dot_add(even, magnitudes[c], _mm256_sign_epi8(_mm256_set1_epi32(x0), codes[c]));
-        odd = dot_add(odd, magnitudes[c + 1], _mm256_sign_epi8(_mm256_set1_epi32(x1), codes[c + 1]));
-      }
-      const __m256i dot = _mm256_add_epi32(even, odd);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(x.d[row * blocks + i])), acc[r]);
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + kPackRows * r, acc[r]);
-}
-
 template <int64_t T, int R>
 inline void packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
-  if constexpr (T == kQ8_0) {
-    q8_0_packed_dot<R>(group, x, row0, out);
-  } else if constexpr (T == kQ4_K) {
+  if constexpr (T == kQ4_K) {
     q4_k_packed_dot<R>(group, x, row0, out);
   } else if constexpr (T == kQ6_K) {
     q6_k_packed_dot<R>(group, x, row0, out);
   } else {
-    q4_0_packed_dot<R>(group, x, row0, out);
+    legacy_packed_dot<T, R>(group, x, row0, out);
   }
 }
 #endif

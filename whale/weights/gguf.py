@@ -11,7 +11,7 @@ import math
 import mmap
 import re
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,10 @@ class GGUFTensor:
     mapping: mmap.mmap | None = field(default=None, repr=False, compare=False)  # the file's map `raw` is a view of
 
     def populate(self) -> None:
-        """Map the bytes into memory now (Linux 5.14+: MADV_POPULATE_READ; elsewhere a read-ahead request)."""
+        """Map the bytes into memory now (Linux 5.14+: MADV_POPULATE_READ; elsewhere a read-ahead request), for a
+        kernel that computes from the mapping: otherwise each page faults in on its first use, and a MoE model,
+        whose tokens reach new experts for hundreds of steps, decodes at a fraction of its speed until every
+        expert has been read once."""
         if self.mapping is None:
             return
         start = self.raw.ctypes.data - np.frombuffer(self.mapping, np.uint8).ctypes.data
@@ -261,13 +264,6 @@ class GGUFCheckpoint:
     def architecture(self) -> str:
         return self.metadata["general.architecture"]
 
-    def populate(self, tensors: Iterable[GGUFTensor]) -> None:
-        """Map these tensors' bytes into memory now, as kernels that compute from the mapping will read them:
-        otherwise each page faults in on its first use, and a MoE model, whose tokens reach new experts for
-        hundreds of steps, decodes at a fraction of its speed until every expert has been read once (the
-        embedding table, of which a step reads a few rows, is better left out)."""
-        for tensor in tensors:
-            tensor.populate()
 
 
 def _read_header(data: np.ndarray) -> tuple[dict[str, Any], list[tuple[str, list[int], int, int]], int]:
