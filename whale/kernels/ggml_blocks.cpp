@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -677,47 +678,77 @@ void q4_k_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, f
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + kPackRows * r, acc[r]);
 }
 
+// Q6_K's codes of one packed vector: ggml's layout puts weights 32g .. 32g + 31 (g = 4h + j) in nibble j / 2 of ql
+// (the low one for j < 2) and in bits 2j, 2j + 1 of qh
+template <int J>
+inline __m256i q6_k_codes(__m256i l, __m256i hb) {
+  const __m256i nibbles = _mm256_and_si256(J < 2 ? l : _mm256_srli_epi16(l, 4), _mm256_set1_epi8(0x0F));
+  __m256i bits = hb;
+  if constexpr (J == 0) bits = _mm256_slli_epi16(hb, 4);
+  if constexpr (J == 1) bits = _mm256_slli_epi16(hb, 2);
+  if constexpr (J == 3) bits = _mm256_srli_epi16(hb, 2);
+  return _mm256_or_si256(nibbles, _mm256_and_si256(bits, _mm256_set1_epi8(0x30)));
+}
+
+// weights 32G .. 32G + 31 of super-block i (sub-blocks 2G and 2G + 1) into the integer sums; G a constant, so that
+// the codes' shifts and every accumulator's index are fixed at compile time (a runtime G left the accumulators on
+// the stack and a branch per vector: half the speed)
+template <int G, int R>
+inline void q6_k_packed_group(const uint8_t* b, const Activations& x, int64_t row0, int64_t i, __m256i* scaled,
+                              __m256i* offsets) {
+  constexpr int h = G / 4, j = G % 4;
+  const uint8_t* ql = b + 144 + 32 * (16 * h + 8 * (j % 2));
+  const uint8_t* qh = b + 144 + 1024 + 32 * 8 * h;
+  // scales of sub-blocks 2G, 2G + 1 as int16 pairs per row, and each as int32
+  const __m256i pair = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 + 16 * G)));
+  const __m256i scales[2] = {_mm256_srai_epi32(_mm256_slli_epi32(pair, 16), 16), _mm256_srai_epi32(pair, 16)};
+#pragma GCC unroll 2
+  for (int s = 0; s < 2; ++s) {
+    __m256i sums[R];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) sums[r] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int c = 4 * s; c < 4 * s + 4; ++c) {
+      const __m256i codes = q6_k_codes<j>(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32 * c)),
+                                          _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * c)));
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        int32_t xc;
+        std::memcpy(&xc, x.q.data() + (row0 + r) * x.k + 256 * i + 32 * G + 4 * c, 4);
+        sums[r] = dot_add(sums[r], codes, _mm256_set1_epi32(xc));
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) scaled[r] = _mm256_add_epi32(scaled[r], _mm256_mullo_epi32(sums[r], scales[s]));
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    int32_t sums;
+    std::memcpy(&sums, x.sums.data() + (row0 + r) * (x.k / 16) + 16 * i + 2 * G, 4);
+    offsets[r] = _mm256_add_epi32(offsets[r], _mm256_madd_epi16(pair, _mm256_set1_epi32(sums)));
+  }
+}
+
+template <int R, int... G>
+inline void q6_k_packed_groups(std::integer_sequence<int, G...>, const uint8_t* b, const Activations& x,
+                               int64_t row0, int64_t i, __m256i* scaled, __m256i* offsets) {
+  (q6_k_packed_group<G, R>(b, x, row0, i, scaled, offsets), ...);
+}
+
 template <int R>
 void q6_k_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
   const int64_t blocks = x.k / 256;
-  const __m256i low = _mm256_set1_epi8(0x0F), top = _mm256_set1_epi8(0x30);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t i = 0; i < blocks; ++i) {
     const uint8_t* b = group + i * kPackRows * 210;
-    const uint8_t* ql = b + 144;
-    const uint8_t* qh = ql + 1024;
+    // every line of the super-block asked for first, so that its misses overlap: the vectors are read out of
+    // order (each qh vector for four groups), and a GEMV streamed 15 GB/s from memory without this (Q4_K: 22),
+    // 22-28 with it; asking for the next super-blocks instead was slower
+    for (int64_t line = 0; line < kPackRows * 210; line += 64) _mm_prefetch(b + line, _MM_HINT_T0);
     __m256i scaled[R], offsets[R];
     for (int r = 0; r < R; ++r) scaled[r] = offsets[r] = _mm256_setzero_si256();
-    for (int g = 0; g < 8; ++g) {  // weights 32g .. 32g + 31: half h = g / 4, j = g % 4 of ggml's layout
-      const int h = g / 4, j = g % 4;
-      __m256i first[R], second[R];  // sub-blocks 2g and 2g + 1
-      for (int r = 0; r < R; ++r) first[r] = second[r] = _mm256_setzero_si256();
-      for (int c = 0; c < 8; ++c) {
-        const __m256i l = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ql + 32 * (16 * h + 8 * (j % 2) + c)));
-        const __m256i hb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qh + 32 * (8 * h + c)));
-        const __m256i nibbles = _mm256_and_si256(j < 2 ? l : _mm256_srli_epi16(l, 4), low);
-        const __m256i bits = j == 0 ? _mm256_slli_epi16(hb, 4) : j == 1 ? _mm256_slli_epi16(hb, 2)
-                                    : j == 2 ? hb : _mm256_srli_epi16(hb, 2);
-        const __m256i codes = _mm256_or_si256(nibbles, _mm256_and_si256(bits, top));
-        for (int r = 0; r < R; ++r) {
-          int32_t xc;
-          std::memcpy(&xc, x.q.data() + (row0 + r) * x.k + 256 * i + 32 * g + 4 * c, 4);
-          (c < 4 ? first[r] : second[r]) = dot_add(c < 4 ? first[r] : second[r], codes, _mm256_set1_epi32(xc));
-        }
-      }
-      // scales of sub-blocks 2g, 2g + 1 as int16 pairs per row, and each as int32
-      const __m256i pair = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 + 16 * g)));
-      const __m256i scale_first = _mm256_srai_epi32(_mm256_slli_epi32(pair, 16), 16);
-      const __m256i scale_second = _mm256_srai_epi32(pair, 16);
-      for (int r = 0; r < R; ++r) {
-        scaled[r] = _mm256_add_epi32(scaled[r], _mm256_add_epi32(_mm256_mullo_epi32(first[r], scale_first),
-                                                                 _mm256_mullo_epi32(second[r], scale_second)));
-        int32_t sums;
-        std::memcpy(&sums, x.sums.data() + (row0 + r) * (x.k / 16) + 16 * i + 2 * g, 4);
-        offsets[r] = _mm256_add_epi32(offsets[r], _mm256_madd_epi16(pair, _mm256_set1_epi32(sums)));
-      }
-    }
+    q6_k_packed_groups<R>(std::make_integer_sequence<int, 8>(), b, x, row0, i, scaled, offsets);
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
     for (int r = 0; r < R; ++r) {
       const __m256i total = _mm256_sub_epi32(scaled[r], _mm256_slli_epi32(offsets[r], 5));
@@ -753,6 +784,10 @@ struct Part {
 #if defined(__AVX2__)
 constexpr int kWeightTile = 2;            // weight rows unpacked side by side, each activation load used for both
 constexpr int64_t kChunkBytes = 192 << 10;  // activation codes walked per pass over the weights (kept in L2)
+// the packed kernels' passes: a group of 8 weight rows (up to ~120 KB at K = 18,944) stays in L2 for every tile
+// of a pass, so the weights are read from memory once per pass; at 192 KB the 7B's down projection took 8
+// activation rows a pass, 64 passes over its 55 MB at 512 rows, and ran at half the speed of its gate
+constexpr int64_t kPackedChunkBytes = 1 << 20;
 
 // the many-row path: the activations in chunks that stay in L2; for each chunk, the part's weight rows unpacked
 // kWeightTile at a time into `decoded`, then `dot<W, R>` over kRowTile activation rows at a time (W weight rows
@@ -801,7 +836,7 @@ void packed_columns(const Part& part, int64_t begin, int64_t end, const Activati
   // activation rows a call, each group's codes unpacked once for all (Q4_K's kernel, with twice the integer
   // sums a row, spills its registers at 8 and is fastest at 4)
   constexpr int kTile = T == kQ4_K ? 4 : 8;
-  const int64_t chunk = std::max<int64_t>(kTile, kChunkBytes / x.k / kTile * kTile);
+  const int64_t chunk = std::max<int64_t>(kTile, kPackedChunkBytes / x.k / kTile * kTile);
   float results[kTile * kPackRows];
   for (int64_t first = 0; first < x.rows; first += chunk) {
     const int64_t last = std::min(x.rows, first + chunk);
