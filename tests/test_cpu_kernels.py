@@ -147,6 +147,43 @@ def test_paged_attention_refuses_a_layout_pointing_outside_the_storage():
     assert not store.any()  # nothing was written
 
 
+def test_latent_attention_through_the_kernel_equals_the_gathered_path(monkeypatch):
+    """MLA decode steps read the latent rows in place with paged_attention (one KV head, values = the same rows);
+    ragged sequences, contexts over several of the kernel's 256-position chunks, a few new tokens each: the
+    result and what is left in the cache match the gather + matmul path."""
+    from whale.engine import paged_attention
+    from whale.engine.paged_attention import PagedKVCache
+    from whale.models.layers import KVCacheSpec
+
+    torch.manual_seed(0)
+    spec = KVCacheSpec("mla", num_layers=2, num_kv_heads=1, head_dim=72, rope_dim=8)
+    caches = [PagedKVCache(spec, num_blocks=96, block_size=16, dtype=torch.float32) for _ in range(2)]
+    heads, rank, rope = 4, 64, 8
+    kernel_calls = []
+
+    class Spy:  # the compiled ops, counting the paged-attention calls
+        def __getattr__(self, name):
+            if name == "paged_attention":
+                kernel_calls.append(1)
+            return getattr(cpu_ops(), name)
+
+    for counts in [(300, 40, 600), (1, 2, 1), (3, 1, 2)]:
+        tokens = sum(counts)
+        inputs = (torch.randn(tokens, heads, rank), torch.randn(tokens, heads, rope), torch.randn(tokens, rank),
+                  torch.randn(tokens, rope))
+        results = []
+        for cache, compiled in zip(caches, (True, False), strict=True):
+            monkeypatch.setattr(paged_attention, "cpu_ops", Spy if compiled else lambda: None)
+            cache.begin_step(["a", "b", "c"], list(counts))
+            results.append(cache.attend_latent(1, *inputs, scale=0.1))
+            cache.end_step()
+            monkeypatch.undo()
+        assert results[0].shape == (tokens, heads, rank)
+        torch.testing.assert_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+    assert len(kernel_calls) == 2  # the two decode steps; the prompts' chunks are gathered
+    torch.testing.assert_close(caches[0].stores["latent"], caches[1].stores["latent"], rtol=0, atol=0)
+
+
 PROMPTS = ["The capital of France is", "Whales sing because", "def fibonacci(n):", "Once upon a time",
            "The three primary colours are", "My favourite food is"]
 

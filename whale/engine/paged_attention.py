@@ -220,6 +220,15 @@ class PagedKVCache:
         attention-weighted sum of the cached latents [T, H, R] (the caller applies W_UV). `allowed` [T, S_max]
         restricts each token to selected context positions (DSA)."""
         rank = latent.shape[-1]
+        kernel = self._paged_kernel()
+        if kernel is not None and allowed is None and q_latent.dtype == torch.float32:
+            # MQA over the latent rows: one KV head whose keys are [latent | k_pe] and whose values are the same
+            # rows (the k_pe columns of the result are dropped): the compiled kernel reads them in place
+            layout, store = self.layout, self.stores["latent"][layer].unsqueeze(1)
+            row = torch.cat((latent, k_pe), dim=-1).unsqueeze(1)
+            out = kernel(torch.cat((q_latent, q_pe), dim=-1), row, row, store, store, layout.slot_mapping,
+                         layout.context_index, layout.token_seq, layout.token_len, scale)
+            return out[..., :rank].contiguous()
         context = self._write_and_gather("latent", layer, torch.cat((latent, k_pe), dim=-1))
         query = self._pad_tokens(torch.cat((q_latent, q_pe), dim=-1))  # [B, Tn, H, R+P]
         batch, rows, heads, width = query.shape
