@@ -21,7 +21,7 @@ from whale.kernels import cpu_ops
 pytestmark = pytest.mark.skipif(cpu_ops() is None, reason="the compiled CPU kernels are not built here")
 
 TYPES = ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]
-PACKED = ["Q4_0", "Q8_0", "Q4_K", "Q6_K"]  # the types `pack_rows` has a layout for (8 rows interleaved)
+PACKED = ["Q4_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K"]  # the types `pack_rows` has a layout for (8 rows interleaved)
 # every matmul test runs on the blocks as stored and, for the types with one, in the packed layout
 LAYOUTS = [(t, "stored") for t in TYPES] + [(t, "packed") for t in PACKED]
 

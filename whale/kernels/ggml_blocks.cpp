@@ -68,9 +68,9 @@ constexpr int64_t bytes_of(int64_t type) {
   }
 }
 
-// bytes a row takes per block once packed (Q4_K: its 6-bit scales and mins stored a byte each)
+// bytes a row takes per block once packed (Q4_K, Q5_K: their 6-bit scales and mins stored a byte each)
 constexpr int64_t packed_bytes_of(int64_t type) {
-  return type == kQ4_K ? 148 : bytes_of(type);
+  return type == kQ4_K ? 148 : type == kQ5_K ? 180 : bytes_of(type);
 }
 
 Format format_of(int64_t type) {
@@ -569,6 +569,8 @@ void dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
 // per pair j, 8 x 32 bytes, byte 4r + b of vector c holding row r's qs[32j + 4c + b] (group 2j's weight 4c + b
 // in the low nibble, group 2j + 1's in the high one). The integer sums are each group's scale times its codes'
 // dot product, and each group's min times its activations' sum; then d dx and dmin dx, as the stored path.
+// Q5_K, packed: as Q4_K (1440 bytes, 180 a row), the rows' qh as 8 vectors at byte 160 (byte 4r + b of vector c
+// holding row r's qh[4c + b]: the fifth bits of weight 4c + b of every group) and the codes after them.
 // Q6_K, packed: per group of 8 rows, per super-block (1680 bytes, as stored): the rows' d (f16); the int8 scales
 // per pair t of 16-weight sub-blocks [t][row r][2t, 2t + 1]; ql as 32 vectors (byte 4r + b of vector v: row r's
 // ql[4v + b]) and qh as 16 (row r's qh[4u + b]). Integer: sum over sub-blocks of scale x (codes . x - 32 sum x).
@@ -629,22 +631,31 @@ void legacy_packed_dot(const uint8_t* group, const Activations& x, int64_t row0,
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + kPackRows * r, acc[r]);
 }
 
-template <int R>
-void q4_k_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
+// Q4_K and Q5_K (T): per group pair j, the low nibbles are group 2j's codes and the high ones group 2j + 1's; Q5_K
+// ORs in each code's fifth bit, bit 2j (2j + 1) of its qh byte, moved to bit 4
+template <int64_t T, int R>
+void k_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
+  constexpr int64_t codes_at = T == kQ5_K ? 160 + 256 : 160;
   const int64_t blocks = x.k / 256;
-  const __m256i low = _mm256_set1_epi8(0x0F);
+  const __m256i low = _mm256_set1_epi8(0x0F), fifth = _mm256_set1_epi8(0x10);
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t i = 0; i < blocks; ++i) {
-    const uint8_t* b = group + i * kPackRows * packed_bytes_of(kQ4_K);
+    const uint8_t* b = group + i * kPackRows * packed_bytes_of(T);
     __m256i scaled[R], offsets[R];
     for (int r = 0; r < R; ++r) scaled[r] = offsets[r] = _mm256_setzero_si256();
     for (int j = 0; j < 4; ++j) {  // groups 2j and 2j + 1
       __m256i sums_low[R], sums_high[R];
       for (int r = 0; r < R; ++r) sums_low[r] = sums_high[r] = _mm256_setzero_si256();
       for (int c = 0; c < 8; ++c) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 160 + 256 * j + 32 * c));
-        const __m256i codes_low = _mm256_and_si256(v, low), codes_high = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + codes_at + 256 * j + 32 * c));
+        __m256i codes_low = _mm256_and_si256(v, low), codes_high = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+        if constexpr (T == kQ5_K) {  // bits 2j, 2j + 1 of each byte to bit 0, 1 (2j < 8: no bit crosses a byte)
+          const __m256i bits = _mm256_srl_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 160 + 32 * c)),
+                                                _mm_cvtsi32_si128(2 * j));
+          codes_low = _mm256_or_si256(codes_low, _mm256_and_si256(_mm256_slli_epi16(bits, 4), fifth));
+          codes_high = _mm256_or_si256(codes_high, _mm256_and_si256(_mm256_slli_epi16(bits, 3), fifth));
+        }
         for (int r = 0; r < R; ++r) {
           const int8_t* xq = x.q.data() + (row0 + r) * x.k + 256 * i + 64 * j + 4 * c;
           int32_t x_low, x_high;
@@ -761,8 +772,8 @@ void q6_k_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, f
 
 template <int64_t T, int R>
 inline void packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
-  if constexpr (T == kQ4_K) {
-    q4_k_packed_dot<R>(group, x, row0, out);
+  if constexpr (T == kQ4_K || T == kQ5_K) {
+    k_packed_dot<T, R>(group, x, row0, out);
   } else if constexpr (T == kQ6_K) {
     q6_k_packed_dot<R>(group, x, row0, out);
   } else {
@@ -835,7 +846,7 @@ template <int64_t T>
 void packed_columns(const Part& part, int64_t begin, int64_t end, const Activations& x, float* out, int64_t n) {
   // activation rows a call, each group's codes unpacked once for all (Q4_K's kernel, with twice the integer
   // sums a row, spills its registers at 8 and is fastest at 4)
-  constexpr int kTile = T == kQ4_K ? 4 : 8;
+  constexpr int kTile = T == kQ4_K || T == kQ5_K ? 4 : 8;
   const int64_t chunk = std::max<int64_t>(kTile, kPackedChunkBytes / x.k / kTile * kTile);
   float results[kTile * kPackRows];
   for (int64_t first = 0; first < x.rows; first += chunk) {
@@ -925,6 +936,7 @@ void columns(const Part& part, int64_t begin, int64_t end, const Activations& x,
     case kPacked | kQ4_0: return packed_columns<kQ4_0>(part, begin, end, x, out, n);
     case kPacked | kQ8_0: return packed_columns<kQ8_0>(part, begin, end, x, out, n);
     case kPacked | kQ4_K: return packed_columns<kQ4_K>(part, begin, end, x, out, n);
+    case kPacked | kQ5_K: return packed_columns<kQ5_K>(part, begin, end, x, out, n);
     case kPacked | kQ6_K: return packed_columns<kQ6_K>(part, begin, end, x, out, n);
 #endif
     default: TORCH_CHECK(false, "ggml block type ", part.type, " has no kernel");
@@ -976,7 +988,7 @@ torch::Tensor block_linear(torch::Tensor x, std::vector<torch::Tensor> weights, 
 
 #if defined(__AVX2__)
 constexpr bool has_packed_kernel(int64_t type) {
-  return type == kQ4_0 || type == kQ8_0 || type == kQ4_K || type == kQ6_K;
+  return type == kQ4_0 || type == kQ8_0 || type == kQ4_K || type == kQ5_K || type == kQ6_K;
 }
 
 // to[32 v + 4 r .. 32 v + 4 r + 3] = from[r][offset + 4 v .. + 3] for v < count (4 or a multiple of 8): dword v of
@@ -1017,6 +1029,7 @@ void pack_blocks(int64_t type, const uint8_t* const* from, uint8_t* to) {
       interleave_dwords(from, 2, type == kQ4_0 ? 4 : 8, to + 16);
       return;
     case kQ4_K:
+    case kQ5_K:
       for (int r = 0; r < 8; ++r) {
         std::memcpy(to + 2 * r, from[r], 2);
         std::memcpy(to + 16 + 2 * r, from[r] + 2, 2);
@@ -1027,7 +1040,8 @@ void pack_blocks(int64_t type, const uint8_t* const* from, uint8_t* to) {
           to[96 + 16 * (group / 2) + 2 * r + group % 2] = static_cast<uint8_t>(m);
         }
       }
-      interleave_dwords(from, 16, 32, to + 160);
+      if (type == kQ5_K) interleave_dwords(from, 16, 8, to + 160);  // qh
+      interleave_dwords(from, type == kQ5_K ? 48 : 16, 32, to + (type == kQ5_K ? 416 : 160));
       return;
     case kQ6_K:
       for (int r = 0; r < 8; ++r) {
