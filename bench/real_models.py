@@ -1,11 +1,11 @@
 """whale against llama.cpp on the files CPU users download: random-weight GGUFs in the exact shapes of real models,
-quantized by llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`: Q4_K_M, Q4_0, Q8_0), each measured in a
-fresh process of its own, the peer in the same run: load time, resident memory, prefill of 512 tokens,
-single-stream greedy decode, and 8 streams at once (whale's engine batching them; llama-cpp-python's server,
-which takes them one after another).
+quantized by llama.cpp's own quantizer (`llama_cpp.llama_model_quantize`: Q4_K_M, Q4_0, Q8_0; Q5_K_M on request),
+each measured in a fresh process of its own, the peer in the same run: load time, resident memory, prefill of 512
+tokens, single-stream greedy decode, and 8 streams at once (whale's engine batching them; llama-cpp-python's
+server, which takes them one after another).
 
     .venv/bin/python bench/real_models.py [--models r1-distill-qwen-1.5b,deepseek-v2-lite:Q4_K_M]
-                                          [--quants Q4_K_M,Q4_0,Q8_0]
+                                          [--quants Q4_K_M,Q4_0,Q8_0,Q5_K_M]
 
 The files (a float16 original, then one per quantization) are written once under $WHALE_BENCH_CACHE/models
 (~/.cache/whale-bench; the 1.5B original is 3.5 GB, the 7B 15 GB, V2-Lite 31 GB). The tokenizer is Qwen2's real
@@ -58,7 +58,8 @@ MODELS = {
     "deepseek-v2-lite": Shape("deepseek2", 27, 2048, 16, 16, 10944, 102400),
 }
 V2_LITE = dict(kv_lora_rank=512, nope=128, rope=64, v_head=128, experts=64, used=6, shared=2, expert_ffn=1408)
-QUANTS = {"Q4_K_M": 15, "Q4_0": 2, "Q8_0": 7}  # llama_ftype
+QUANTS = {"Q4_K_M": 15, "Q4_0": 2, "Q8_0": 7, "Q5_K_M": 17}  # llama_ftype
+DEFAULT_QUANTS = "Q4_K_M,Q4_0,Q8_0"
 
 
 def _stream_tensors(writer, tensors: dict[str, tuple[tuple[int, ...], str]]) -> None:
@@ -328,7 +329,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="r1-distill-qwen-1.5b",
                         help=f"comma-separated: {', '.join(MODELS)}; name:QUANT for that quantization only")
-    parser.add_argument("--quants", default=",".join(QUANTS), help=f"comma-separated: {', '.join(QUANTS)}")
+    parser.add_argument("--quants", default=DEFAULT_QUANTS, help=f"comma-separated: {', '.join(QUANTS)}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2, help="each engine measured this many times, alternating")
     add_publish_option(parser)
