@@ -220,17 +220,17 @@ class PagedKVCache:
         attention-weighted sum of the cached latents [T, H, R] (the caller applies W_UV). `allowed` [T, S_max]
         restricts each token to selected context positions (DSA)."""
         rank = latent.shape[-1]
+        new_rows, queries = torch.cat((latent, k_pe), dim=-1), torch.cat((q_latent, q_pe), dim=-1)
         kernel = self._paged_kernel()
-        if kernel is not None and allowed is None and q_latent.dtype == torch.float32:
+        if kernel is not None and allowed is None and queries.dtype == torch.float32:
             # MQA over the latent rows: one KV head whose keys are [latent | k_pe] and whose values are the same
             # rows (the k_pe columns of the result are dropped): the compiled kernel reads them in place
-            layout, store = self.layout, self.stores["latent"][layer].unsqueeze(1)
-            row = torch.cat((latent, k_pe), dim=-1).unsqueeze(1)
-            out = kernel(torch.cat((q_latent, q_pe), dim=-1), row, row, store, store, layout.slot_mapping,
-                         layout.context_index, layout.token_seq, layout.token_len, scale)
+            layout, store, row = self.layout, self.stores["latent"][layer].unsqueeze(1), new_rows.unsqueeze(1)
+            out = kernel(queries, row, row, store, store, layout.slot_mapping, layout.context_index,
+                         layout.token_seq, layout.token_len, scale)
             return out[..., :rank].contiguous()
-        context = self._write_and_gather("latent", layer, torch.cat((latent, k_pe), dim=-1))
-        query = self._pad_tokens(torch.cat((q_latent, q_pe), dim=-1))  # [B, Tn, H, R+P]
+        context = self._write_and_gather("latent", layer, new_rows)
+        query = self._pad_tokens(queries)  # [B, Tn, H, R+P]
         batch, rows, heads, width = query.shape
         scores = torch.matmul(query.reshape(batch, rows * heads, width), context.transpose(1, 2)) * scale
         mask = self.layout.causal if allowed is None else self.layout.causal & self._pad_tokens(allowed)

@@ -752,11 +752,11 @@ void q6_k_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, f
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t i = 0; i < blocks; ++i) {
-    const uint8_t* b = group + i * kPackRows * 210;
+    const uint8_t* b = group + i * kPackRows * packed_bytes_of(kQ6_K);
     // every line of the super-block asked for first, so that its misses overlap: the vectors are read out of
     // order (each qh vector for four groups), and a GEMV streamed 15 GB/s from memory without this (Q4_K: 22),
     // 22-28 with it; asking for the next super-blocks instead was slower
-    for (int64_t line = 0; line < kPackRows * 210; line += 64) _mm_prefetch(b + line, _MM_HINT_T0);
+    for (int64_t line = 0; line < kPackRows * packed_bytes_of(kQ6_K); line += 64) _mm_prefetch(b + line, _MM_HINT_T0);
     __m256i scaled[R], offsets[R];
     for (int r = 0; r < R; ++r) scaled[r] = offsets[r] = _mm256_setzero_si256();
     q6_k_packed_groups<R>(std::make_integer_sequence<int, 8>(), b, x, row0, i, scaled, offsets);
@@ -844,8 +844,8 @@ void decoded_columns(const Part& part, int64_t begin, int64_t end, const Activat
 // is computed whole and only its columns in range kept)
 template <int64_t T>
 void packed_columns(const Part& part, int64_t begin, int64_t end, const Activations& x, float* out, int64_t n) {
-  // activation rows a call, each group's codes unpacked once for all (Q4_K's kernel, with twice the integer
-  // sums a row, spills its registers at 8 and is fastest at 4)
+  // activation rows a call, each group's codes unpacked once for all (the Q4_K / Q5_K kernel, with twice the
+  // integer sums a row, spills its registers at 8 and is fastest at 4)
   constexpr int kTile = T == kQ4_K || T == kQ5_K ? 4 : 8;
   const int64_t chunk = std::max<int64_t>(kTile, kPackedChunkBytes / x.k / kTile * kTile);
   float results[kTile * kPackRows];
