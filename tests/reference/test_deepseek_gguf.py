@@ -12,7 +12,7 @@ from deepseek_checkpoints import VOCAB, write_checkpoint
 from random_blocks import round_activations
 
 from whale.engine.paged_attention import create_cache
-from whale.models.gguf_blocks import BlockEmbedding, BlockLatentHeads, BlockLinear
+from whale.models.gguf_blocks import BLOCK_TYPES, BlockEmbedding, BlockLatentHeads, BlockLinear
 from whale.models.loader import load_model
 from whale.weights import safetensors as st
 
@@ -179,14 +179,17 @@ def _rounded(x: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def test_deepseek2_gguf_split_kv_b_computes_from_its_blocks(tmp_path):
     """Quantized releases store kv_b split per head in blocks (V2-Lite Q4_K_M: attn_k_b Q5_0, attn_v_b Q4_K): the
-    absorbed attention multiplies each head by its own blocks (BlockLatentHeads), kv_b never expanded. Against
+    absorbed attention multiplies each head by its own blocks (BlockLatentHeads, packed), kv_b never expanded. Against
     the same file expanded to float, with each head's query and attended latent rounded as the kernel rounds
     them, the logits agree to float32 accumulation."""
     write_checkpoint("v2_lite_nope32", tmp_path / "checkpoint")
     path = tmp_path / "latent.q8_0.gguf"
     write_gguf(tmp_path / "checkpoint", path, block_type="Q8_0", latent_blocks=True)
     blocks = load_model(str(path))
-    assert all(isinstance(layer.self_attn.kv_b_proj, BlockLatentHeads) for layer in blocks.model.model.layers)
+    heads = [layer.self_attn.kv_b_proj for layer in blocks.model.model.layers]
+    assert all(isinstance(h, BlockLatentHeads) for h in heads)
+    # packed for the kernel (each head's rows 8 to a group), not the file's Q8_0 rows as stored
+    assert {(h.k_type, h.v_type) for h in heads} == {(BLOCK_TYPES["Q8_0"] | 256,) * 2}
     dense = load_model(str(path), kernels="dense")
     _round_as_the_kernels(dense, blocks)
     config = dense.config

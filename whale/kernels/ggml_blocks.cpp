@@ -561,7 +561,10 @@ void dot(const uint8_t* w, const Activations& x, int64_t row0, float* out) {
 //
 // Q4_0, packed: per group of 8 rows, per block i (144 bytes, as the 8 rows' blocks take): the 8 rows' d (f16),
 // then 4 x 32 bytes, byte 4r + b of vector c holding row r's qs[4c + b] (weights 4c + b in the low nibble,
-// 16 + 4c + b in the high one).
+// 16 + 4c + b in the high one). Q4_1 (160 bytes): the rows' m (f16) after their d; the w = d q + m blocks add
+// m dx (the block's activation sum) in float. Q5_0 (176 bytes) and Q5_1 (192): before the nibbles, the fifth bits
+// as one vector: bit c of byte 4r + b is the fifth bit of the code in byte 4r + b of nibble vector c (c < 4: the
+// low nibbles of vector c, c >= 4: the high ones of vector c - 4), i.e. bit 4c + b of row r's qh.
 // Q8_0, packed: per group of 8 rows, per block (272 bytes, as stored): the rows' d (f16), then 8 x 32 bytes, byte
 // 4r + b of vector c holding row r's code 4c + b (signed: |w| times x with w's sign, llama.cpp's trick).
 // Q4_K, packed: per group of 8 rows, per super-block (1184 bytes, 148 a row): the rows' d, then dmin (f16); the
@@ -588,23 +591,41 @@ inline __m256i dot_add(__m256i sum, __m256i codes, __m256i x) {
 #endif
 }
 
-// Q4_0 and Q8_0: per block, 8 code vectors against 4 activation codes each
+// where a packed 32-weight block keeps its fifth bits (Q5_0, Q5_1) and its codes
+template <int64_t T>
+constexpr int64_t legacy_bits_at() {
+  return has_min<T>() ? 32 : 16;
+}
+
+template <int64_t T>
+constexpr int64_t legacy_codes_at() {
+  return legacy_bits_at<T>() + (T == kQ5_0 || T == kQ5_1 ? 32 : 0);
+}
+
+// the 32-weight types: per block, 8 code vectors against 4 activation codes each
 template <int64_t T, int R>
 void legacy_packed_dot(const uint8_t* group, const Activations& x, int64_t row0, float* out) {
+  constexpr bool kFifthBit = T == kQ5_0 || T == kQ5_1;
   const int64_t blocks = x.k / 32;
   __m256 acc[R];
   for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t i = 0; i < blocks; ++i) {
     const uint8_t* b = group + i * kPackRows * bytes_of(T);
     const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b)));
-    __m256i codes[8], magnitudes[8];  // Q4_0: vector c < 4 holds weights 4c .. 4c + 3 of each row, c + 4 16 above
+    __m256i codes[8], magnitudes[8];  // vector c < 4 holds weights 4c .. 4c + 3 of each row, c + 4 16 above
     for (int c = 0; c < 8; ++c) {
-      if constexpr (T == kQ4_0) {
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * (c % 4)));
-        magnitudes[c] = _mm256_and_si256(c < 4 ? v : _mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F));
-      } else {
+      if constexpr (T == kQ8_0) {
         codes[c] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + 16 + 32 * c));
         magnitudes[c] = _mm256_sign_epi8(codes[c], codes[c]);
+      } else {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + legacy_codes_at<T>() + 32 * (c % 4)));
+        magnitudes[c] = _mm256_and_si256(c < 4 ? v : _mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F));
+        if constexpr (kFifthBit) {  // bit c of each byte to bit 4 (within its byte: the mask drops what crosses)
+          const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + legacy_bits_at<T>()));
+          const __m256i moved = c < 4 ? _mm256_sll_epi16(bits, _mm_cvtsi32_si128(4 - c))
+                                      : _mm256_srl_epi16(bits, _mm_cvtsi32_si128(c - 4));
+          magnitudes[c] = _mm256_or_si256(magnitudes[c], _mm256_and_si256(moved, _mm256_set1_epi8(0x10)));
+        }
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -621,11 +642,16 @@ void legacy_packed_dot(const uint8_t* group, const Activations& x, int64_t row0,
         odd = dot_add(odd, magnitudes[c + 1], v1);
       }
       __m256i dot = _mm256_add_epi32(even, odd);
-      if constexpr (T == kQ4_0) {  // the codes' offset of 8, through the activations' sum
-        const int16_t* sums = x.sums.data() + row * (x.k / 16) + 2 * i;
-        dot = _mm256_sub_epi32(dot, _mm256_set1_epi32(8 * (sums[0] + sums[1])));
+      const int16_t* sums = x.sums.data() + row * (x.k / 16) + 2 * i;
+      if constexpr (T == kQ4_0 || T == kQ5_0) {  // the codes' offset of 8 (16), through the activations' sum
+        dot = _mm256_sub_epi32(dot, _mm256_set1_epi32((T == kQ4_0 ? 8 : 16) * (sums[0] + sums[1])));
       }
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(x.d[row * blocks + i])), acc[r]);
+      const float dx = x.d[row * blocks + i];
+      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_mul_ps(d, _mm256_set1_ps(dx)), acc[r]);
+      if constexpr (has_min<T>()) {  // + m dx (sum of the block's activation codes)
+        const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16)));
+        acc[r] = _mm256_fmadd_ps(m, _mm256_set1_ps(dx * static_cast<float>(sums[0] + sums[1])), acc[r]);
+      }
     }
   }
   for (int r = 0; r < R; ++r) _mm256_storeu_ps(out + kPackRows * r, acc[r]);
@@ -934,6 +960,9 @@ void columns(const Part& part, int64_t begin, int64_t end, const Activations& x,
     case kQ6_K: return part_columns<kQ6_K>(part, begin, end, x, out, n);
 #if defined(__AVX2__)
     case kPacked | kQ4_0: return packed_columns<kQ4_0>(part, begin, end, x, out, n);
+    case kPacked | kQ4_1: return packed_columns<kQ4_1>(part, begin, end, x, out, n);
+    case kPacked | kQ5_0: return packed_columns<kQ5_0>(part, begin, end, x, out, n);
+    case kPacked | kQ5_1: return packed_columns<kQ5_1>(part, begin, end, x, out, n);
     case kPacked | kQ8_0: return packed_columns<kQ8_0>(part, begin, end, x, out, n);
     case kPacked | kQ4_K: return packed_columns<kQ4_K>(part, begin, end, x, out, n);
     case kPacked | kQ5_K: return packed_columns<kQ5_K>(part, begin, end, x, out, n);
@@ -988,7 +1017,7 @@ torch::Tensor block_linear(torch::Tensor x, std::vector<torch::Tensor> weights, 
 
 #if defined(__AVX2__)
 constexpr bool has_packed_kernel(int64_t type) {
-  return type == kQ4_0 || type == kQ8_0 || type == kQ4_K || type == kQ5_K || type == kQ6_K;
+  return bytes_of(type) > 0;
 }
 
 // to[32 v + 4 r .. 32 v + 4 r + 3] = from[r][offset + 4 v .. + 3] for v < count (4 or a multiple of 8): dword v of
@@ -1024,10 +1053,32 @@ inline void interleave_dwords(const uint8_t* const* from, int64_t offset, int co
 void pack_blocks(int64_t type, const uint8_t* const* from, uint8_t* to) {
   switch (type) {
     case kQ4_0:
-    case kQ8_0:
-      for (int r = 0; r < 8; ++r) std::memcpy(to + 2 * r, from[r], 2);
-      interleave_dwords(from, 2, type == kQ4_0 ? 4 : 8, to + 16);
+    case kQ4_1:
+    case kQ5_0:
+    case kQ5_1:
+    case kQ8_0: {
+      const bool fifth = type == kQ5_0 || type == kQ5_1, with_min = type == kQ4_1 || type == kQ5_1;
+      for (int r = 0; r < 8; ++r) {
+        std::memcpy(to + 2 * r, from[r], 2);
+        if (with_min) std::memcpy(to + 16 + 2 * r, from[r] + 2, 2);
+      }
+      uint8_t* codes = to + (with_min ? 32 : 16);
+      if (fifth) {
+        for (int r = 0; r < 8; ++r) {
+          uint32_t qh;
+          std::memcpy(&qh, from[r] + (with_min ? 4 : 2), 4);
+          for (int b = 0; b < 4; ++b) {
+            uint8_t bits = 0;
+            for (int c = 0; c < 8; ++c) bits |= static_cast<uint8_t>(((qh >> (4 * c + b)) & 1u) << c);
+            codes[4 * r + b] = bits;
+          }
+        }
+        codes += 32;
+      }
+      const int64_t qs = type == kQ4_0 ? 2 : type == kQ4_1 ? 4 : type == kQ5_0 ? 6 : type == kQ5_1 ? 8 : 2;
+      interleave_dwords(from, qs, type == kQ8_0 ? 8 : 4, codes);
       return;
+    }
     case kQ4_K:
     case kQ5_K:
       for (int r = 0; r < 8; ++r) {

@@ -98,8 +98,8 @@ class BlockLatentHeads(nn.Module):
 
     def __init__(self, k_b: GGUFTensor, v_b: GGUFTensor):
         super().__init__()
-        self.k_b, self.k_type = block_bytes(k_b), BLOCK_TYPES[k_b.ggml_type]
-        self.v_b, self.v_type = block_bytes(v_b), BLOCK_TYPES[v_b.ggml_type]
+        self.k_b, self.k_type = _packed_heads(k_b)
+        self.v_b, self.v_type = _packed_heads(v_b)
 
     @staticmethod
     def takes(k_b: GGUFTensor | None, v_b: GGUFTensor | None) -> bool:
@@ -113,3 +113,14 @@ class BlockLatentHeads(nn.Module):
     def expand_values(self, attended: torch.Tensor) -> torch.Tensor:
         """[T, heads, rank] -> [T, heads, v] (float32)"""
         return cpu_ops().block_heads(attended.float(), self.v_b, self.v_type)
+
+
+def _packed_heads(tensor: GGUFTensor) -> tuple[torch.Tensor, int]:
+    """A per-head stack of matrices (uint8 [heads, rows, bytes a row]) packed for the kernel, as `BlockLinear`
+    packs one (each head's rows in groups of 8, so no group crosses a head), and its type."""
+    raw, ggml_type = block_bytes(tensor), BLOCK_TYPES[tensor.ggml_type]
+    heads, rows = raw.shape[:2]
+    if rows % 8:
+        return raw, ggml_type
+    packed, type_id = cpu_ops().pack_rows(raw.reshape(heads * rows, -1), ggml_type, mapped=tensor.mapping is not None)
+    return packed.view(heads, rows, -1), type_id
