@@ -1107,15 +1107,25 @@ void pack_blocks(int64_t type, const uint8_t* const* from, uint8_t* to) {
 }
 #endif
 
-constexpr int kPopulateRead = 22;  // MADV_POPULATE_READ, Linux 5.14 (older headers lack the name)
+constexpr int kPopulateRead = 22, kPopulateWrite = 23;  // MADV_POPULATE_*, Linux 5.14 (older headers lack them)
 
-// uint8 [rows, columns] in memory of its own, its pages mapped in one call (MAP_POPULATE): every byte is about to
-// be written, and a page fault apiece made filling a 1 GB model cost ~1 s of its load
-torch::Tensor populated_bytes(int64_t rows, int64_t columns) {
+// uint8 [rows, columns] in memory of its own (pages mapped in as populate() or first writes ask for them)
+torch::Tensor anonymous_bytes(int64_t rows, int64_t columns) {
   const size_t bytes = static_cast<size_t>(rows * columns);
-  void* memory = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_POPULATE, -1, 0);
+  void* memory = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (memory == MAP_FAILED) return torch::empty({rows, columns}, torch::kUInt8);
+  madvise(memory, bytes, MADV_HUGEPAGE);
   return torch::from_blob(memory, {rows, columns}, [bytes](void* p) { munmap(p, bytes); }, torch::kUInt8);
+}
+
+// map in the pages that [from, to) touches in one call (`advice`: kPopulateRead for a file's pages, with
+// MADV_WILLNEED where the kernel lacks it; kPopulateWrite for memory about to be written): a page fault apiece
+// made filling a 1 GB model cost ~1 s of its load
+void populate(const uint8_t* from, const uint8_t* to, int advice) {
+  const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  void* begin = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(from) / page * page);
+  const size_t length = reinterpret_cast<uintptr_t>(to) - reinterpret_cast<uintptr_t>(begin);
+  if (madvise(begin, length, advice) != 0 && advice == kPopulateRead) madvise(begin, length, MADV_WILLNEED);
 }
 
 // The rows of a weight (uint8 [rows, bytes a row], ggml `type`) in the layout of the packed kernels, with the
@@ -1133,7 +1143,7 @@ std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type,
     return {weight, type};
   }
   const int64_t blocks = row_bytes / bytes_of(type), block_bytes = packed_bytes_of(type);
-  auto packed = populated_bytes(rows, blocks * block_bytes);
+  auto packed = anonymous_bytes(rows, blocks * block_bytes);
   const uint8_t* src = weight.data_ptr<uint8_t>();
   uint8_t* dst = packed.data_ptr<uint8_t>();
   const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
@@ -1142,13 +1152,12 @@ std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type,
   const int64_t groups = rows / kPackRows, step = std::max<int64_t>(1, (32 << 20) / (kPackRows * row_bytes));
   for (int64_t first = 0; first < groups; first += step) {
     const int64_t last = std::min(groups, first + step);
-    if (mapped) {
-      const uintptr_t begin = address(first) / page * page;
-      if (madvise(reinterpret_cast<void*>(begin), address(last) - begin, kPopulateRead) != 0) {
-        madvise(reinterpret_cast<void*>(begin), address(last) - begin, MADV_WILLNEED);
-      }
-    }
+    // each thread maps in its own share: the kernel's zeroing of fresh pages (most of a load, in a VM whose
+    // host backs them on first touch) then runs on every thread, not on one while the others wait
     at::parallel_for(first, last, 1, [&](int64_t begin, int64_t end) {
+      if (mapped) populate(src + begin * kPackRows * row_bytes, src + end * kPackRows * row_bytes, kPopulateRead);
+      const int64_t group_bytes = blocks * kPackRows * block_bytes;
+      populate(dst + begin * group_bytes, dst + end * group_bytes, kPopulateWrite);
       for (int64_t g = begin; g < end; ++g) {
         for (int64_t i = 0; i < blocks; ++i) {
           const uint8_t* from[kPackRows];
