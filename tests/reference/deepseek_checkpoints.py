@@ -32,8 +32,11 @@ CONFIGS: dict[str, dict] = {
                norm_topk_prob=True, routed_scaling_factor=2.5, num_nextn_predict_layers=1,
                rope_scaling={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0}),
 }
-# V2-Lite with query heads of 32 no-rope values: the split kv_b's rows fill whole 32-value blocks
+# query heads of 32 no-rope values (and a compressed query of 32): the split kv_b's rows and q_b's fill whole
+# 32-value blocks
 CONFIGS["v2_lite_nope32"] = dict(CONFIGS["v2_lite"], qk_nope_head_dim=32)
+for _kind in ("v2", "v3"):
+    CONFIGS[f"{_kind}_nope32"] = dict(CONFIGS[_kind], qk_nope_head_dim=32, q_lora_rank=32)
 CONFIGS["v32"] = dict(CONFIGS["v3"], model_type="deepseek_v32", index_n_heads=16, index_head_dim=16, index_topk=8)
 # FP8: dimensions above and not multiples of the 128 block
 CONFIGS["v3_fp8"] = dict(CONFIGS["v3"], hidden_size=160, q_lora_rank=136, intermediate_size=200,

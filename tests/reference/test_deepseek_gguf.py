@@ -11,6 +11,7 @@ import torch
 from deepseek_checkpoints import VOCAB, write_checkpoint
 from random_blocks import round_activations
 
+from whale import LLM, SamplingParams
 from whale.engine.paged_attention import create_cache
 from whale.models.gguf_blocks import BLOCK_TYPES, BlockEmbedding, BlockLatentHeads, BlockLinear
 from whale.models.loader import load_model
@@ -199,6 +200,31 @@ def test_deepseek2_gguf_split_kv_b_computes_from_its_blocks(tmp_path):
                                                   config.qk_nope_head_dim)
     logits = {label: _logits(loaded) for label, loaded in (("blocks", blocks), ("dense", dense))}
     assert (logits["blocks"] - logits["dense"]).abs().max() <= 1e-4 * logits["dense"].abs().max()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("kind", ["v2_lite_nope32", "v2_nope32", "v3_nope32"])
+def test_the_compiled_deepseek_stack_equals_the_python_layers(tmp_path, kind, batch):
+    """whale/models/deepseek_stack.py against the Python layers over the same blocks (a deepseek2 GGUF in Q8_0,
+    kv_b split per head): V2-Lite (no query compression, greedy softmax routing), V2 (group-limited greedy,
+    scaled) and V3 (compressed queries, sigmoid scores with the correction bias, renormalised). Decode steps of
+    one sequence and of three, over contexts past one 256-position chunk of the paged kernel: bit-identical, so
+    the greedy tokens and their logprobs are equal."""
+    write_checkpoint(kind, tmp_path / kind)
+    path = tmp_path / f"{kind}.gguf"
+    write_gguf(tmp_path / kind, path, block_type="Q8_0", latent_blocks=True)
+    llm = LLM(str(path), enable_prefix_caching=False)
+    generator = torch.Generator().manual_seed(3)
+    prompts = [{"prompt_token_ids": torch.randint(3, VOCAB, (n,), generator=generator).tolist()}
+               for n in range(250, 250 + batch)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
+    stacked = [o.outputs[0] for o in llm.generate(prompts, params)]
+    model = llm.loaded.model
+    assert model.compiled_decode.stack is not None
+    model.compiled_decode.stack = None  # the Python layers from here on
+    layered = [o.outputs[0] for o in llm.generate(prompts, params)]
+    assert [o.token_ids for o in stacked] == [o.token_ids for o in layered]
+    assert [o.logprobs for o in stacked] == [o.logprobs for o in layered]
 
 
 def _round_as_the_kernels(dense, blocks) -> None:

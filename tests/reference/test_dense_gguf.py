@@ -208,8 +208,8 @@ def test_the_compiled_layer_stack_equals_the_python_layers(tmp_path, kernels, ba
     params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
     stacked = [o.outputs[0] for o in llm.generate(prompts, params)]
     model = llm.loaded.model
-    assert model._decode_stack is not None and model._decode_stack.serves(batch)
-    model._decode_stack = None  # the Python layers from here on
+    assert model.compiled_decode.stack is not None and model.compiled_decode.stack.serves(batch)
+    model.compiled_decode.stack = None  # the Python layers from here on
     layered = [o.outputs[0] for o in llm.generate(prompts, params)]
     assert [o.token_ids for o in stacked] == [o.token_ids for o in layered]
     assert [o.logprobs for o in stacked] == [o.logprobs for o in layered]

@@ -169,13 +169,14 @@ class PagedKVCache:
         return None if ops is None else ops.paged_attention
 
     def kernel_inputs(self) -> tuple[torch.Tensor, ...] | None:
-        """For a compiled model path that runs attention itself (whale/models/dense_stack.py): every layer's K
-        and V storage and this step's layout, or None where the compiled kernel does not serve this step."""
-        if self.spec.kind != "mha" or self._paged_kernel() is None:
+        """For a compiled model path that runs attention itself (whale/models/dense_stack.py, deepseek_stack.py):
+        every layer's storage (K and V; MLA's latents) and this step's layout, or None where the compiled kernel
+        does not serve this step."""
+        if self.spec.kind not in ("mha", "mla") or self._paged_kernel() is None:
             return None
         layout = self.layout
-        return (self.stores["k"], self.stores["v"], layout.slot_mapping, layout.context_index, layout.token_seq,
-                layout.token_len)
+        stores = (self.stores["k"], self.stores["v"]) if self.spec.kind == "mha" else (self.stores["latent"],)
+        return (*stores, layout.slot_mapping, layout.context_index, layout.token_seq, layout.token_len)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Dense (GQA/MHA) attention: q [T, Hq, D], new k/v [T, Hkv, D] -> [T, Hq, D]."""

@@ -1,6 +1,7 @@
 """Compiled CPU kernels for the decode step (cpu_ops.cpp): a fused residual-add + RMSNorm, SwiGLU's
-silu(gate) * up, and attention read straight from the paged K/V storage; and matmuls straight from a GGUF's
-quantized blocks (ggml_blocks.cpp).
+silu(gate) * up, attention read straight from the paged K/V storage and the dense decode stack; matmuls straight
+from a GGUF's quantized blocks (ggml_blocks.cpp); the DeepSeek decode stack (deepseek_stack.cpp). kernels.h
+holds what they share.
 
 They are built on first use by torch's extension builder (g++, ~25 s once; `make install` builds them) and
 cached under $TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), named by a hash of the source and of the
@@ -26,12 +27,13 @@ from types import ModuleType
 
 from whale.platform import cpu_flags
 
-SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "ggml_blocks.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("cpu_ops.cpp", "ggml_blocks.cpp", "deepseek_stack.cpp")]
+HEADERS = [Path(__file__).with_name("kernels.h")]
 logger = logging.getLogger(__name__)
 
 
 def _build_name() -> str:
-    sources = b"".join(source.read_bytes() for source in SOURCES)
+    sources = b"".join(source.read_bytes() for source in SOURCES + HEADERS)
     digest = hashlib.sha256(sources + " ".join(sorted(cpu_flags())).encode()).hexdigest()
     return f"whale_cpu_ops_{digest[:12]}"
 

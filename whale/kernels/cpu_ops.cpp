@@ -1,7 +1,7 @@
 // CPU kernels for the decode step, where eager PyTorch pays more in per-op overhead and copies than in math.
 // Built on first use by whale/kernels/__init__.py (torch.utils.cpp_extension); every kernel has a PyTorch
 // fallback there, and tests/test_cpu_kernels.py checks each against a float64 computation.
-#include <torch/extension.h>
+#include "kernels.h"
 
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -296,20 +296,6 @@ torch::Tensor packed_bf16_linear(const torch::Tensor& x, const torch::Tensor& pa
 
 }  // namespace
 
-// ggml_blocks.cpp
-torch::Tensor block_linear(torch::Tensor x, std::vector<torch::Tensor> weights, std::vector<int64_t> types);
-torch::Tensor block_rows(torch::Tensor weight, int64_t type, torch::Tensor ids, int64_t k);
-std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type, bool mapped);
-void bind_block_experts(pybind11::module& m);
-torch::Tensor block_heads(torch::Tensor x, torch::Tensor w, int64_t type);
-
-// One linear's kernel as the compiled decode stack calls it: y = x W^T for x [rows, K] (float32 or bf16).
-class LinearKernel {
- public:
-  virtual ~LinearKernel() = default;
-  virtual torch::Tensor forward(const torch::Tensor& x) const = 0;
-};
-
 // 4-bit groups in ATen's int4 packing (bf16 in and out); above `max_rows` rows the oneDNN-packed bf16 twin, when
 // there is one (the hybrid kernels)
 class Int4Kernel : public LinearKernel {
@@ -454,6 +440,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                           int64_t, double, double>())
       .def("forward", &DenseDecodeStack::forward);
   bind_block_experts(m);
+  bind_deepseek_stack(m);
   m.def("add_rms_norm", &add_rms_norm, "residual += delta; rms_norm(residual) * weight");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
   m.def("rotary_", &rotary_, "rotate the leading heads in place");

@@ -1,8 +1,8 @@
 // Matmuls straight from llama.cpp's quantized blocks (the bytes of a GGUF tensor, as stored): Q4_0, Q4_1, Q5_0,
 // Q5_1, Q8_0 (32 weights a block) and the K-quants Q4_K, Q5_K, Q6_K (256 weights a super-block). Nothing is
-// expanded: each call reads the blocks once and computes with their exact codes and scales. Q4_0, Q8_0, Q4_K and
-// Q6_K weights are packed once at load (pack_rows: 8 rows interleaved, the same codes and scales) for kernels
-// that compute 8 output columns at once; the other types, and rows not in whole groups of 8, run as stored.
+// expanded: each call reads the blocks once and computes with their exact codes and scales. Weights are packed
+// once at load (pack_rows: 8 rows interleaved, the same codes and scales) for kernels that compute 8 output
+// columns at once; rows not in whole groups of 8 run as stored.
 //
 // Activations are quantized per row to int8 with one scale per 32 values (per 256 for the K-quants), the
 // sums of every 16 codes kept beside them; a block's dot product is then integer arithmetic (AVX2 maddubs: 32
@@ -22,7 +22,7 @@
 //   Q6_K: ql[128], qh[64], scales[16] int8, d f16: 16 groups of 16, w = d sc (q - 32); 32 values of group
 //         pair g (half h = g / 4, j = g % 4): nibble of ql[64h + 32 (j % 2) + l] (low for j < 2), two bits
 //         (qh[32h + l] >> 2j) & 3 on top
-#include <torch/extension.h>
+#include "kernels.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -1203,8 +1203,6 @@ torch::Tensor block_rows(torch::Tensor weight, int64_t type, torch::Tensor ids, 
   return out;
 }
 
-torch::Tensor silu_and_mul(torch::Tensor gate_up);  // cpu_ops.cpp
-
 namespace {
 
 // one expert's share of a step: the rows it takes (gathered), their activations, its matrices' parts
@@ -1266,87 +1264,77 @@ Part part_of(const torch::Tensor& w, int64_t type, int64_t k, int64_t start) {
 // the shared expert added, as DeepseekMoE's Python loop does. All chosen experts' gate|up columns run in one
 // parallel pass, then all their down columns in another (the loop paid a dispatch per matrix and left threads
 // idle at each of ~18 small calls a layer).
-class BlockExperts {
- public:
-  // per expert gate, up, down (uint8 [rows, bytes a row]) and their ggml types; the shared expert, if any, last
-  BlockExperts(std::vector<torch::Tensor> weights, std::vector<int64_t> types, bool shared)
-      : weights_(std::move(weights)), types_(std::move(types)), shared_(shared) {
-    TORCH_CHECK(weights_.size() % 3 == 0 && weights_.size() == types_.size() && weights_.size() >= 3,
-                "BlockExperts: gate, up and down per expert, one type each");
-    for (const auto& t : types_) format_of(t);
-  }
+BlockExperts::BlockExperts(std::vector<torch::Tensor> weights, std::vector<int64_t> types, bool shared)
+    : weights_(std::move(weights)), types_(std::move(types)), shared_(shared) {
+  TORCH_CHECK(weights_.size() % 3 == 0 && weights_.size() == types_.size() && weights_.size() >= 3,
+              "BlockExperts: gate, up and down per expert, one type each");
+  for (const auto& t : types_) format_of(t);
+}
 
-  // x [T, H] float32, ids [T, k] int64, weights [T, k] float32 -> [T, H] float32
-  torch::Tensor forward(torch::Tensor x, torch::Tensor ids, torch::Tensor weights) const {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "BlockExperts: x must be float32 [T, H]");
-    TORCH_CHECK(ids.scalar_type() == torch::kInt64 && weights.scalar_type() == torch::kFloat32 && ids.dim() == 2 &&
-                    ids.sizes() == weights.sizes() && ids.size(0) == x.size(0),
-                "BlockExperts: ids int64 and weights float32, both [T, k]");
-    x = x.contiguous();
-    const int64_t tokens = x.size(0), hidden = x.size(1), routed = static_cast<int64_t>(weights_.size()) / 3 - shared_;
-    const auto id = ids.contiguous(), weight = weights.contiguous();
-    std::vector<ExpertJob> jobs(routed + shared_);
-    for (int64_t t = 0; t < tokens; ++t) {
-      for (int64_t j = 0; j < ids.size(1); ++j) {
-        const int64_t e = id.data_ptr<int64_t>()[t * ids.size(1) + j];
-        TORCH_CHECK(e >= 0 && e < routed, "BlockExperts: expert ", e, " is outside 0..", routed - 1);
-        jobs[e].tokens.push_back(t);
-        jobs[e].weights.push_back(weight.data_ptr<float>()[t * ids.size(1) + j]);
-      }
+torch::Tensor BlockExperts::forward(torch::Tensor x, torch::Tensor ids, torch::Tensor weights) const {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32, "BlockExperts: x must be float32 [T, H]");
+  TORCH_CHECK(ids.scalar_type() == torch::kInt64 && weights.scalar_type() == torch::kFloat32 && ids.dim() == 2 &&
+                  ids.sizes() == weights.sizes() && ids.size(0) == x.size(0),
+              "BlockExperts: ids int64 and weights float32, both [T, k]");
+  x = x.contiguous();
+  const int64_t tokens = x.size(0), hidden = x.size(1), routed = static_cast<int64_t>(weights_.size()) / 3 - shared_;
+  const auto id = ids.contiguous(), weight = weights.contiguous();
+  std::vector<ExpertJob> jobs(routed + shared_);
+  for (int64_t t = 0; t < tokens; ++t) {
+    for (int64_t j = 0; j < ids.size(1); ++j) {
+      const int64_t e = id.data_ptr<int64_t>()[t * ids.size(1) + j];
+      TORCH_CHECK(e >= 0 && e < routed, "BlockExperts: expert ", e, " is outside 0..", routed - 1);
+      jobs[e].tokens.push_back(t);
+      jobs[e].weights.push_back(weight.data_ptr<float>()[t * ids.size(1) + j]);
     }
-    std::vector<ExpertJob*> active;
-    for (int64_t e = 0; e < routed + shared_; ++e) {
-      ExpertJob& job = jobs[e];
-      if (e == routed) {  // the shared expert: every token
-        job.input = x;
-      } else if (job.tokens.empty()) {
-        continue;
-      } else {
-        job.input = x.index_select(0, torch::tensor(job.tokens, torch::dtype(torch::kInt64)));
-      }
-      const torch::Tensor& gate = weights_[3 * e];
-      job.parts = {part_of(gate, types_[3 * e], hidden, 0), part_of(weights_[3 * e + 1], types_[3 * e + 1], hidden,
-                                                                  gate.size(0))};
-      job.columns = gate.size(0) + weights_[3 * e + 1].size(0);
-      active.push_back(&job);
-    }
-    at::parallel_for(0, static_cast<int64_t>(active.size()), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t a = begin; a < end; ++a) quantize_input(*active[a]);
-    });
-    run_jobs(active);
-    for (ExpertJob* job : active) {  // down: silu(gate) * up in, hidden out
-      const int64_t e = job - jobs.data();
-      job->input = silu_and_mul(job->output);
-      job->parts = {part_of(weights_[3 * e + 2], types_[3 * e + 2], job->input.size(1), 0)};
-      job->columns = weights_[3 * e + 2].size(0);
-      TORCH_CHECK(job->columns == hidden, "BlockExperts: down projections must give ", hidden, " values");
-    }
-    at::parallel_for(0, static_cast<int64_t>(active.size()), 1, [&](int64_t begin, int64_t end) {
-      for (int64_t a = begin; a < end; ++a) quantize_input(*active[a]);
-    });
-    run_jobs(active);
-    auto out = torch::zeros({tokens, hidden}, torch::dtype(torch::kFloat32));
-    float* o = out.data_ptr<float>();
-    for (ExpertJob* job : active) {
-      if (job - jobs.data() == routed) continue;
-      const float* y = job->output.data_ptr<float>();
-      for (size_t i = 0; i < job->tokens.size(); ++i) {
-        float* row = o + job->tokens[i] * hidden;
-        for (int64_t c = 0; c < hidden; ++c) row[c] += y[i * hidden + c] * job->weights[i];
-      }
-    }
-    if (shared_) out.add_(jobs[routed].output);
-    return out;
   }
-
- private:
-  std::vector<torch::Tensor> weights_;
-  std::vector<int64_t> types_;
-  int64_t shared_;
-};
+  std::vector<ExpertJob*> active;
+  for (int64_t e = 0; e < routed + shared_; ++e) {
+    ExpertJob& job = jobs[e];
+    if (e == routed) {  // the shared expert: every token
+      job.input = x;
+    } else if (job.tokens.empty()) {
+      continue;
+    } else {
+      job.input = x.index_select(0, torch::tensor(job.tokens, torch::dtype(torch::kInt64)));
+    }
+    const torch::Tensor& gate = weights_[3 * e];
+    job.parts = {part_of(gate, types_[3 * e], hidden, 0), part_of(weights_[3 * e + 1], types_[3 * e + 1], hidden,
+                                                                gate.size(0))};
+    job.columns = gate.size(0) + weights_[3 * e + 1].size(0);
+    active.push_back(&job);
+  }
+  at::parallel_for(0, static_cast<int64_t>(active.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t a = begin; a < end; ++a) quantize_input(*active[a]);
+  });
+  run_jobs(active);
+  for (ExpertJob* job : active) {  // down: silu(gate) * up in, hidden out
+    const int64_t e = job - jobs.data();
+    job->input = silu_and_mul(job->output);
+    job->parts = {part_of(weights_[3 * e + 2], types_[3 * e + 2], job->input.size(1), 0)};
+    job->columns = weights_[3 * e + 2].size(0);
+    TORCH_CHECK(job->columns == hidden, "BlockExperts: down projections must give ", hidden, " values");
+  }
+  at::parallel_for(0, static_cast<int64_t>(active.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t a = begin; a < end; ++a) quantize_input(*active[a]);
+  });
+  run_jobs(active);
+  auto out = torch::zeros({tokens, hidden}, torch::dtype(torch::kFloat32));
+  float* o = out.data_ptr<float>();
+  for (ExpertJob* job : active) {
+    if (job - jobs.data() == routed) continue;
+    const float* y = job->output.data_ptr<float>();
+    for (size_t i = 0; i < job->tokens.size(); ++i) {
+      float* row = o + job->tokens[i] * hidden;
+      for (int64_t c = 0; c < hidden; ++c) row[c] += y[i * hidden + c] * job->weights[i];
+    }
+  }
+  if (shared_) out.add_(jobs[routed].output);
+  return out;
+}
 
 void bind_block_experts(pybind11::module& m) {
-  pybind11::class_<BlockExperts>(m, "BlockExperts")
+  pybind11::class_<BlockExperts, std::shared_ptr<BlockExperts>>(m, "BlockExperts")
       .def(pybind11::init<std::vector<torch::Tensor>, std::vector<int64_t>, bool>())
       .def("forward", &BlockExperts::forward);
 }

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from whale.config import DeepseekConfig
+from whale.models.decode_stack import CompiledDecode
 from whale.models.deepseek_dsa import DeepseekIndexer
 from whale.models.deepseek_moe import DeepseekMoE
+from whale.models.deepseek_stack import build_deepseek_decode_stack
 from whale.models.gguf_blocks import BlockLatentHeads
 from whale.models.layers import (
     KVCacheSpec,
@@ -156,6 +158,7 @@ class DeepseekForCausalLM(nn.Module):
         self.lm_head = linear(config.hidden_size, config.vocab_size)
         inv_freq = rope_inv_freq(config.rope, config.qk_rope_head_dim)
         self.rotary = RotaryEmbedding(inv_freq, yarn_attention_factor(config.rope))
+        self.compiled_decode = CompiledDecode(build_deepseek_decode_stack)  # deepseek_stack.py
 
     @property
     def num_mtp_layers(self) -> int:
@@ -197,6 +200,9 @@ class DeepseekForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn) -> torch.Tensor:
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(positions, x.dtype)
+        stack_inputs = self.compiled_decode.inputs(self, attn, x)
+        if stack_inputs is not None:
+            return self.compiled_decode.stack.forward(x, cos, sin, *stack_inputs)
         for layer in self.model.layers[:self.config.num_hidden_layers]:
             x = layer(x, cos, sin, attn)
         return self.model.norm(x)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from whale.config import DenseConfig
+from whale.models.decode_stack import CompiledDecode
 from whale.models.dense_stack import build_decode_stack
 from whale.models.layers import (
     AttentionBackend,
@@ -108,8 +109,7 @@ class DenseForCausalLM(nn.Module):
         self.model = DenseBody(config)
         self.lm_head = linear(config.hidden_size, config.vocab_size)
         self.rotary = RotaryEmbedding(rope_inv_freq(config.rope, config.head_dim))
-        self._decode_stack = None  # the compiled decode path (dense_stack.py), built on first use
-        self._decode_stack_tried = False
+        self.compiled_decode = CompiledDecode(build_decode_stack)  # dense_stack.py
 
     def kv_cache_spec(self) -> KVCacheSpec:
         c = self.config
@@ -130,26 +130,13 @@ class DenseForCausalLM(nn.Module):
         cos, sin = signed_rotary_tables(*self.rotary(positions, residual.dtype))
         layers = self.model.layers
         normed = layers[0].input_layernorm(residual)
-        stack_inputs = self._decode_stack_inputs(attn, residual)
+        stack_inputs = self.compiled_decode.inputs(self, attn, residual)
         if stack_inputs is not None:
-            return self._decode_stack.forward(residual, normed, cos, sin, *stack_inputs)
+            return self.compiled_decode.stack.forward(residual, normed, cos, sin, *stack_inputs)
         for layer, after in zip(layers, [*layers[1:], None], strict=True):
             normed = layer(residual, normed, cos, sin, attn,
                            self.model.norm if after is None else after.input_layernorm)
         return normed
-
-    def _decode_stack_inputs(self, attn: AttentionBackend, residual: torch.Tensor) -> tuple | None:
-        """The compiled stack's cache and layout inputs when it serves this step, else None."""
-        if residual.dtype != torch.float32:
-            return None
-        kernel_inputs = getattr(attn, "kernel_inputs", None)
-        inputs = None if kernel_inputs is None else kernel_inputs()
-        if inputs is None:
-            return None
-        if not self._decode_stack_tried:
-            self._decode_stack, self._decode_stack_tried = build_decode_stack(self), True
-        stack = self._decode_stack
-        return inputs if stack is not None and stack.serves(residual.shape[0]) else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from whale.kernels import cpu_ops
+from whale.models.decode_stack import DecodeStack
 from whale.models.gguf_blocks import BlockLinear
 from whale.models.quant import INT4_MAX_ROWS, Int4Linear, PackedBF16Linear, RowSwitchLinear
 
@@ -38,19 +39,6 @@ def _kernel(ops, linear: nn.Module, with_bias: bool = False):
 def _bias(linear: nn.Module) -> torch.Tensor | None:
     small = linear.small if isinstance(linear, RowSwitchLinear) else linear
     return None if small.bias is None else small.bias.detach()
-
-
-class DecodeStack:
-    """The compiled stack and the most tokens a step may carry through it (None: any number)."""
-
-    def __init__(self, compiled, max_tokens: int | None):
-        self.compiled, self.max_tokens = compiled, max_tokens
-
-    def serves(self, tokens: int) -> bool:
-        return self.max_tokens is None or tokens <= self.max_tokens
-
-    def forward(self, *inputs) -> torch.Tensor:
-        return self.compiled.forward(*inputs)
 
 
 def build_decode_stack(model: nn.Module) -> DecodeStack | None:
