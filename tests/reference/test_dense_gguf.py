@@ -235,14 +235,6 @@ def _round_activations_as_the_kernels_do(reference, raw: dict[str, tuple[np.ndar
             module.register_forward_pre_hook(hook(256 if entry[1].name.endswith("_K") else 32))
 
 
-# a Q4_K_M file's mix: Q4_K mostly, Q6_K for v, down and the output projection (llama.cpp's choice)
-Q4_K_M = {"q_proj.weight": "Q4_K", "k_proj.weight": "Q4_K", "v_proj.weight": "Q6_K", "o_proj.weight": "Q4_K",
-          "gate_proj.weight": "Q4_K", "up_proj.weight": "Q4_K", "down_proj.weight": "Q6_K",
-          "embed_tokens.weight": "Q4_K", "lm_head.weight": "Q6_K"}
-K_QUANT_SIZES = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                     tie_word_embeddings=False)
-
-
 @pytest.mark.parametrize("kind, arch, mix", [("qwen2", "qwen2", Q4_K_M), ("llama", "llama", Q4_K_M),
                                              ("qwen3", "qwen3", {**Q4_K_M, "down_proj.weight": "Q5_K",
                                                                   "q_proj.weight": "Q8_0"})])

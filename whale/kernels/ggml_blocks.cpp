@@ -1114,7 +1114,6 @@ torch::Tensor anonymous_bytes(int64_t rows, int64_t columns) {
   const size_t bytes = static_cast<size_t>(rows * columns);
   void* memory = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (memory == MAP_FAILED) return torch::empty({rows, columns}, torch::kUInt8);
-  madvise(memory, bytes, MADV_HUGEPAGE);
   return torch::from_blob(memory, {rows, columns}, [bytes](void* p) { munmap(p, bytes); }, torch::kUInt8);
 }
 
@@ -1132,7 +1131,7 @@ void populate(const uint8_t* from, const uint8_t* to, int advice) {
 // type that names it (kPacked | type); the weight itself and its type where there is no packed kernel for it
 // (a type without one, rows not a multiple of 8, no AVX2). The same bytes, moved: every value is as stored.
 // `mapped`: the weight is a view of a file's read-only mapping, whose pages are then mapped in (MADV_POPULATE_READ)
-// and let go again (MADV_DONTNEED: the page cache keeps them) 32 MB at a time as they are packed, so that a
+// and let go again (MADV_DONTNEED: the page cache keeps them) 8 MB at a time as they are packed, so that a
 // model's resident memory never holds a matrix twice. Never for anonymous memory, which that would zero.
 std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type, bool mapped) {
   TORCH_CHECK(weight.scalar_type() == torch::kUInt8 && weight.dim() == 2 && weight.is_contiguous(),
@@ -1149,7 +1148,7 @@ std::tuple<torch::Tensor, int64_t> pack_rows(torch::Tensor weight, int64_t type,
   const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
   const auto address = [&](int64_t group) { return reinterpret_cast<uintptr_t>(src + group * kPackRows * row_bytes); };
   uintptr_t released = (address(0) + page - 1) / page * page;  // whole pages of the weight only
-  const int64_t groups = rows / kPackRows, step = std::max<int64_t>(1, (32 << 20) / (kPackRows * row_bytes));
+  const int64_t groups = rows / kPackRows, step = std::max<int64_t>(1, (8 << 20) / (kPackRows * row_bytes));
   for (int64_t first = 0; first < groups; first += step) {
     const int64_t last = std::min(groups, first + step);
     // each thread maps in its own share: the kernel's zeroing of fresh pages (most of a load, in a VM whose

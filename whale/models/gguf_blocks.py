@@ -10,6 +10,7 @@ a model takes about the file's size in memory and starts in the time it takes to
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -77,15 +78,30 @@ class BlockLinear(nn.Module):
 
 
 class BlockEmbedding(nn.Module):
-    """An embedding table kept in its blocks; a lookup decodes the rows asked for (fp32)."""
+    """An embedding table kept in its blocks; a lookup decodes the rows asked for (fp32). Where the table is a
+    file's tensor, the rows are read from the file (`os.pread`), not through its memory map: a page fault on the
+    map maps in up to 64 KB around it (the kernel's fault-around, from pages the page cache holds), so the
+    lookups of a few thousand distinct tokens kept 30-60 MB of a 1.5B model's 131 MB table resident."""
 
     def __init__(self, tensor: GGUFTensor):
         super().__init__()
         self.weight_bytes, self.type = block_bytes(tensor), BLOCK_TYPES[tensor.ggml_type]
         self.num_embeddings, self.embedding_dim = tensor.shape
+        self._file = None if tensor.path is None else open(tensor.path, "rb", buffering=0)
+        self._offset = None if tensor.path is None else tensor.file_offset
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = cpu_ops().block_rows(self.weight_bytes, self.type, ids.reshape(-1).long(), self.embedding_dim)
+        flat = ids.reshape(-1).long()
+        if self._file is None or flat.numel() == 0:
+            rows = cpu_ops().block_rows(self.weight_bytes, self.type, flat, self.embedding_dim)
+            return rows.view(*ids.shape, self.embedding_dim)
+        unique, inverse = torch.unique(flat, return_inverse=True)
+        if unique[0] < 0 or unique[-1] >= self.num_embeddings:
+            raise IndexError(f"token ids must be in [0, {self.num_embeddings}), got {unique[[0, -1]].tolist()}")
+        width, fd = self.weight_bytes.shape[1], self._file.fileno()
+        stored = bytearray(b"".join(os.pread(fd, width, self._offset + i * width) for i in unique.tolist()))
+        rows = cpu_ops().block_rows(torch.frombuffer(stored, dtype=torch.uint8).view(-1, width), self.type, inverse,
+                                    self.embedding_dim)
         return rows.view(*ids.shape, self.embedding_dim)
 
 

@@ -54,6 +54,12 @@ class GGUFTensor:
     shape: tuple[int, ...]
     raw: np.ndarray
     mapping: mmap.mmap | None = field(default=None, repr=False, compare=False)  # the file's map `raw` is a view of
+    path: Path | None = field(default=None, repr=False, compare=False)  # the file, where `raw` is a tensor whole
+
+    @property
+    def file_offset(self) -> int:
+        """Where `raw` starts in the mapped file."""
+        return self.raw.ctypes.data - np.frombuffer(self.mapping, np.uint8).ctypes.data
 
     def populate(self) -> None:
         """Map the bytes into memory now (Linux 5.14+: MADV_POPULATE_READ; elsewhere a read-ahead request), for a
@@ -62,7 +68,7 @@ class GGUFTensor:
         expert has been read once."""
         if self.mapping is None:
             return
-        start = self.raw.ctypes.data - np.frombuffer(self.mapping, np.uint8).ctypes.data
+        start = self.file_offset
         aligned = start - start % mmap.PAGESIZE
         try:
             self.mapping.madvise(MADV_POPULATE_READ, aligned, start + self.raw.nbytes - aligned)
@@ -309,7 +315,7 @@ def _tensor(path: Path, data: np.ndarray, mapping: mmap.mmap, name: str, dims: l
     if end > len(data):
         raise _Truncated(f"tensor {name} ends at byte {end:,}, the file at {len(data):,}")
     raw = np.ndarray(layout, dtype, data, start)
-    return GGUFTensor(name, type_name, shape, raw, mapping)
+    return GGUFTensor(name, type_name, shape, raw, mapping, path)
 
 
 def unpermute_rope_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
