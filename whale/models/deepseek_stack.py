@@ -56,10 +56,12 @@ def build_deepseek_decode_stack(model: nn.Module) -> DecodeStack | None:
         heads = attention.kv_b_proj
         first = attention.q_proj if attention.q_lora_rank is None else attention.q_a_proj
         q_b = None if attention.q_lora_rank is None else attention.q_b_proj
+        optional = [] if q_b is None else [q_b]
         if not isinstance(heads, BlockLatentHeads) or not _blocks(first, attention.kv_a_proj_with_mqa,
-                                                                   attention.o_proj, *([q_b] if q_b else [])):
+                                                                   attention.o_proj, *optional):
             return None
-        linears += [_kernel(first, attention.kv_a_proj_with_mqa), q_b and q_b.kernel, attention.o_proj.kernel]
+        linears += [_kernel(first, attention.kv_a_proj_with_mqa), None if q_b is None else q_b.kernel,
+                    attention.o_proj.kernel]
         if isinstance(mlp, DeepseekMoE):
             if mlp.block_experts is None:
                 return None
