@@ -8,6 +8,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+ABSENT = torch.empty(0)  # a stack's tensor list holds this where a layer has no such tensor (a bias, a norm)
+
 
 class DecodeStack:
     """A compiled stack and the most tokens a step may carry through it (None: any number)."""

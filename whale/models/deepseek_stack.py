@@ -14,11 +14,10 @@ import torch
 from torch import nn
 
 from whale.kernels import cpu_ops
-from whale.models.decode_stack import DecodeStack
+from whale.models.decode_stack import ABSENT, DecodeStack
 from whale.models.deepseek_moe import DeepseekMoE
 from whale.models.gguf_blocks import BlockLatentHeads, BlockLinear
 
-ABSENT = torch.empty(0)  # where a layer has no such tensor (q_a_layernorm, the router's bias)
 TOPK_METHODS = {"greedy": 0, "group_limited_greedy": 1, "noaux_tc": 2}
 
 

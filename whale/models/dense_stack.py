@@ -13,11 +13,9 @@ import torch
 from torch import nn
 
 from whale.kernels import cpu_ops
-from whale.models.decode_stack import DecodeStack
+from whale.models.decode_stack import ABSENT, DecodeStack
 from whale.models.gguf_blocks import BlockLinear
 from whale.models.quant import INT4_MAX_ROWS, Int4Linear, PackedBF16Linear, RowSwitchLinear
-
-ABSENT = torch.empty(0)  # the stack's list holds this where a layer has no such tensor (bias, norms)
 
 
 def _kernel(ops, linear: nn.Module, with_bias: bool = False):
