@@ -57,8 +57,10 @@ def test_the_emitted_script_runs_the_whole_topology(tmp_path, default_llm):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "WEIGHTS": "default",
            "MODEL": "default", "REPLICA_PORT": str(replica_port), "GATEWAY_PORT": str(gateway_port),
            "FRONT_PORT": str(front_port)}
-    process = subprocess.Popen([str(directory / "launch.sh"), "all"], env=env, start_new_session=True,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = tmp_path / "launch.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen([str(directory / "launch.sh"), "all"], env=env, start_new_session=True,
+                                   stdout=output, stderr=subprocess.STDOUT)
     front = f"http://127.0.0.1:{front_port}"
     try:
         deadline = time.monotonic() + 120
@@ -90,7 +92,8 @@ def test_the_emitted_script_runs_the_whole_topology(tmp_path, default_llm):
         deadline = time.monotonic() + 60
         while _group_alive(process.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-    assert not _group_alive(process.pid), f"roles outlived `launch.sh all`: {_group_members(process.pid)}"
+    assert not _group_alive(process.pid), (f"roles outlived `launch.sh all`: {_group_members(process.pid)}; "
+                                           f"their output:\n{log.read_text(errors='replace')[-6000:]}")
 
 
 def _group_alive(group: int) -> bool:
@@ -102,16 +105,19 @@ def _group_alive(group: int) -> bool:
 
 
 def _group_members(group: int) -> list[str]:
-    """State and command line of each process left in the group (Z: exited, not yet reaped)."""
+    """State and command line of each process left in the group (Z: exited, not yet reaped), and where in the
+    kernel each of its threads waits."""
     members = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
             command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            waits = sorted(f"{(task / 'comm').read_text().strip()}:{(task / 'wchan').read_text()}"
+                           for task in (stat.parent / "task").iterdir())
         except OSError:
             continue
         if int(fields[2]) == group:
-            members.append(f"{stat.parent.name} {fields[0]} {command.strip()}")
+            members.append(f"{stat.parent.name} {fields[0]} {command.strip()} (threads: {', '.join(waits)})")
     return members
 
 
