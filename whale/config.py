@@ -124,6 +124,95 @@ class DeepseekConfig(ModelConfig):
         return layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
 
 
+V4_LAYER_TYPES = ("sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention")
+
+
+@dataclass(frozen=True)
+class DeepseekV4Config(ModelConfig):
+    """DeepSeek-V4 (Flash, Pro): one shared 512-wide K=V head over a sliding window plus compressed entries (CSA:
+    one per `csa_rate` tokens, chosen per query by the lightning indexer; HCA: one per `hca_rate`), attention
+    sinks, a grouped low-rank output projection, hyper-connection residual streams, and an MoE whose first
+    layers route by a token-id table. `rope` is the sliding layers' RoPE, `compress_rope` the one of every
+    compressed layer (its attention and its entries). Defaults are transformers' DeepseekV4Config."""
+
+    q_lora_rank: int = 1024
+    qk_rope_head_dim: int = 64
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    layer_types: tuple[str, ...] = ()
+    mlp_layer_types: tuple[str, ...] = ()  # "hash_moe" (routed by tid2eid[token]) or "moe"
+    csa_rate: int = 4
+    hca_rate: int = 128
+    sliding_window: int = 128
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    compress_rope: RopeConfig = field(default_factory=RopeConfig)
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 6
+    moe_intermediate_size: int = 2048
+    routed_scaling_factor: float = 1.5
+    scoring_func: str = "sqrtsoftplus"
+    swiglu_limit: float = 10.0
+    num_nextn_predict_layers: int = 0
+
+    def rate(self, layer: int) -> int:
+        """Tokens per compressed entry of the layer (0: sliding window only)."""
+        return {"sliding_attention": 0, "compressed_sparse_attention": self.csa_rate,
+                "heavily_compressed_attention": self.hca_rate}[self.layer_types[layer]]
+
+
+def _parse_deepseek_v4(cfg: dict[str, Any]) -> DeepseekV4Config:
+    """config.json as the released checkpoints write it (`compress_ratios` per layer, `num_hash_layers`, flat
+    rope_scaling for the compressed layers) or as transformers does (`layer_types`, `compress_rates`, nested
+    `rope_parameters` with "main" and "compress")."""
+    values: dict[str, Any] = _common_fields({**cfg, "intermediate_size": cfg.get("moe_intermediate_size", 2048)})
+    layers = values["num_hidden_layers"]
+    own = {f.name for f in fields(DeepseekV4Config)} - {f.name for f in fields(ModelConfig)}
+    values.update({k: cfg[k] for k in own if cfg.get(k) is not None})
+    rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128, **(cfg.get("compress_rates") or {})}
+    values["csa_rate"] = int(cfg.get("compress_rate_csa", rates["compressed_sparse_attention"]))
+    values["hca_rate"] = int(cfg.get("compress_rate_hca", rates["heavily_compressed_attention"]))
+    layer_types = cfg.get("layer_types")
+    if layer_types is None and cfg.get("compress_ratios") is not None:
+        by_ratio = {0: V4_LAYER_TYPES[0], values["csa_rate"]: V4_LAYER_TYPES[1], values["hca_rate"]: V4_LAYER_TYPES[2]}
+        unknown = sorted(set(cfg["compress_ratios"]) - set(by_ratio))
+        if unknown:
+            raise ModelLoadError(f"compress_ratios holds {unknown}: DeepSeek-V4 layers compress by 0 (sliding "
+                                 f"window only), {values['csa_rate']} (CSA) or {values['hca_rate']} (HCA)")
+        layer_types = [by_ratio[r] for r in cfg["compress_ratios"]]
+    if layer_types is None:  # transformers' default: two HCA layers, then CSA and HCA alternating
+        layer_types = [V4_LAYER_TYPES[2]] * min(layers, 2) + [V4_LAYER_TYPES[1 if i % 2 else 2]
+                                                              for i in range(max(layers - 2, 0))]
+    values["layer_types"] = tuple(layer_types[:layers])  # a list that also covers the MTP layers is cut
+    if any(t not in V4_LAYER_TYPES for t in values["layer_types"]) or len(values["layer_types"]) != layers:
+        raise ModelLoadError(f"layer_types must name each of the {layers} layers one of {', '.join(V4_LAYER_TYPES)}")
+    mlp_types = cfg.get("mlp_layer_types")
+    if mlp_types is None:
+        hashed = min(layers, int(cfg.get("num_hash_layers", 3)))
+        mlp_types = ["hash_moe"] * hashed + ["moe"] * (layers - hashed)
+    values["mlp_layer_types"] = tuple(mlp_types[:layers])
+    head_dim = values["head_dim"]
+    if cfg.get("qk_rope_head_dim") is None and cfg.get("partial_rotary_factor") is not None:
+        values["qk_rope_head_dim"] = int(head_dim * cfg["partial_rotary_factor"])
+    params = cfg.get("rope_parameters") or {}
+    if isinstance(params.get("main"), dict) and isinstance(params.get("compress"), dict):
+        main, compress = dict(params["main"]), dict(params["compress"])
+    else:
+        flat = {k: v for k, v in {**(cfg.get("rope_scaling") or {}), **params}.items() if k not in ("main", "compress")}
+        main = {"rope_type": "default", "rope_theta": cfg.get("rope_theta", 10000.0)}
+        compress = {**flat, "rope_theta": cfg.get("compress_rope_theta", 160000.0)}
+    values["rope"] = RopeConfig.from_hf({"rope_parameters": main})
+    # the compressed layers take YaRN's frequencies, never its cos/sin scaling (attention_factor 1)
+    values["compress_rope"] = RopeConfig.from_hf({"rope_parameters": compress})
+    values["num_key_value_heads"] = 1
+    return DeepseekV4Config(**values)
+
+
 # Per model type, the defaults of fields a config.json may omit (transformers' config classes).
 _DEEPSEEK_DEFAULTS: dict[str, dict[str, Any]] = {
     "deepseek_v2": dict(q_lora_rank=1536, n_routed_experts=64, n_shared_experts=2, moe_intermediate_size=1407,
@@ -195,7 +284,8 @@ def _parse_deepseek(cfg: dict[str, Any]) -> DeepseekConfig:
 
 
 HF_PARSERS = {"llama": _parse_llama, "mistral": _parse_llama, "qwen2": _parse_qwen2, "qwen3": _parse_qwen3,
-              "deepseek_v2": _parse_deepseek, "deepseek_v3": _parse_deepseek, "deepseek_v32": _parse_deepseek}
+              "deepseek_v2": _parse_deepseek, "deepseek_v3": _parse_deepseek, "deepseek_v32": _parse_deepseek,
+              "deepseek_v4": _parse_deepseek_v4}
 
 
 def parse_hf_config(cfg: dict[str, Any]) -> ModelConfig:

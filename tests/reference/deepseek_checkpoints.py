@@ -4,6 +4,7 @@ HF layout (sharded safetensors + index, legacy `rope_scaling` config keys), plus
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -230,3 +231,31 @@ def _load_dequantized(model: torch.nn.Module, directory: Path) -> None:
         else:
             state[name] = fused[name]
     model.load_state_dict(state)
+
+
+def checkpoint_maker(tmp_path_factory, write: Callable[[str, Path], torch.nn.Module],
+                     folder: str) -> Callable[[str], tuple[Path, torch.nn.Module]]:
+    """For a module-scoped fixture: `get(kind)` writes checkpoint `kind` once (with `write`) and returns its
+    directory and reference model."""
+    made: dict[str, tuple[Path, torch.nn.Module]] = {}
+
+    def get(kind: str) -> tuple[Path, torch.nn.Module]:
+        if kind not in made:
+            directory = tmp_path_factory.mktemp(folder) / kind
+            made[kind] = directory, write(kind, directory)
+        return made[kind]
+
+    return get
+
+
+def assert_greedy_like_reference(llm, reference: torch.nn.Module, prompts: list[list[int]], tokens: int = 32) -> None:
+    """`tokens` greedy tokens of each prompt, all in one ragged batch through whale's engine, equal
+    transformers' `generate` on the prompt alone."""
+    from whale.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+    for prompt, output in zip(prompts, outputs, strict=True):
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+        assert output.outputs[0].token_ids == expected.tolist()

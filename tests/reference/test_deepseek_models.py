@@ -4,18 +4,16 @@ prefill, then chunks with past context), greedy generations, the latent cache's 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from deepseek_checkpoints import write_checkpoint
+from deepseek_checkpoints import assert_greedy_like_reference, checkpoint_maker, write_checkpoint
 
 from whale import LLM
 from whale.config import parse_hf_config
 from whale.engine.paged_attention import create_cache
 from whale.models import build_model
 from whale.models.loader import load_model
-from whale.sampling_params import SamplingParams
 
 KINDS = ["v2", "v2_lite", "v3", "v32", "v3_fp8"]
 PROMPTS = [[5, 17, 3, 99, 42, 8, 120, 77, 13, 61, 200, 4, 9, 31, 150, 23, 88, 64, 7, 19, 250],
@@ -26,15 +24,7 @@ CONTINUATIONS = [[6, 60, 160], [12], [70, 71, 72, 73, 74]]
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    made: dict[str, tuple[Path, torch.nn.Module]] = {}
-
-    def get(kind: str) -> tuple[Path, torch.nn.Module]:
-        if kind not in made:
-            directory = tmp_path_factory.mktemp("deepseek") / kind
-            made[kind] = directory, write_checkpoint(kind, directory)
-        return made[kind]
-
-    return get
+    return checkpoint_maker(tmp_path_factory, write_checkpoint, "deepseek")
 
 
 def _forward(model, cache, slots: list[int], chunks: list[list[int]], starts: list[int]) -> list[torch.Tensor]:
@@ -66,12 +56,7 @@ def test_logits_match_transformers(kind, checkpoints):
 def test_greedy_generations_match_transformers(kind, checkpoints):
     directory, reference = checkpoints(kind)
     llm = LLM(str(directory), dtype="float32", device="cpu")
-    params = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-    outputs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], params)  # one ragged batch
-    for prompt, output in zip(PROMPTS, outputs, strict=True):
-        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False,
-                                      eos_token_id=None, pad_token_id=0)[0, len(prompt):]
-        assert output.outputs[0].token_ids == expected.tolist()
+    assert_greedy_like_reference(llm, reference, PROMPTS)
 
 
 def test_latent_cache_holds_kv_lora_rank_plus_rope_per_token(checkpoints):

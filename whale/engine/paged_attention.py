@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from whale.engine.kv_cache import BlockManager
 from whale.errors import UnsupportedModelError
 from whale.kernels import cpu_ops
-from whale.models.layers import KVCacheSpec, in_prompt_step
+from whale.models.layers import CacheStore, KVCacheSpec, in_prompt_step
 
 # Steps whose sequences add at most this many tokens each (decode, short drafts) read K/V straight from the
 # blocks with the compiled kernel; longer chunks (prefill) gather the context once and run SDPA's tiled GEMMs.
@@ -76,17 +76,6 @@ class StepLayout:
                    causal, uniform=len(set(counts)) == 1)
 
 
-def _storage_shapes(spec: KVCacheSpec) -> dict[str, tuple[int, ...]]:
-    if spec.kind == "mha":
-        return {"k": (spec.num_kv_heads, spec.head_dim), "v": (spec.num_kv_heads, spec.head_dim)}
-    if spec.kind == "mla":
-        shapes = {"latent": (spec.head_dim,)}
-        if spec.indexer_dim:
-            shapes["index"] = (spec.indexer_dim,)
-        return shapes
-    raise UnsupportedModelError(f"no KV cache for kind {spec.kind!r}")
-
-
 class PagedKVCache:
     """Block storage plus the attention backend methods models call (`attend` for dense models,
     `attend_latent` / `select_topk` for MLA and DSA).
@@ -99,16 +88,17 @@ class PagedKVCache:
         self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
         self.block_size = block_size
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        # zeros, not empty: padded context positions are read (then masked) and must not hold NaNs
-        self.stores = {name: _zeros((spec.num_layers, num_blocks * block_size, *shape), dtype, self.device)
-                       for name, shape in _storage_shapes(spec).items()}
+        # zeros, not empty: padded context positions are read (then masked) and must not hold NaNs. A store of
+        # rate m keeps ceil(block_size / m) rows a block (the entry of tokens w*m.. in the block of token w*m)
+        self.stores = {s.name: _zeros((s.layers, num_blocks * -(-block_size // s.rate), *s.shape), dtype,
+                                      self.device) for s in _cache_stores(spec)}
         self.layout: StepLayout | None = None
         self._slot_lengths: dict[Hashable, int] = {}
         self._slot_step: list[tuple[Hashable, int]] = []
 
-    def bytes_per_token(self) -> int:
+    def bytes_per_token(self) -> float:
         """Cache bytes one token costs across all layers."""
-        return sum(s[0, 0].numel() * s.element_size() for s in self.stores.values()) * self.spec.num_layers
+        return self.spec.bytes_per_token(self.stores[next(iter(self.stores))].element_size())
 
     @property
     def num_tokens_capacity(self) -> int:
@@ -257,6 +247,103 @@ class PagedKVCache:
         selected = torch.zeros_like(causal).scatter_(-1, chosen, True)
         return self._unpad_tokens(selected)
 
+    # -- rows by store, windows and compressed entries (DeepSeek-V4) ------------------------------------------
+    def write_rows(self, name: str, layer: int, rows: torch.Tensor) -> None:
+        """Store the step's new tokens' rows [T, ...] of a per-token store."""
+        store = self.stores[name][layer]
+        store[self.layout.slot_mapping] = rows.to(store.dtype)
+
+    def rows_at(self, name: str, layer: int, seq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rows of a per-token store at context `positions` [W, n] of sequences `seq` [W] (a position below 0
+        reads position 0: the caller masks it)."""
+        slots = self.layout.context_index[seq[:, None], positions.clamp(min=0)]
+        return self.stores[name][layer][slots]
+
+    def closing_windows(self, rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The windows of `rate` tokens whose last token is computed in this step: (sequence, window index) each
+        [W]. Window w of a sequence holds its tokens w*rate .. w*rate + rate - 1."""
+        seq, window = [], []
+        for index, (start, count) in enumerate(zip(self.layout.starts, self.layout.counts, strict=True)):
+            closing = range(start // rate, (start + count) // rate)
+            seq += [index] * len(closing)
+            window += closing
+        device = self.layout.context_index.device
+        return torch.tensor(seq, dtype=torch.long, device=device), torch.tensor(window, dtype=torch.long, device=device)
+
+    def _entry_rows(self, rate: int, seq: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """Where entry `window` of each sequence lives in a store of `rate`: in the block of its first token."""
+        slots = self.layout.context_index[seq, window * rate]
+        return slots // self.block_size * -(-self.block_size // rate) + slots % self.block_size // rate
+
+    def write_entries(self, name: str, layer: int, rate: int, seq: torch.Tensor, window: torch.Tensor,
+                      rows: torch.Tensor) -> None:
+        store = self.stores[name][layer]
+        store[self._entry_rows(rate, seq, window)] = rows.to(store.dtype)
+
+    def entries(self, name: str, layer: int, rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every closed entry of each sequence, padded: [B, E, ...], and which each new token may read [T, E]
+        (entry w once its window has closed: w < (position + 1) // rate)."""
+        layout = self.layout
+        totals = [(s + c) // rate for s, c in zip(layout.starts, layout.counts, strict=True)]
+        width = max(totals)
+        device = layout.context_index.device
+        window = torch.arange(width, device=device)
+        seq = torch.arange(layout.batch, device=device)[:, None].expand(-1, width)
+        closed = window[None, :] < torch.tensor(totals, device=device)[:, None]
+        rows = self._entry_rows(rate, seq.reshape(-1), torch.where(closed, window, 0).reshape(-1))
+        grid = self.stores[name][layer][rows].view(layout.batch, width, *self.stores[name].shape[2:])
+        position = torch.tensor(layout.starts, device=device)[layout.token_seq] + layout.token_row
+        return grid, window[None, :] < ((position + 1) // rate)[:, None]
+
+    def top_entries(self, keys: torch.Tensor, visible: torch.Tensor, q_index: torch.Tensor,
+                    head_weights: torch.Tensor, scale: float, top_k: int) -> torch.Tensor:
+        """The lightning indexer's choice: of the entries each token may read, the `top_k` whose keys (keys [B, E,
+        D]) score highest as sum_h w_h * relu(scale * q_h . k) (q_index [T, H, D], head_weights [T, H]); [T, E]."""
+        if keys.shape[1] == 0:
+            return visible
+        scores = torch.relu(torch.einsum("bthd,bed->bthe", self._pad_tokens(q_index.float()), keys.float()) * scale)
+        index = torch.einsum("bth,bthe->bte", self._pad_tokens(head_weights.float()), scores)
+        index = self._unpad_tokens(index).masked_fill(~visible, float("-inf"))
+        chosen = index.topk(min(top_k, index.shape[-1]), dim=-1).indices
+        return torch.zeros_like(visible).scatter_(-1, chosen, True) & visible
+
+    def attend_window(self, layer: int, q: torch.Tensor, kv: torch.Tensor, scale: float, window: int,
+                      sinks: torch.Tensor, extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """One shared head whose keys are its values (kv [T, D], stored in the "window" store), each token reading
+        the last `window` positions up to its own, plus `extra` entries ([B, E, D] and which each token reads, [T,
+        E]); a per-head sink logit (sinks [H]) joins the softmax and takes no value. q [T, H, D] -> [T, H, D]."""
+        layout = self.layout
+        store = self.stores["window"][layer]
+        store[layout.slot_mapping] = kv.to(store.dtype)
+        device = q.device
+        starts = torch.tensor(layout.starts, device=device)
+        ends = starts + torch.tensor(layout.counts, device=device)
+        first = (starts - window + 1).clamp(min=0)
+        span = int((ends - first).max())
+        positions = first[:, None] + torch.arange(span, device=device)[None, :]  # [B, span]
+        in_context = positions < ends[:, None]
+        keys = store[layout.context_index[torch.arange(layout.batch, device=device)[:, None],
+                                          torch.where(in_context, positions, 0)]]  # [B, span, D]
+        query_pos = starts[layout.token_seq] + layout.token_row  # [T]
+        key_pos = positions[layout.token_seq]  # [T, span]
+        mask = in_context[layout.token_seq] & (key_pos <= query_pos[:, None]) & (key_pos > query_pos[:, None] - window)
+        if extra is not None:
+            entries, readable = extra
+            keys = torch.cat((keys, entries.to(keys.dtype)), dim=1)
+            mask = torch.cat((mask, readable), dim=1)
+        keys = keys.to(q.dtype)
+        logits = torch.einsum("bthd,bsd->bths", self._pad_tokens(q), keys) * scale
+        logits = logits.masked_fill(~self._pad_tokens(mask)[:, :, None, :], float("-inf"))
+        sink = sinks.to(logits.dtype).view(1, 1, -1, 1).expand(*logits.shape[:3], 1)
+        probs = torch.softmax(torch.cat((logits, sink), dim=-1).float(), dim=-1)[..., :-1].to(q.dtype)
+        return self._unpad_tokens(torch.einsum("bths,bsd->bthd", probs, keys))
+
+def _cache_stores(spec: KVCacheSpec) -> tuple[CacheStore, ...]:
+    try:
+        return spec.cache_stores()
+    except ValueError as exc:
+        raise UnsupportedModelError(str(exc)) from None
+
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Zeros that cost memory only where written: on CPU an anonymous private mapping, whose pages the OS maps
@@ -284,9 +371,7 @@ def create_cache(spec: KVCacheSpec, dtype: torch.dtype, device: torch.device | s
     """A paged cache for the model's spec: `num_blocks` blocks, or as many as fit in `memory_bytes` (at most
     65,536 tokens, so tiny models do not allocate what they never use)."""
     if num_blocks is None:
-        element = torch.tensor([], dtype=dtype).element_size()
-        per_token = spec.num_layers * element * sum(
-            torch.Size(shape).numel() for shape in _storage_shapes(spec).values())
-        tokens = min(memory_bytes // per_token, MAX_DEFAULT_TOKENS)
+        per_token = spec.bytes_per_token(torch.tensor([], dtype=dtype).element_size())
+        tokens = min(int(memory_bytes // per_token), MAX_DEFAULT_TOKENS)
         num_blocks = max(1, tokens // block_size)
     return PagedKVCache(spec, num_blocks, block_size, dtype, device, enable_prefix_caching)

@@ -18,6 +18,7 @@ MODEL_REGISTRY = {
     "deepseek_v2": "whale.models.deepseek:DeepseekForCausalLM",
     "deepseek_v3": "whale.models.deepseek:DeepseekForCausalLM",
     "deepseek_v32": "whale.models.deepseek:DeepseekForCausalLM",
+    "deepseek_v4": "whale.models.deepseek_v4:DeepseekV4ForCausalLM",
 }
 
 

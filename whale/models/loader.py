@@ -79,17 +79,21 @@ def _materialize(model: nn.Module, tensors: Iterator[tuple[str, torch.Tensor]], 
                  dtype: torch.dtype, device: torch.device, source: Path) -> None:
     expected = {name: p for name, p in model.named_parameters() if p.is_meta}  # not what kernels already hold
     fp32_suffixes = tuple(getattr(model, "fp32_parameter_suffixes", ()))
+    rename = getattr(model, "checkpoint_name", lambda name: name)  # names that differ between a family's writers
     state: dict[str, torch.Tensor] = {}
     with _progress(total, f"loading {source.name}") as bar:
         for name, tensor in tensors:
             bar.update(1)
+            name = rename(name)
             if name not in expected:
                 continue  # e.g. rotary inv_freq buffers some checkpoints carry
             if tensor.shape != expected[name].shape:
                 raise ModelLoadError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, "
                                      f"the config implies {tuple(expected[name].shape)}")
             keep_fp32 = name.endswith(fp32_suffixes)  # e.g. MoE routers, which must choose in fp32
-            state[name] = tensor.to(device=device, dtype=torch.float32 if keep_fp32 else dtype)
+            target = expected[name].dtype if not expected[name].is_floating_point() else (
+                torch.float32 if keep_fp32 else dtype)  # integer tables (V4's tid2eid) stay integers
+            state[name] = tensor.to(device=device, dtype=target)
     if getattr(model.config, "tie_word_embeddings", False):
         expected.pop("lm_head.weight", None)
     missing = sorted(set(expected) - set(state))

@@ -1,0 +1,113 @@
+"""whale's DeepSeek-V4 against transformers' reference on tiny checkpoints written to disk (every layer type, windows
+and compression rates small enough that the contexts here cross many compression boundaries): logits of ragged
+batches and of decode steps over cached context, greedy generations, chunked prefill, prefix-cache hits that end
+mid compression window, and the released layout (original names, FP8 blocks, FP4 experts)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from deepseek_checkpoints import assert_greedy_like_reference, checkpoint_maker
+from deepseek_v4_checkpoints import write_checkpoint
+
+from whale import LLM
+from whale.engine.paged_attention import create_cache
+from whale.models.loader import load_model
+from whale.sampling_params import SamplingParams
+
+# prompt lengths per kind: past the window (8 / 16) and several CSA (4) and HCA (16 / 128) windows
+LENGTHS = {"v4": [70, 37, 9], "v4_released": [300, 140, 21]}
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    return checkpoint_maker(tmp_path_factory, write_checkpoint, "deepseek_v4")
+
+
+def _prompts(kind: str, extra: int = 0) -> list[list[int]]:
+    generator = torch.Generator().manual_seed(len(kind))
+    return [torch.randint(2, 256, (n + extra,), generator=generator).tolist() for n in LENGTHS[kind]]
+
+
+def _step(model, cache, chunks: list[list[int]], starts: list[int]) -> list[torch.Tensor]:
+    ids = torch.tensor([t for chunk in chunks for t in chunk])
+    positions = torch.tensor([s + i for s, chunk in zip(starts, chunks, strict=True) for i in range(len(chunk))])
+    cache.begin_step(list(range(len(chunks))), [len(c) for c in chunks])
+    logits = model.compute_logits(model(ids, positions, cache))
+    cache.end_step()
+    return list(logits.split([len(c) for c in chunks]))
+
+
+@pytest.mark.parametrize("kind", ["v4", "v4_released"])
+@torch.inference_mode()
+def test_logits_match_transformers_through_the_paged_cache(kind, checkpoints):
+    """A ragged prefill of three prompts cut into two chunks each, then nine one-token decode steps: every
+    token's logits within 1e-4 of transformers' on the whole sequence."""
+    directory, reference = checkpoints(kind)
+    model = load_model(str(directory), dtype="float32", device="cpu").model
+    cache = create_cache(model.kv_cache_spec(), torch.float32, block_size=16)
+    sequences = _prompts(kind, extra=9)
+    prompts = [s[:-9] for s in sequences]
+    cuts = [len(p) * 2 // 3 for p in prompts]
+    got = [[] for _ in sequences]
+    for chunks, starts in (([p[:c] for p, c in zip(prompts, cuts, strict=True)], [0, 0, 0]),
+                           ([p[c:] for p, c in zip(prompts, cuts, strict=True)], cuts)):
+        for pieces, logits in zip(got, _step(model, cache, chunks, starts), strict=True):
+            pieces.append(logits)
+    for step in range(9):
+        tokens = [[s[len(p) + step]] for s, p in zip(sequences, prompts, strict=True)]
+        for pieces, logits in zip(got, _step(model, cache, tokens, [len(p) + step for p in prompts]), strict=True):
+            pieces.append(logits)
+    for sequence, pieces in zip(sequences, got, strict=True):
+        expected = reference(torch.tensor([sequence])).logits[0]
+        assert (torch.cat(pieces) - expected).abs().max() <= 1e-4
+
+
+def test_the_cache_holds_what_each_layer_type_needs(checkpoints):
+    """Window rows for every layer; compressor inputs and entries (one per rate tokens) for the compressed ones."""
+    directory, _ = checkpoints("v4")
+    model = load_model(str(directory), dtype="float32", device="cpu").model
+    spec = {store.name: store for store in model.kv_cache_spec().stores}
+    assert {name: (s.layers, s.shape, s.rate) for name, s in spec.items()} == {
+        "window": (5, (32,), 1), "csa_rows": (2, (128,), 1), "index_rows": (2, (64,), 1),
+        "csa": (2, (32,), 4), "index": (2, (16,), 4), "hca_rows": (2, (64,), 1), "hca": (2, (32,), 16)}
+    cache = create_cache(model.kv_cache_spec(), torch.float32, num_blocks=4, block_size=16)
+    assert cache.stores["hca"].shape[1] == 4 and cache.stores["csa"].shape[1] == 16  # an entry per 16 / 4 slots
+    assert cache.bytes_per_token() == 4 * (5 * 32 + 2 * 128 + 2 * 64 + 2 * 32 / 4 + 2 * 16 / 4 + 2 * 64 + 2 * 32 / 16)
+
+
+@pytest.mark.parametrize(("kind", "speculative"), [("v4", "off"), ("v4_released", "off"), ("v4", "ngram")])
+@torch.inference_mode()
+def test_greedy_generations_match_transformers(kind, speculative, checkpoints):
+    """32 greedy tokens of a ragged batch; with n-gram drafts (prompts that repeat themselves, so drafts are
+    made and verified; the random model rejects them, and their cache rows and entries are overwritten) the
+    same."""
+    directory, reference = checkpoints(kind)
+    llm = LLM(str(directory), dtype="float32", device="cpu", speculative=speculative)
+    prompts = _prompts(kind) if speculative == "off" else [p[:12] * 4 for p in _prompts(kind)]
+    assert_greedy_like_reference(llm, reference, prompts)
+    if speculative != "off":
+        assert llm.engine.speculation.drafted > 0
+
+
+@torch.inference_mode()
+def test_chunked_prefill_and_a_prefix_hit_mid_compression_window(checkpoints):
+    """Prompts prefilled 24 tokens a step; a second prompt sharing the first's 150 tokens takes 144 of them from
+    the prefix cache (mid HCA window 1 of tokens 128-255, mid window 36 of the CSA layers' 4): the logprobs of
+    both equal transformers' greedy continuation."""
+    directory, reference = checkpoints("v4_released")
+    llm = LLM(str(directory), dtype="float32", device="cpu", max_num_batched_tokens=24, block_size=16)
+    first = _prompts("v4_released")[0][:150]
+    second = first + [7, 8, 9, 10, 11]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, logprobs=0)
+    for prompt, cached in ((first, 0), (second, 144)):
+        output = llm.generate([{"prompt_token_ids": prompt}], params)[0]
+        assert output.num_cached_tokens == cached
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0, output_logits=True,
+                                      return_dict_in_generate=True)
+        tokens = expected.sequences[0, len(prompt):].tolist()
+        assert output.outputs[0].token_ids == tokens
+        for step, token in enumerate(tokens):
+            want = torch.log_softmax(expected.logits[step][0].float(), dim=-1)[token].item()
+            assert output.outputs[0].logprobs[step][token] == pytest.approx(want, abs=1e-4)
