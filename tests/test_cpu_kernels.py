@@ -151,9 +151,9 @@ def test_latent_attention_through_the_kernel_equals_the_gathered_path(monkeypatc
     """MLA decode steps read the latent rows in place with paged_attention (one KV head, values = the same rows);
     ragged sequences, contexts over several of the kernel's 256-position chunks, a few new tokens each: the
     result and what is left in the cache match the gather + matmul path."""
+    from whale.cache_spec import KVCacheSpec
     from whale.engine import paged_attention
     from whale.engine.paged_attention import PagedKVCache
-    from whale.models.layers import KVCacheSpec
 
     torch.manual_seed(0)
     spec = KVCacheSpec("mla", num_layers=2, num_kv_heads=1, head_dim=72, rope_dim=8)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from whale import SamplingParams
+from whale.cache_spec import KVCacheSpec
 from whale.engine.kv_cache import BlockManager
 from whale.engine.llm_engine import EngineConfig, LLMEngine
 from whale.engine.paged_attention import create_cache
-from whale.models.layers import KVCacheSpec
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
 PROMPTS = ["The capital of France is", "Once upon a time, in a small village by the sea, there lived",

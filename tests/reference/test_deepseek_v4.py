@@ -63,17 +63,31 @@ def test_logits_match_transformers_through_the_paged_cache(kind, checkpoints):
         assert (torch.cat(pieces) - expected).abs().max() <= 1e-4
 
 
+@torch.inference_mode()
 def test_the_cache_holds_what_each_layer_type_needs(checkpoints):
-    """Window rows for every layer; compressor inputs and entries (one per rate tokens) for the compressed ones."""
+    """Window rows for every layer, compressor inputs and entries (one per rate tokens) for the compressed ones; the
+    per-token rows live in a pool of their own whose blocks a sequence gives back once out of its window, so a
+    sequence costs the entries per token plus a bounded window."""
     directory, _ = checkpoints("v4")
     model = load_model(str(directory), dtype="float32", device="cpu").model
-    spec = {store.name: store for store in model.kv_cache_spec().stores}
-    assert {name: (s.layers, s.shape, s.rate) for name, s in spec.items()} == {
+    spec = model.kv_cache_spec()
+    assert {s.name: (s.layers, s.shape, s.rate) for s in spec.stores} == {
         "window": (5, (32,), 1), "csa_rows": (2, (128,), 1), "index_rows": (2, (64,), 1),
         "csa": (2, (32,), 4), "index": (2, (16,), 4), "hca_rows": (2, (64,), 1), "hca": (2, (32,), 16)}
-    cache = create_cache(model.kv_cache_spec(), torch.float32, num_blocks=4, block_size=16)
-    assert cache.stores["hca"].shape[1] == 4 and cache.stores["csa"].shape[1] == 16  # an entry per 16 / 4 slots
-    assert cache.bytes_per_token() == 4 * (5 * 32 + 2 * 128 + 2 * 64 + 2 * 32 / 4 + 2 * 16 / 4 + 2 * 64 + 2 * 32 / 16)
+    assert spec.retain == 15  # the HCA window (16) less one; the sliding window is 8, two CSA windows 8
+    cache = create_cache(spec, torch.float32, num_blocks=8, block_size=16)
+    assert cache.stores["hca"].shape[1] == 8 and cache.stores["csa"].shape[1] == 32  # an entry per 16 / 4 tokens
+    assert cache.bytes_per_token() == 4 * (2 * 32 / 4 + 2 * 16 / 4 + 2 * 32 / 16)  # fp32 entries only
+    assert spec.window_bytes(16, 4) == 2 * 16 * 4 * (5 * 32 + 2 * 128 + 2 * 64 + 2 * 64)  # 15 tokens and 1 new
+    ids = torch.randint(2, 256, (120,), generator=torch.Generator().manual_seed(0))
+    for start in range(0, 120, 30):
+        cache.begin_step([0], [30])
+        model(ids[start:start + 30], torch.arange(start, start + 30), cache)
+        cache.end_step()
+        kept = [b for b in cache.blocks.recent_table(0) if b >= 0]
+        assert len(kept) <= spec.window_blocks(16, 30) and len(cache.blocks.block_table(0)) == -(-(start + 30) // 16)
+    cache.free(0)
+    assert cache.blocks.recent.num_free_blocks == cache.blocks.recent.num_blocks
 
 
 @pytest.mark.parametrize(("kind", "speculative"), [("v4", "off"), ("v4_released", "off"), ("v4", "ngram")])
@@ -111,3 +125,25 @@ def test_chunked_prefill_and_a_prefix_hit_mid_compression_window(checkpoints):
         for step, token in enumerate(tokens):
             want = torch.log_softmax(expected.logits[step][0].float(), dim=-1)[token].item()
             assert output.outputs[0].logprobs[step][token] == pytest.approx(want, abs=1e-4)
+
+
+@torch.inference_mode()
+def test_a_prefix_hit_needs_the_window_before_it(checkpoints):
+    """With one sequence at a time, 32 tokens a step, the window pool is small (20 blocks): a 400-token prompt in
+    between hands out the blocks that held the first prompt's last window, so a prompt extending the first one
+    hits only as far as both pools still hold (here nothing: the entries are cached, their window is not), and
+    still computes what transformers does."""
+    directory, reference = checkpoints("v4_released")
+    llm = LLM(str(directory), dtype="float32", device="cpu", max_num_seqs=1, max_num_batched_tokens=32,
+              block_size=16)
+    first = _prompts("v4_released")[0][:150]
+    other = torch.randint(2, 256, (400,), generator=torch.Generator().manual_seed(99)).tolist()
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": first}], params)
+    llm.generate([{"prompt_token_ids": other}], params)
+    assert llm.engine.cache.blocks.full.cached  # the first prompt's entries are still cached
+    again = llm.generate([{"prompt_token_ids": first + [5, 6]}], params)[0]
+    assert again.num_cached_tokens == 0
+    expected = reference.generate(torch.tensor([first + [5, 6]]), max_new_tokens=4, do_sample=False,
+                                  eos_token_id=None, pad_token_id=0)[0, len(first) + 2:]
+    assert again.outputs[0].token_ids == expected.tolist()

@@ -110,11 +110,139 @@ class BlockManager:
                 self.cached[block_hash] = block
         self.hashed_blocks[seq_id] = full
 
+    def _release(self, block: int) -> None:
+        """The last release of a block puts it at the back of the free queue."""
+        self.ref_counts[block] -= 1
+        if self.ref_counts[block] == 0:
+            self.free_queue[block] = None
+
+    def truncate(self, seq_id: Hashable, blocks: int) -> None:
+        """Give back the sequence's blocks after its first `blocks` (the tail first)."""
+        table = self.tables.get(seq_id, [])
+        while len(table) > blocks:
+            self._release(table.pop())
+        self.hashed_blocks[seq_id] = min(self.hashed_blocks.get(seq_id, 0), blocks)
+
     def free(self, seq_id: Hashable) -> None:
-        """Release the sequence's blocks; the last release of a block puts it at the back of the free queue."""
+        """Release the sequence's blocks."""
         # release the tail first, so a sequence's later blocks are evicted before its (more shared) prefix
         for block in reversed(self.tables.pop(seq_id, [])):
-            self.ref_counts[block] -= 1
-            if self.ref_counts[block] == 0:
-                self.free_queue[block] = None
+            self._release(block)
         self.hashed_blocks.pop(seq_id, None)
+
+
+RELEASED = -1  # a windowed table's entry for a block released once out of the window
+
+
+class WindowedBlockManager(BlockManager):
+    """Blocks of stores a step reads only for the last `retain` tokens before it (DeepSeek-V4's window rows and
+    compressor inputs): a block wholly older than that is released as its sequence advances (its table entry
+    becomes RELEASED). A released block keeps its hash, so it stays a prefix hit until it is handed out again."""
+
+    def __init__(self, num_blocks: int, block_size: int, retain: int, enable_prefix_caching: bool = True):
+        super().__init__(num_blocks, block_size, enable_prefix_caching)
+        self.retain = retain
+
+    def first_kept(self, num_tokens: int) -> int:
+        """The first block a sequence of `num_tokens` computed tokens still needs."""
+        return max(0, num_tokens - self.retain) // self.block_size
+
+    def release_old(self, seq_id: Hashable, num_computed: int) -> None:
+        table = self.tables.get(seq_id, [])
+        for index in range(min(self.first_kept(num_computed), len(table))):
+            if table[index] != RELEASED:
+                self._release(table[index])
+                table[index] = RELEASED
+
+    def cached_window(self, hashes: Sequence[int], blocks: int) -> bool:
+        """Whether the blocks a sequence needs after `blocks` full blocks (their chained `hashes`) are cached."""
+        return all(h in self.cached for h in hashes[self.first_kept(blocks * self.block_size):blocks])
+
+    def take_prefix(self, seq_id: Hashable, hashes: Sequence[int], blocks: int) -> None:
+        """Start `seq_id`'s table with `blocks` cached blocks, RELEASED where out of the window."""
+        first = self.first_kept(blocks * self.block_size)
+        table = self.tables.setdefault(seq_id, [])
+        assert not table, "take_prefix is for a sequence without blocks"
+        table.extend([RELEASED] * first)
+        for block_hash in hashes[first:blocks]:
+            block = self.cached[block_hash]
+            self._reuse(block)
+            table.append(block)
+        self.hashed_blocks[seq_id] = blocks
+
+    def register_full_blocks(self, seq_id: Hashable, token_ids: Sequence[int], num_computed: int) -> None:
+        if self.enable_prefix_caching:
+            table = self.tables[seq_id]
+            done = self.hashed_blocks.get(seq_id, 0)
+            full = min(num_computed // self.block_size, len(table))
+            hashes = self.prefix_hashes(token_ids[:full * self.block_size])
+            for index in range(done, full):
+                block, block_hash = table[index], hashes[index]
+                if block != RELEASED and self.block_hash[block] is None and block_hash not in self.cached:
+                    self.block_hash[block] = block_hash
+                    self.cached[block_hash] = block
+            self.hashed_blocks[seq_id] = max(done, full)
+        self.release_old(seq_id, num_computed)
+
+    def free(self, seq_id: Hashable) -> None:
+        for block in reversed(self.tables.pop(seq_id, [])):
+            if block != RELEASED:
+                self._release(block)
+        self.hashed_blocks.pop(seq_id, None)
+
+
+class HybridBlockManager:
+    """Two block pools behind BlockManager's interface: `full` for stores kept for the whole sequence (compressed
+    entries), `recent` (a WindowedBlockManager) for per-token stores a step reads only near its tokens. A
+    sequence grows in both; a prefix hit counts only the blocks both hold (the recent pool's from the window
+    before the hit on)."""
+
+    def __init__(self, full: BlockManager, recent: WindowedBlockManager):
+        self.full, self.recent = full, recent
+        self.block_size, self.enable_prefix_caching = full.block_size, full.enable_prefix_caching
+
+    @property
+    def num_blocks(self) -> int:
+        return self.full.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.full.num_free_blocks
+
+    @property
+    def blocks_written(self) -> int:
+        return self.full.blocks_written
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return self.full.blocks_needed(num_tokens)
+
+    def block_table(self, seq_id: Hashable) -> list[int]:
+        return self.full.block_table(seq_id)
+
+    def recent_table(self, seq_id: Hashable) -> list[int]:
+        return self.recent.block_table(seq_id)
+
+    def allocate_prefix(self, seq_id: Hashable, prompt_ids: Sequence[int], use_cache: bool = True) -> int:
+        hits = self.full.allocate_prefix(seq_id, prompt_ids, use_cache) // self.block_size
+        hashes = self.recent.prefix_hashes(prompt_ids[:hits * self.block_size])
+        while hits and not self.recent.cached_window(hashes, hits):
+            hits -= 1
+        self.full.truncate(seq_id, hits)  # hits the recent pool cannot serve: given back
+        self.recent.take_prefix(seq_id, hashes, hits)
+        return hits * self.block_size
+
+    def can_grow(self, seq_id: Hashable, num_tokens: int) -> bool:
+        return self.full.can_grow(seq_id, num_tokens) and self.recent.can_grow(seq_id, num_tokens)
+
+    def grow(self, seq_id: Hashable, num_tokens: int) -> bool:
+        if not self.can_grow(seq_id, num_tokens):
+            return False
+        return self.full.grow(seq_id, num_tokens) and self.recent.grow(seq_id, num_tokens)
+
+    def register_full_blocks(self, seq_id: Hashable, token_ids: Sequence[int], num_computed: int) -> None:
+        self.full.register_full_blocks(seq_id, token_ids, num_computed)
+        self.recent.register_full_blocks(seq_id, token_ids, num_computed)
+
+    def free(self, seq_id: Hashable) -> None:
+        self.full.free(seq_id)
+        self.recent.free(seq_id)

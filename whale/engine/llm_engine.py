@@ -90,7 +90,8 @@ class LLMEngine:
             raise InvalidRequestError(f"max_model_len {c.max_model_len} must be in [2, {model_len}] (the model's "
                                       "context)")
         self.cache = create_cache(loaded.model.kv_cache_spec(), loaded.dtype, loaded.device, c.num_kv_blocks,
-                                  c.block_size, c.kv_cache_bytes, c.enable_prefix_caching)
+                                  c.block_size, c.kv_cache_bytes, c.enable_prefix_caching, c.max_num_seqs,
+                                  c.max_num_batched_tokens)
         self.scheduler = Scheduler(SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens), self.cache.blocks)
         self.runner = ModelRunner(loaded, self.cache)
         self.proposer, self.num_speculative_tokens = build_proposer(c.speculative, c.num_speculative_tokens,

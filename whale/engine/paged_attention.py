@@ -12,15 +12,16 @@ from __future__ import annotations
 
 import mmap
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-from whale.engine.kv_cache import BlockManager
+from whale.cache_spec import CacheStore, KVCacheSpec
+from whale.engine.kv_cache import BlockManager, HybridBlockManager, WindowedBlockManager
 from whale.errors import UnsupportedModelError
 from whale.kernels import cpu_ops
-from whale.models.layers import CacheStore, KVCacheSpec, in_prompt_step
+from whale.models.layers import in_prompt_step
 
 # Steps whose sequences add at most this many tokens each (decode, short drafts) read K/V straight from the
 # blocks with the compiled kernel; longer chunks (prefill) gather the context once and run SDPA's tiled GEMMs.
@@ -40,6 +41,7 @@ class StepLayout:
     token_len: torch.Tensor  # [T] context positions the token sees, its own included
     causal: torch.Tensor  # [B, max_new, S_max] bool: the context position is visible to the token
     uniform: bool  # every sequence has the same number of new tokens: padding is a plain reshape
+    recent: StepLayout | None = None  # the same step over the windowed pool's tables (a spec with `retain`)
 
     @property
     def batch(self) -> int:
@@ -61,7 +63,8 @@ class StepLayout:
         max_new = max(counts)
         max_context = max(s + c for s, c in zip(starts, counts, strict=True))
         width = max(len(t) for t in block_tables)
-        tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], device=device)
+        # a released block (RELEASED, -1) reads block 0: only positions a step never reads are released
+        tables = torch.tensor([list(t) + [0] * (width - len(t)) for t in block_tables], device=device).clamp(min=0)
         positions = torch.arange(max_context, device=device)
         blocks = positions // block_size
         blocks = torch.minimum(blocks, torch.tensor(width - 1, device=device))
@@ -84,17 +87,48 @@ class PagedKVCache:
     instead name sequences by slot: `begin_step(slots, new_token_counts)` allocates blocks itself."""
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
-                 device: torch.device | str = "cpu", enable_prefix_caching: bool = True):
+                 device: torch.device | str = "cpu", enable_prefix_caching: bool = True,
+                 num_window_blocks: int = 0):
         self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
         self.block_size = block_size
-        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.blocks: BlockManager | HybridBlockManager = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        if spec.retain:  # per-token stores in a pool of their own, blocks released once out of the window
+            window_blocks = max(num_window_blocks, spec.window_blocks(block_size))
+            self.blocks = HybridBlockManager(self.blocks, WindowedBlockManager(window_blocks, block_size, spec.retain,
+                                                                               enable_prefix_caching))
         # zeros, not empty: padded context positions are read (then masked) and must not hold NaNs. A store of
         # rate m keeps ceil(block_size / m) rows a block (the entry of tokens w*m.. in the block of token w*m)
-        self.stores = {s.name: _zeros((s.layers, num_blocks * -(-block_size // s.rate), *s.shape), dtype,
-                                      self.device) for s in _cache_stores(spec)}
+        self.stores = {s.name: _zeros((s.layers, self._pool(s).num_blocks * s.rows_per_block(block_size), *s.shape),
+                                      dtype, self.device) for s in _cache_stores(spec)}
+        self.windowed = {s.name for s in _cache_stores(spec) if spec.windowed(s)}
         self.layout: StepLayout | None = None
         self._slot_lengths: dict[Hashable, int] = {}
         self._slot_step: list[tuple[Hashable, int]] = []
+
+    def _pool(self, store: CacheStore) -> BlockManager:
+        return self.blocks.recent if self.spec.windowed(store) else getattr(self.blocks, "full", self.blocks)
+
+    def bytes_written(self) -> int:
+        """Cache bytes of every block handed out at least once (on CPU, what the storage has made resident)."""
+        element = next(iter(self.stores.values())).element_size()
+        written = self.blocks.blocks_written * self.spec.block_bytes(self.block_size, element)
+        if isinstance(self.blocks, HybridBlockManager):
+            written += self.blocks.recent.blocks_written * self.spec.block_bytes(self.block_size, element, True)
+        return written
+
+    def build_layout(self, seq_ids: Sequence[Hashable], starts: Sequence[int], counts: Sequence[int]) -> StepLayout:
+        """The step's layout from the sequences' block tables (both pools' with a windowed one)."""
+        layout = StepLayout.build([self.blocks.block_table(s) for s in seq_ids], starts, counts, self.block_size,
+                                  self.device)
+        if isinstance(self.blocks, HybridBlockManager):
+            recent = StepLayout.build([self.blocks.recent_table(s) for s in seq_ids], starts, counts,
+                                      self.block_size, self.device)
+            layout = replace(layout, recent=recent)
+        return layout
+
+    def _rows(self, name: str) -> StepLayout:
+        """The layout that addresses a per-token store: the windowed pool's where it lives there."""
+        return self.layout.recent if name in self.windowed else self.layout
 
     def bytes_per_token(self) -> float:
         """Cache bytes one token costs across all layers."""
@@ -113,13 +147,14 @@ class PagedKVCache:
         for slot, start, count in zip(slots, starts, new_tokens, strict=True):
             if not self.blocks.grow(slot, start + count):
                 raise MemoryError(f"KV cache full: {self.num_tokens_capacity} tokens")
-        tables = [self.blocks.block_table(slot) for slot in slots]
         self._slot_step = list(zip(slots, [s + c for s, c in zip(starts, new_tokens, strict=True)], strict=True))
-        self.layout = StepLayout.build(tables, starts, new_tokens, self.block_size, self.device)
+        self.layout = self.build_layout(slots, starts, new_tokens)
 
     def end_step(self) -> None:
         for slot, length in self._slot_step:
             self._slot_lengths[slot] = length
+            if isinstance(self.blocks, HybridBlockManager):
+                self.blocks.recent.release_old(slot, length)
         self._slot_step = []
         self.layout = None
 
@@ -251,12 +286,12 @@ class PagedKVCache:
     def write_rows(self, name: str, layer: int, rows: torch.Tensor) -> None:
         """Store the step's new tokens' rows [T, ...] of a per-token store."""
         store = self.stores[name][layer]
-        store[self.layout.slot_mapping] = rows.to(store.dtype)
+        store[self._rows(name).slot_mapping] = rows.to(store.dtype)
 
     def rows_at(self, name: str, layer: int, seq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rows of a per-token store at context `positions` [W, n] of sequences `seq` [W] (a position below 0
         reads position 0: the caller masks it)."""
-        slots = self.layout.context_index[seq[:, None], positions.clamp(min=0)]
+        slots = self._rows(name).context_index[seq[:, None], positions.clamp(min=0)]
         return self.stores[name][layer][slots]
 
     def closing_windows(self, rate: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -312,7 +347,7 @@ class PagedKVCache:
         """One shared head whose keys are its values (kv [T, D], stored in the "window" store), each token reading
         the last `window` positions up to its own, plus `extra` entries ([B, E, D] and which each token reads, [T,
         E]); a per-head sink logit (sinks [H]) joins the softmax and takes no value. q [T, H, D] -> [T, H, D]."""
-        layout = self.layout
+        layout = self._rows("window")
         store = self.stores["window"][layer]
         store[layout.slot_mapping] = kv.to(store.dtype)
         device = q.device
@@ -367,11 +402,18 @@ MAX_DEFAULT_TOKENS = 65536
 
 def create_cache(spec: KVCacheSpec, dtype: torch.dtype, device: torch.device | str = "cpu",
                  num_blocks: int | None = None, block_size: int = 16, memory_bytes: int = DEFAULT_KV_CACHE_BYTES,
-                 enable_prefix_caching: bool = True) -> PagedKVCache:
+                 enable_prefix_caching: bool = True, max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 1024) -> PagedKVCache:
     """A paged cache for the model's spec: `num_blocks` blocks, or as many as fit in `memory_bytes` (at most
-    65,536 tokens, so tiny models do not allocate what they never use)."""
+    65,536 tokens, so tiny models do not allocate what they never use). A spec with windowed stores first gets
+    their pool: every running sequence's window, twice over (released blocks stay prefix hits a while), and one
+    step's tokens."""
+    element = torch.tensor([], dtype=dtype).element_size()
+    window_blocks = 0
+    if spec.retain:
+        window_blocks = 2 * max_num_seqs * spec.window_blocks(block_size) + -(-max_num_batched_tokens // block_size)
+        memory_bytes = max(0, memory_bytes - window_blocks * spec.block_bytes(block_size, element, windowed=True))
     if num_blocks is None:
-        per_token = spec.bytes_per_token(torch.tensor([], dtype=dtype).element_size())
-        tokens = min(int(memory_bytes // per_token), MAX_DEFAULT_TOKENS)
+        tokens = min(int(memory_bytes // spec.bytes_per_token(element)), MAX_DEFAULT_TOKENS)
         num_blocks = max(1, tokens // block_size)
-    return PagedKVCache(spec, num_blocks, block_size, dtype, device, enable_prefix_caching)
+    return PagedKVCache(spec, num_blocks, block_size, dtype, device, enable_prefix_caching, window_blocks)

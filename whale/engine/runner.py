@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from whale.engine.paged_attention import PagedKVCache, StepLayout
+from whale.engine.paged_attention import PagedKVCache
 from whale.engine.request import Request
 from whale.engine.scheduler import ScheduledBatch
 from whale.models.layers import prompt_step
@@ -46,9 +46,8 @@ class ModelRunner:
             ids.extend(request.all_token_ids[start:start + count - len(drafts)])
             ids.extend(drafts)
             positions.extend(range(start, start + count))
-        layout = StepLayout.build([self.cache.blocks.block_table(r.request_id) for r in batch.requests],
-                                  [r.num_computed_tokens for r in batch.requests], batch.num_new_tokens,
-                                  self.cache.block_size, self.device)
+        layout = self.cache.build_layout([r.request_id for r in batch.requests],
+                                         [r.num_computed_tokens for r in batch.requests], batch.num_new_tokens)
         self.cache.set_layout(layout)
         decoding = all(_decoding(r, count, len(drafts))
                        for r, count, drafts in zip(batch.requests, batch.num_new_tokens, batch.drafts, strict=True))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from whale.cache_spec import KVCacheSpec
 from whale.config import DeepseekConfig
 from whale.models.decode_stack import CompiledDecode
 from whale.models.deepseek_dsa import DeepseekIndexer
@@ -19,7 +20,6 @@ from whale.models.deepseek_moe import DeepseekMoE
 from whale.models.deepseek_stack import build_deepseek_decode_stack
 from whale.models.gguf_blocks import BlockLatentHeads
 from whale.models.layers import (
-    KVCacheSpec,
     RMSNorm,
     RotaryEmbedding,
     SwiGLU,

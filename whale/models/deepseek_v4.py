@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from whale.cache_spec import V4_LAYER_STORES, KVCacheSpec, deepseek_v4_cache_spec
 from whale.config import DeepseekV4Config
-from whale.models.layers import CacheStore, KVCacheSpec, RMSNorm, embedding, linear, rope_inv_freq
+from whale.models.layers import RMSNorm, embedding, linear, rope_inv_freq
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 
@@ -305,11 +306,9 @@ class DeepseekV4ForCausalLM(nn.Module):
         counts = {"window": 0, "csa": 0, "index": 0, "hca": 0}
         layers = []
         for i, layer_type in enumerate(config.layer_types):
-            names = ["window"] + {SLIDING: [], CSA: ["csa", "index"], HCA: ["hca"]}[layer_type]
-            cache_layers = {name: counts[name] for name in names}
+            names = ("window", *V4_LAYER_STORES[layer_type])
+            layers.append(DeepseekV4Layer(config, i, {name: counts[name] for name in names}))
             counts.update({name: counts[name] + 1 for name in names})
-            layers.append(DeepseekV4Layer(config, i, cache_layers))
-        self.store_layers = counts
         self.embed = embedding(config.vocab_size, hidden)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(hidden, config.rms_norm_eps)
@@ -321,18 +320,9 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.compress_rotary = Rotary(config, compress=True)
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        c, layers = self.config, self.store_layers
-        index_rows = 4 * c.index_head_dim  # kv and gate projections, two halves each
-        stores = [CacheStore("window", layers["window"], (c.head_dim,))]
-        if layers["csa"]:
-            stores += [CacheStore("csa_rows", layers["csa"], (4 * c.head_dim,)),
-                       CacheStore("index_rows", layers["index"], (index_rows,)),
-                       CacheStore("csa", layers["csa"], (c.head_dim,), c.csa_rate),
-                       CacheStore("index", layers["index"], (c.index_head_dim,), c.csa_rate)]
-        if layers["hca"]:
-            stores += [CacheStore("hca_rows", layers["hca"], (2 * c.head_dim,)),
-                       CacheStore("hca", layers["hca"], (c.head_dim,), c.hca_rate)]
-        return KVCacheSpec("stores", c.num_hidden_layers, stores=tuple(stores))
+        c = self.config
+        return deepseek_v4_cache_spec(c.layer_types, c.head_dim, c.index_head_dim, c.sliding_window, c.csa_rate,
+                                      c.hca_rate)
 
     @staticmethod
     def checkpoint_name(name: str) -> str | None:

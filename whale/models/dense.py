@@ -9,12 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from whale.cache_spec import KVCacheSpec
 from whale.config import DenseConfig
 from whale.models.decode_stack import CompiledDecode
 from whale.models.dense_stack import build_decode_stack
 from whale.models.layers import (
     AttentionBackend,
-    KVCacheSpec,
     RMSNorm,
     RotaryEmbedding,
     SwiGLU,

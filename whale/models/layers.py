@@ -7,7 +7,6 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -34,52 +33,6 @@ def prompt_step(active: bool) -> Iterator[None]:
 
 def in_prompt_step() -> bool:
     return _PROMPT_STEP.get()
-
-
-@dataclass(frozen=True)
-class CacheStore:
-    """One kind of cached row: `shape` values each, in `layers` layers (counted in the store's own order), one
-    row per `rate` tokens (a compressed entry per `rate` tokens; 1: a row per token)."""
-
-    name: str
-    layers: int
-    shape: tuple[int, ...]
-    rate: int = 1
-
-
-@dataclass(frozen=True)
-class KVCacheSpec:
-    """What a model stores per token per layer; the engine builds the matching cache from it.
-    kind "mha": separate K and V of `num_kv_heads` x `head_dim` (dense models).
-    kind "mla": one latent row of `head_dim` = kv_lora_rank + `rope_dim` values (DeepSeek), plus an
-    `indexer_dim`-wide key for DeepSeek Sparse Attention when non-zero (V3.2).
-    kind "stores": the `stores` the model lists, each with its own layers, width and rate (DeepSeek-V4's
-    window rows, compressor inputs and compressed entries per layer type)."""
-
-    kind: str
-    num_layers: int
-    num_kv_heads: int = 1
-    head_dim: int = 0
-    rope_dim: int = 0
-    indexer_dim: int = 0
-    stores: tuple[CacheStore, ...] = ()
-
-    def cache_stores(self) -> tuple[CacheStore, ...]:
-        if self.kind == "stores":
-            return self.stores
-        if self.kind == "mha":
-            shape = (self.num_kv_heads, self.head_dim)
-            return CacheStore("k", self.num_layers, shape), CacheStore("v", self.num_layers, shape)
-        if self.kind == "mla":
-            latent = CacheStore("latent", self.num_layers, (self.head_dim,))
-            if self.indexer_dim:
-                return latent, CacheStore("index", self.num_layers, (self.indexer_dim,))
-            return (latent,)
-        raise ValueError(f"no KV cache for kind {self.kind!r}")
-
-    def bytes_per_token(self, element_size: int) -> float:
-        """Cache bytes one token costs across all layers (a compressed store's row shared by `rate` tokens)."""
-        return sum(s.layers * math.prod(s.shape) * element_size / s.rate for s in self.cache_stores())
 
 
 class AttentionBackend(Protocol):

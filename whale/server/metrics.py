@@ -198,5 +198,5 @@ def engine_gauges(async_engine: object) -> EngineGauges:
     return EngineGauges(running=len(scheduler.running), waiting=len(scheduler.waiting),
                         kv_blocks_used=blocks.num_blocks - blocks.num_free_blocks, kv_blocks_total=blocks.num_blocks,
                         kv_tokens_used=(blocks.num_blocks - blocks.num_free_blocks) * cache.block_size,
-                        kv_bytes_written=round(blocks.blocks_written * cache.block_size * cache.bytes_per_token()),
+                        kv_bytes_written=cache.bytes_written(),
                         speculation=replace(speculation))
