@@ -66,15 +66,33 @@ class KVCacheSpec:
         """Whether `store` lives in the windowed pool (per-token rows read only near each step)."""
         return self.retain > 0 and store.rate == 1
 
+    def pool(self, store: CacheStore, block_size: int) -> str:
+        """The block pool `store` lives in: "window" (the windowed pool), "rate<m>" (blocks of m tokens, for a
+        store with a row per m tokens, m a multiple of the block size: one row a block, none wasted) or "main"."""
+        if self.windowed(store):
+            return "window"
+        if store.rate > block_size and store.rate % block_size == 0:
+            return f"rate{store.rate}"
+        return "main"
+
+    def pool_block_size(self, store: CacheStore, block_size: int) -> int:
+        return store.rate if self.pool(store, block_size).startswith("rate") else block_size
+
     def block_bytes(self, block_size: int, element_size: int, windowed: bool = False) -> int:
         """Bytes of one block of the main pool (or of the windowed pool) across all its stores and layers."""
+        pool = "window" if windowed else "main"
         return sum(s.row_values * s.rows_per_block(block_size) * element_size
-                   for s in self.cache_stores() if self.windowed(s) == windowed)
+                   for s in self.cache_stores() if self.pool(s, block_size) == pool)
 
-    def bytes_per_token(self, element_size: int) -> float:
-        """Cache bytes one more token of a sequence costs across all layers (a compressed store's row shared by
-        `rate` tokens; the windowed stores cost a sequence `window_bytes` instead)."""
-        return sum(s.row_values * element_size / s.rate for s in self.cache_stores() if not self.windowed(s))
+    def bytes_per_token(self, element_size: int, block_size: int = 16) -> float:
+        """Cache bytes one more token of a sequence costs across all layers, as the pools allocate them (a
+        compressed store's row shared by `rate` tokens); the windowed stores cost a sequence `window_bytes`."""
+        total = 0.0
+        for store in self.cache_stores():
+            if not self.windowed(store):
+                size = self.pool_block_size(store, block_size)
+                total += store.row_values * element_size * store.rows_per_block(size) / size
+        return total
 
     def window_blocks(self, block_size: int, step_tokens: int = 1) -> int:
         """Windowed-pool blocks a sequence holds during a step of `step_tokens` new tokens: those covering the

@@ -42,7 +42,10 @@ def test_v4_compressed_kv():
     # 21 ratio-4 layers hold a 512-wide row + a 128-wide indexer key every 4 tokens; 20 ratio-128 layers a
     # 512-wide row every 128 tokens; layers 0-1 only the 128-token window
     assert flash.token_bytes == 21 * (512 + 128) / 4 + 20 * 512 / 128
-    assert flash.sequence_bytes == 43 * 128 * 512
+    # per sequence, whale's windowed pool: 9 blocks of 16 tokens (127 before a step, its token, a block begun
+    # mid-way) of every layer's 512-wide window row, the CSA compressors' kv and gate (2 x 2 x 512, indexer
+    # 2 x 2 x 128) and the HCA compressors' (2 x 512)
+    assert flash.sequence_bytes == 9 * 16 * (43 * 512 + 21 * 4 * 512 + 21 * 4 * 128 + 20 * 2 * 512)
 
 
 def test_format_bytes_for_one_matrix():

@@ -11,8 +11,12 @@ from deepseek_checkpoints import assert_greedy_like_reference, checkpoint_maker
 from deepseek_v4_checkpoints import write_checkpoint
 
 from whale import LLM
-from whale.engine.paged_attention import create_cache
+from whale.config import parse_hf_config
+from whale.engine.paged_attention import PagedKVCache, create_cache
+from whale.models.deepseek_v4 import cache_spec
 from whale.models.loader import load_model
+from whale.planner.catalog import CATALOG
+from whale.planner.memory import kv_shape
 from whale.sampling_params import SamplingParams
 
 # prompt lengths per kind: past the window (8 / 16) and several CSA (4) and HCA (16 / 128) windows
@@ -84,10 +88,10 @@ def test_the_cache_holds_what_each_layer_type_needs(checkpoints):
         cache.begin_step([0], [30])
         model(ids[start:start + 30], torch.arange(start, start + 30), cache)
         cache.end_step()
-        kept = [b for b in cache.blocks.recent_table(0) if b >= 0]
+        kept = [b for b in cache.pools["window"].block_table(0) if b >= 0]
         assert len(kept) <= spec.window_blocks(16, 30) and len(cache.blocks.block_table(0)) == -(-(start + 30) // 16)
     cache.free(0)
-    assert cache.blocks.recent.num_free_blocks == cache.blocks.recent.num_blocks
+    assert cache.pools["window"].num_free_blocks == cache.pools["window"].num_blocks
 
 
 @pytest.mark.parametrize(("kind", "speculative"), [("v4", "off"), ("v4_released", "off"), ("v4", "ngram")])
@@ -141,9 +145,37 @@ def test_a_prefix_hit_needs_the_window_before_it(checkpoints):
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     llm.generate([{"prompt_token_ids": first}], params)
     llm.generate([{"prompt_token_ids": other}], params)
-    assert llm.engine.cache.blocks.full.cached  # the first prompt's entries are still cached
+    assert llm.engine.cache.blocks.main.cached  # the first prompt's entries are still cached
     again = llm.generate([{"prompt_token_ids": first + [5, 6]}], params)[0]
     assert again.num_cached_tokens == 0
     expected = reference.generate(torch.tensor([first + [5, 6]]), max_new_tokens=4, do_sample=False,
                                   eos_token_id=None, pad_token_id=0)[0, len(first) + 2:]
     assert again.outputs[0].token_ids == expected.tolist()
+
+
+@pytest.mark.parametrize("name", ["deepseek-v4-flash", "deepseek-v4-pro"])
+def test_the_planner_counts_what_the_engine_allocates(name):
+    """`whale plan`'s V4 cache figures are the engine's: a config.json of the model's shape parsed as the engine
+    parses it, its cache built by the engine's allocator (bf16, 16-token blocks; storage mapped, not touched):
+    the bytes a token costs in the pools that grow with a sequence, and a sequence's windowed blocks."""
+    model = CATALOG[name]
+    config = parse_hf_config({
+        "model_type": "deepseek_v4", "vocab_size": model.vocab_size, "hidden_size": model.hidden_size,
+        "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_heads, "head_dim": model.head_dim,
+        "q_lora_rank": model.q_lora_rank, "moe_intermediate_size": model.moe_intermediate_size,
+        "compress_ratios": list(model.compress_ratios), "sliding_window": model.sliding_window,
+        "index_n_heads": model.index_n_heads, "index_head_dim": model.index_head_dim})
+    spec = cache_spec(config)
+    cache = PagedKVCache(spec, num_blocks=64, block_size=16, dtype=torch.bfloat16,
+                         num_window_blocks=spec.window_blocks(16), max_num_seqs=1)
+    per_token = per_sequence = 0.0
+    for store_name, store in cache.stores.items():
+        pool = cache.pools[cache.pool_of[store_name]]
+        block = store.numel() * store.element_size() / pool.num_blocks
+        if cache.pool_of[store_name] == "window":
+            per_sequence += block * pool.num_blocks
+        else:
+            per_token += block / pool.block_size
+    planned = kv_shape(model, "bf16")
+    assert cache.pool_of["hca"] == "rate128"  # one 128-token block a row: nothing allocated that is not used
+    assert planned.token_bytes == per_token and planned.sequence_bytes == per_sequence

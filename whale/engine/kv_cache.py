@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
 
+RELEASED = -1  # a windowed table's entry for a block released once out of the window
+
 
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
@@ -47,6 +49,26 @@ class BlockManager:
             previous = hash((previous, tuple(token_ids[start:start + self.block_size])))
             hashes.append(previous)
         return hashes
+
+    def first_kept(self, num_tokens: int) -> int:
+        """The first block a sequence of `num_tokens` computed tokens still needs (all of them here)."""
+        return 0
+
+    def cached_prefix(self, hashes: Sequence[int], blocks: int) -> bool:
+        """Whether the blocks a sequence needs of its first `blocks` (their chained `hashes`) are all cached."""
+        return all(h in self.cached for h in hashes[self.first_kept(blocks * self.block_size):blocks])
+
+    def take_prefix(self, seq_id: Hashable, hashes: Sequence[int], blocks: int) -> None:
+        """Start `seq_id`'s table with its first `blocks` blocks from the cache (RELEASED where not needed)."""
+        first = self.first_kept(blocks * self.block_size)
+        table = self.tables.setdefault(seq_id, [])
+        assert not table, "take_prefix is for a sequence without blocks"
+        table.extend([RELEASED] * first)
+        for block_hash in hashes[first:blocks]:
+            block = self.cached[block_hash]
+            self._reuse(block)
+            table.append(block)
+        self.hashed_blocks[seq_id] = blocks
 
     def _take_free(self) -> int:
         block, _ = self.free_queue.popitem(last=False)  # least recently freed first
@@ -131,9 +153,6 @@ class BlockManager:
         self.hashed_blocks.pop(seq_id, None)
 
 
-RELEASED = -1  # a windowed table's entry for a block released once out of the window
-
-
 class WindowedBlockManager(BlockManager):
     """Blocks of stores a step reads only for the last `retain` tokens before it (DeepSeek-V4's window rows and
     compressor inputs): a block wholly older than that is released as its sequence advances (its table entry
@@ -144,7 +163,6 @@ class WindowedBlockManager(BlockManager):
         self.retain = retain
 
     def first_kept(self, num_tokens: int) -> int:
-        """The first block a sequence of `num_tokens` computed tokens still needs."""
         return max(0, num_tokens - self.retain) // self.block_size
 
     def release_old(self, seq_id: Hashable, num_computed: int) -> None:
@@ -153,22 +171,6 @@ class WindowedBlockManager(BlockManager):
             if table[index] != RELEASED:
                 self._release(table[index])
                 table[index] = RELEASED
-
-    def cached_window(self, hashes: Sequence[int], blocks: int) -> bool:
-        """Whether the blocks a sequence needs after `blocks` full blocks (their chained `hashes`) are cached."""
-        return all(h in self.cached for h in hashes[self.first_kept(blocks * self.block_size):blocks])
-
-    def take_prefix(self, seq_id: Hashable, hashes: Sequence[int], blocks: int) -> None:
-        """Start `seq_id`'s table with `blocks` cached blocks, RELEASED where out of the window."""
-        first = self.first_kept(blocks * self.block_size)
-        table = self.tables.setdefault(seq_id, [])
-        assert not table, "take_prefix is for a sequence without blocks"
-        table.extend([RELEASED] * first)
-        for block_hash in hashes[first:blocks]:
-            block = self.cached[block_hash]
-            self._reuse(block)
-            table.append(block)
-        self.hashed_blocks[seq_id] = blocks
 
     def register_full_blocks(self, seq_id: Hashable, token_ids: Sequence[int], num_computed: int) -> None:
         if self.enable_prefix_caching:
@@ -191,58 +193,61 @@ class WindowedBlockManager(BlockManager):
         self.hashed_blocks.pop(seq_id, None)
 
 
-class HybridBlockManager:
-    """Two block pools behind BlockManager's interface: `full` for stores kept for the whole sequence (compressed
-    entries), `recent` (a WindowedBlockManager) for per-token stores a step reads only near its tokens. A
-    sequence grows in both; a prefix hit counts only the blocks both hold (the recent pool's from the window
-    before the hit on)."""
+class PooledBlockManager:
+    """Several block pools behind BlockManager's interface, a sequence growing in each: the main one (its
+    `block_table`, its `block_size`) and others by name: pools of larger blocks (a store with one row per 128
+    tokens keeps one row a block, not one per 16-token block), a windowed pool. A prefix hit counts only what
+    every pool holds (the windowed pool's blocks from the window before the hit on)."""
 
-    def __init__(self, full: BlockManager, recent: WindowedBlockManager):
-        self.full, self.recent = full, recent
-        self.block_size, self.enable_prefix_caching = full.block_size, full.enable_prefix_caching
+    def __init__(self, main: BlockManager, others: dict[str, BlockManager]):
+        self.main, self.pools = main, {"main": main, **others}
+        self.block_size, self.enable_prefix_caching = main.block_size, main.enable_prefix_caching
 
     @property
     def num_blocks(self) -> int:
-        return self.full.num_blocks
+        return self.main.num_blocks
 
     @property
     def num_free_blocks(self) -> int:
-        return self.full.num_free_blocks
+        return self.main.num_free_blocks
 
     @property
     def blocks_written(self) -> int:
-        return self.full.blocks_written
+        return self.main.blocks_written
 
     def blocks_needed(self, num_tokens: int) -> int:
-        return self.full.blocks_needed(num_tokens)
+        return self.main.blocks_needed(num_tokens)
 
     def block_table(self, seq_id: Hashable) -> list[int]:
-        return self.full.block_table(seq_id)
+        return self.main.block_table(seq_id)
 
-    def recent_table(self, seq_id: Hashable) -> list[int]:
-        return self.recent.block_table(seq_id)
+    def _served(self, token_ids: Sequence[int], tokens: int) -> bool:
+        return all(pool.cached_prefix(pool.prefix_hashes(token_ids[:tokens]), tokens // pool.block_size)
+                   for name, pool in self.pools.items() if name != "main")
 
     def allocate_prefix(self, seq_id: Hashable, prompt_ids: Sequence[int], use_cache: bool = True) -> int:
-        hits = self.full.allocate_prefix(seq_id, prompt_ids, use_cache) // self.block_size
-        hashes = self.recent.prefix_hashes(prompt_ids[:hits * self.block_size])
-        while hits and not self.recent.cached_window(hashes, hits):
-            hits -= 1
-        self.full.truncate(seq_id, hits)  # hits the recent pool cannot serve: given back
-        self.recent.take_prefix(seq_id, hashes, hits)
-        return hits * self.block_size
+        hits = self.main.allocate_prefix(seq_id, prompt_ids, use_cache)
+        while hits and not self._served(prompt_ids, hits):
+            hits -= self.block_size
+        self.main.truncate(seq_id, hits // self.block_size)  # what the other pools cannot serve: given back
+        for name, pool in self.pools.items():
+            if name != "main":
+                pool.take_prefix(seq_id, pool.prefix_hashes(prompt_ids[:hits]), hits // pool.block_size)
+        return hits
 
     def can_grow(self, seq_id: Hashable, num_tokens: int) -> bool:
-        return self.full.can_grow(seq_id, num_tokens) and self.recent.can_grow(seq_id, num_tokens)
+        return all(pool.can_grow(seq_id, num_tokens) for pool in self.pools.values())
 
     def grow(self, seq_id: Hashable, num_tokens: int) -> bool:
+        """Every pool's table made to cover `num_tokens` tokens; False (and no change) if one runs out."""
         if not self.can_grow(seq_id, num_tokens):
             return False
-        return self.full.grow(seq_id, num_tokens) and self.recent.grow(seq_id, num_tokens)
+        return all([pool.grow(seq_id, num_tokens) for pool in self.pools.values()])
 
     def register_full_blocks(self, seq_id: Hashable, token_ids: Sequence[int], num_computed: int) -> None:
-        self.full.register_full_blocks(seq_id, token_ids, num_computed)
-        self.recent.register_full_blocks(seq_id, token_ids, num_computed)
+        for pool in self.pools.values():
+            pool.register_full_blocks(seq_id, token_ids, num_computed)
 
     def free(self, seq_id: Hashable) -> None:
-        self.full.free(seq_id)
-        self.recent.free(seq_id)
+        for pool in self.pools.values():
+            pool.free(seq_id)

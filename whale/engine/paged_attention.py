@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from whale.cache_spec import CacheStore, KVCacheSpec
-from whale.engine.kv_cache import BlockManager, HybridBlockManager, WindowedBlockManager
+from whale.engine.kv_cache import BlockManager, PooledBlockManager, WindowedBlockManager
 from whale.errors import UnsupportedModelError
 from whale.kernels import cpu_ops
 from whale.models.layers import in_prompt_step
@@ -41,7 +41,7 @@ class StepLayout:
     token_len: torch.Tensor  # [T] context positions the token sees, its own included
     causal: torch.Tensor  # [B, max_new, S_max] bool: the context position is visible to the token
     uniform: bool  # every sequence has the same number of new tokens: padding is a plain reshape
-    recent: StepLayout | None = None  # the same step over the windowed pool's tables (a spec with `retain`)
+    pools: dict[str, StepLayout] | None = None  # the same step over each block pool's tables (several pools)
 
     @property
     def batch(self) -> int:
@@ -88,51 +88,55 @@ class PagedKVCache:
 
     def __init__(self, spec: KVCacheSpec, num_blocks: int, block_size: int, dtype: torch.dtype,
                  device: torch.device | str = "cpu", enable_prefix_caching: bool = True,
-                 num_window_blocks: int = 0):
+                 num_window_blocks: int = 0, max_num_seqs: int = 1):
         self.spec, self.dtype, self.device = spec, dtype, torch.device(device)
         self.block_size = block_size
-        self.blocks: BlockManager | HybridBlockManager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        if spec.retain:  # per-token stores in a pool of their own, blocks released once out of the window
-            window_blocks = max(num_window_blocks, spec.window_blocks(block_size))
-            self.blocks = HybridBlockManager(self.blocks, WindowedBlockManager(window_blocks, block_size, spec.retain,
-                                                                               enable_prefix_caching))
+        main = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.pool_of = {s.name: spec.pool(s, block_size) for s in _cache_stores(spec)}
+        others: dict[str, BlockManager] = {}
+        for pool in sorted(set(self.pool_of.values()) - {"main"}):
+            if pool == "window":  # per-token stores, blocks released once out of the window
+                blocks = max(num_window_blocks, spec.window_blocks(block_size))
+                others[pool] = WindowedBlockManager(blocks, block_size, spec.retain, enable_prefix_caching)
+            else:  # "rate<m>": a block of m tokens, one row: the main pool's tokens, a block begun per sequence
+                rate = int(pool.removeprefix("rate"))
+                others[pool] = BlockManager(-(-num_blocks * block_size // rate) + max_num_seqs, rate,
+                                            enable_prefix_caching)
+        self.blocks: BlockManager | PooledBlockManager = PooledBlockManager(main, others) if others else main
+        self.pools = {"main": main, **others}
         # zeros, not empty: padded context positions are read (then masked) and must not hold NaNs. A store of
-        # rate m keeps ceil(block_size / m) rows a block (the entry of tokens w*m.. in the block of token w*m)
-        self.stores = {s.name: _zeros((s.layers, self._pool(s).num_blocks * s.rows_per_block(block_size), *s.shape),
-                                      dtype, self.device) for s in _cache_stores(spec)}
-        self.windowed = {s.name for s in _cache_stores(spec) if spec.windowed(s)}
+        # rate m keeps ceil(block size / m) rows a block of its pool (entry w in the block of token w*m)
+        self.stores = {}
+        for store in _cache_stores(spec):
+            pool = self.pools[self.pool_of[store.name]]
+            rows = pool.num_blocks * store.rows_per_block(pool.block_size)
+            self.stores[store.name] = _zeros((store.layers, rows, *store.shape), dtype, self.device)
         self.layout: StepLayout | None = None
         self._slot_lengths: dict[Hashable, int] = {}
         self._slot_step: list[tuple[Hashable, int]] = []
 
-    def _pool(self, store: CacheStore) -> BlockManager:
-        return self.blocks.recent if self.spec.windowed(store) else getattr(self.blocks, "full", self.blocks)
-
     def bytes_written(self) -> int:
         """Cache bytes of every block handed out at least once (on CPU, what the storage has made resident)."""
-        element = next(iter(self.stores.values())).element_size()
-        written = self.blocks.blocks_written * self.spec.block_bytes(self.block_size, element)
-        if isinstance(self.blocks, HybridBlockManager):
-            written += self.blocks.recent.blocks_written * self.spec.block_bytes(self.block_size, element, True)
+        written = 0
+        for name, store in self.stores.items():
+            pool = self.pools[self.pool_of[name]]
+            written += store.numel() * store.element_size() // pool.num_blocks * pool.blocks_written
         return written
 
     def build_layout(self, seq_ids: Sequence[Hashable], starts: Sequence[int], counts: Sequence[int]) -> StepLayout:
-        """The step's layout from the sequences' block tables (both pools' with a windowed one)."""
-        layout = StepLayout.build([self.blocks.block_table(s) for s in seq_ids], starts, counts, self.block_size,
-                                  self.device)
-        if isinstance(self.blocks, HybridBlockManager):
-            recent = StepLayout.build([self.blocks.recent_table(s) for s in seq_ids], starts, counts,
-                                      self.block_size, self.device)
-            layout = replace(layout, recent=recent)
-        return layout
+        """The step's layout from the sequences' block tables in every pool."""
+        layouts = {name: StepLayout.build([pool.block_table(s) for s in seq_ids], starts, counts, pool.block_size,
+                                          self.device) for name, pool in self.pools.items()}
+        return replace(layouts["main"], pools=layouts) if len(layouts) > 1 else layouts["main"]
 
-    def _rows(self, name: str) -> StepLayout:
-        """The layout that addresses a per-token store: the windowed pool's where it lives there."""
-        return self.layout.recent if name in self.windowed else self.layout
+    def _layout_of(self, name: str) -> StepLayout:
+        """The layout that addresses store `name`: its pool's."""
+        pool = self.pool_of[name]
+        return self.layout if pool == "main" else self.layout.pools[pool]
 
     def bytes_per_token(self) -> float:
-        """Cache bytes one token costs across all layers."""
-        return self.spec.bytes_per_token(self.stores[next(iter(self.stores))].element_size())
+        """Cache bytes one more token of a sequence costs across all layers (the windowed stores aside)."""
+        return self.spec.bytes_per_token(next(iter(self.stores.values())).element_size(), self.block_size)
 
     @property
     def num_tokens_capacity(self) -> int:
@@ -153,8 +157,8 @@ class PagedKVCache:
     def end_step(self) -> None:
         for slot, length in self._slot_step:
             self._slot_lengths[slot] = length
-            if isinstance(self.blocks, HybridBlockManager):
-                self.blocks.recent.release_old(slot, length)
+            if isinstance(self.pools.get("window"), WindowedBlockManager):
+                self.pools["window"].release_old(slot, length)
         self._slot_step = []
         self.layout = None
 
@@ -286,12 +290,12 @@ class PagedKVCache:
     def write_rows(self, name: str, layer: int, rows: torch.Tensor) -> None:
         """Store the step's new tokens' rows [T, ...] of a per-token store."""
         store = self.stores[name][layer]
-        store[self._rows(name).slot_mapping] = rows.to(store.dtype)
+        store[self._layout_of(name).slot_mapping] = rows.to(store.dtype)
 
     def rows_at(self, name: str, layer: int, seq: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rows of a per-token store at context `positions` [W, n] of sequences `seq` [W] (a position below 0
         reads position 0: the caller masks it)."""
-        slots = self._rows(name).context_index[seq[:, None], positions.clamp(min=0)]
+        slots = self._layout_of(name).context_index[seq[:, None], positions.clamp(min=0)]
         return self.stores[name][layer][slots]
 
     def closing_windows(self, rate: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,15 +309,17 @@ class PagedKVCache:
         device = self.layout.context_index.device
         return torch.tensor(seq, dtype=torch.long, device=device), torch.tensor(window, dtype=torch.long, device=device)
 
-    def _entry_rows(self, rate: int, seq: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
-        """Where entry `window` of each sequence lives in a store of `rate`: in the block of its first token."""
-        slots = self.layout.context_index[seq, window * rate]
-        return slots // self.block_size * -(-self.block_size // rate) + slots % self.block_size // rate
+    def _entry_rows(self, name: str, rate: int, seq: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        """Where entry `window` of each sequence lives in store `name` of `rate`: in its pool's block of the
+        window's first token."""
+        size = self.pools[self.pool_of[name]].block_size
+        slots = self._layout_of(name).context_index[seq, window * rate]
+        return slots // size * -(-size // rate) + slots % size // rate
 
     def write_entries(self, name: str, layer: int, rate: int, seq: torch.Tensor, window: torch.Tensor,
                       rows: torch.Tensor) -> None:
         store = self.stores[name][layer]
-        store[self._entry_rows(rate, seq, window)] = rows.to(store.dtype)
+        store[self._entry_rows(name, rate, seq, window)] = rows.to(store.dtype)
 
     def entries(self, name: str, layer: int, rate: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every closed entry of each sequence, padded: [B, E, ...], and which each new token may read [T, E]
@@ -325,7 +331,7 @@ class PagedKVCache:
         window = torch.arange(width, device=device)
         seq = torch.arange(layout.batch, device=device)[:, None].expand(-1, width)
         closed = window[None, :] < torch.tensor(totals, device=device)[:, None]
-        rows = self._entry_rows(rate, seq.reshape(-1), torch.where(closed, window, 0).reshape(-1))
+        rows = self._entry_rows(name, rate, seq.reshape(-1), torch.where(closed, window, 0).reshape(-1))
         grid = self.stores[name][layer][rows].view(layout.batch, width, *self.stores[name].shape[2:])
         position = torch.tensor(layout.starts, device=device)[layout.token_seq] + layout.token_row
         return grid, window[None, :] < ((position + 1) // rate)[:, None]
@@ -347,7 +353,7 @@ class PagedKVCache:
         """One shared head whose keys are its values (kv [T, D], stored in the "window" store), each token reading
         the last `window` positions up to its own, plus `extra` entries ([B, E, D] and which each token reads, [T,
         E]); a per-head sink logit (sinks [H]) joins the softmax and takes no value. q [T, H, D] -> [T, H, D]."""
-        layout = self._rows("window")
+        layout = self._layout_of("window")
         store = self.stores["window"][layer]
         store[layout.slot_mapping] = kv.to(store.dtype)
         device = q.device
@@ -414,6 +420,7 @@ def create_cache(spec: KVCacheSpec, dtype: torch.dtype, device: torch.device | s
         window_blocks = 2 * max_num_seqs * spec.window_blocks(block_size) + -(-max_num_batched_tokens // block_size)
         memory_bytes = max(0, memory_bytes - window_blocks * spec.block_bytes(block_size, element, windowed=True))
     if num_blocks is None:
-        tokens = min(int(memory_bytes // spec.bytes_per_token(element)), MAX_DEFAULT_TOKENS)
+        tokens = min(int(memory_bytes // spec.bytes_per_token(element, block_size)), MAX_DEFAULT_TOKENS)
         num_blocks = max(1, tokens // block_size)
-    return PagedKVCache(spec, num_blocks, block_size, dtype, device, enable_prefix_caching, window_blocks)
+    return PagedKVCache(spec, num_blocks, block_size, dtype, device, enable_prefix_caching, window_blocks,
+                        max_num_seqs)

@@ -294,6 +294,12 @@ class DeepseekV4Layer(nn.Module):
         return self._connect("ffn", streams, lambda h: self.ffn(self.ffn_norm(h), token_ids))
 
 
+def cache_spec(c: DeepseekV4Config) -> KVCacheSpec:
+    """What the model caches (whale/cache_spec.py), from its config alone."""
+    return deepseek_v4_cache_spec(c.layer_types, c.head_dim, c.index_head_dim, c.sliding_window, c.csa_rate,
+                                  c.hca_rate)
+
+
 class DeepseekV4ForCausalLM(nn.Module):
     """forward(flat token ids, positions, cache backend) -> hidden states; logits on demand."""
 
@@ -320,9 +326,7 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.compress_rotary = Rotary(config, compress=True)
 
     def kv_cache_spec(self) -> KVCacheSpec:
-        c = self.config
-        return deepseek_v4_cache_spec(c.layer_types, c.head_dim, c.index_head_dim, c.sliding_window, c.csa_rate,
-                                      c.hca_rate)
+        return cache_spec(self.config)
 
     @staticmethod
     def checkpoint_name(name: str) -> str | None:

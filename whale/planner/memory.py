@@ -14,8 +14,11 @@ Unquantized tensors (embedding, norms, router gates) stay bf16 except in GGUF.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from whale.cache_spec import V4_LAYER_STORES, deepseek_v4_cache_spec
+from whale.config import V4_LAYER_TYPES
 from whale.errors import InvalidRequestError
 from whale.planner.catalog import ModelSpec
 from whale.planner.params import TensorGroup
@@ -115,10 +118,21 @@ class KVShape:
         return self.sequence_bytes / pp
 
 
+V4_RATES = (0, 4, 128)  # tokens per compressed row of sliding, CSA and HCA layers
+ENGINE_BLOCK_SIZE = 16  # whale's paged cache block (EngineConfig.block_size)
+
+
+def v4_layer_types(s: ModelSpec, layers: int) -> tuple[str, ...]:
+    """The layer types of a V4 spec from its compression ratios (MTP layers beyond them compress 4x)."""
+    ratios = list(s.compress_ratios) + [V4_RATES[1]] * (layers - len(s.compress_ratios))
+    return tuple(V4_LAYER_TYPES[V4_RATES.index(r)] for r in ratios)
+
+
 def kv_shape(s: ModelSpec, kv_dtype: str = "bf16", include_mtp: bool = False) -> KVShape:
     """MLA: kv_lora_rank + qk_rope_head_dim values a layer (never the per-head K/V), plus V3.2's indexer key.
-    GQA/MHA: 2 x kv_heads x head_dim a layer. V4: a compressed row of head_dim (plus the indexer's key on
-    ratio-4 layers) every `ratio` tokens, and a raw window of `sliding_window` tokens per layer."""
+    GQA/MHA: 2 x kv_heads x head_dim a layer. V4: whale's cache spec (`whale.cache_spec`), as the engine's
+    allocator counts it: a compressed row of head_dim (plus the indexer's key on ratio-4 layers) every `ratio`
+    tokens; per sequence the windowed pool's blocks (every layer's window rows and the compressor inputs)."""
     if kv_dtype not in KV_DTYPES:
         raise InvalidRequestError(f"unknown KV cache dtype {kv_dtype!r}; choose one of {', '.join(KV_DTYPES)}")
     width = KV_DTYPES[kv_dtype]
@@ -128,11 +142,13 @@ def kv_shape(s: ModelSpec, kv_dtype: str = "bf16", include_mtp: bool = False) ->
         per_layer = (s.kv_lora_rank + s.qk_rope_head_dim) * width + (INDEXER_KEY_BYTES if s.index_n_heads else 0)
         return KVShape((per_layer,) * layers, 0, replicated=True, kv_heads=1)
     if s.attention == "compressed":
-        ratios = list(s.compress_ratios) + [4] * (layers - len(s.compress_ratios))
-        per_layer_c = tuple(
-            0.0 if r == 0 else (s.head_dim + (s.index_head_dim if r == 4 else 0)) * width / r for r in ratios)
-        window = layers * s.sliding_window * s.head_dim * width
-        return KVShape(per_layer_c, window, replicated=True, kv_heads=1)
+        types = v4_layer_types(s, layers)
+        spec = deepseek_v4_cache_spec(types, s.head_dim, s.index_head_dim, s.sliding_window, V4_RATES[1],
+                                      V4_RATES[2])
+        stores = {store.name: store for store in spec.stores}
+        per_layer_c = tuple(sum(math.prod(stores[name].shape) * width / stores[name].rate
+                                for name in V4_LAYER_STORES[t]) for t in types)
+        return KVShape(per_layer_c, spec.window_bytes(ENGINE_BLOCK_SIZE, width), replicated=True, kv_heads=1)
     per_layer = 2 * s.num_kv_heads * s.head_dim * width
     return KVShape((per_layer,) * layers, 0, replicated=False, kv_heads=s.num_kv_heads)
 

@@ -147,8 +147,9 @@ def _notes(r: PlanRequest, params: ParamCount) -> list[str]:
     if params.mtp and not r.include_mtp:
         notes.append(f"MTP layer ({params.mtp / 1e9:.1f}B params) not loaded; --mtp adds it for speculative decoding")
     if r.spec.attention == "compressed":
-        notes.append("V4: parameters counted from the public config (compressor weights not counted); KV from "
-                     "the public layout (128-token window + rows compressed 4x / 128x): estimates")
+        notes.append("V4: parameters counted from the public config (compressor weights not counted); KV as "
+                     "whale's paged cache allocates it (rows compressed 4x / 128x per token; per sequence the "
+                     "window rows and compressor inputs of its last 128 tokens, in 16-token blocks)")
     if r.spec.serving.max_model_len and r.context > r.spec.serving.max_model_len:
         notes.append(f"DeepSeek serves this model with --max-model-len {r.spec.serving.max_model_len}")
     return notes
