@@ -45,11 +45,16 @@ def build_checkpoint(directory: Path, width: int = 1) -> torch.nn.Module:
                 noise = torch.randn(tensor.shape, generator=generator)
                 tensor.copy_(1.0 + 0.2 * noise if "norm" in name else 0.1 * noise)
     model.save_pretrained(directory)
+    write_tokenizer(directory)
+    return model
+
+
+def write_tokenizer(directory: Path) -> None:
+    """A word-level tokenizer of the VOCAB ids ("t0" ... ), bos t0, eos t1."""
     backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(VOCAB)}, unk_token="t2"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({"bos_token": "t0", "eos_token": "t1"}))
-    return model
 
 
 def hf_cache_bytes_per_token(model: torch.nn.Module, prompt: torch.Tensor) -> float:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import httpx
@@ -47,8 +48,6 @@ def _free_port_pair() -> int:
                 return port
 
 
-@pytest.mark.xfail(strict=False, reason="known bug, open: in 2 of 3 fresh-clone suites on 2026-12-03 a replica "
-                   "(`whale serve --model default`) was still sleeping 60 s after two SIGTERMs; alone the test passes")
 def test_the_emitted_script_runs_the_whole_topology(tmp_path, default_llm):
     directory = _emit(tmp_path, "r1-distill-qwen-1.5b", "--gpu", "RTX4090", "--replica-engine", "whale",
                       "--replicas", "2")
@@ -87,13 +86,16 @@ def test_the_emitted_script_runs_the_whole_topology(tmp_path, default_llm):
     finally:
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=30)
-        # four servers shutting down at once on two cores, each freeing a torch runtime: a full suite once saw one
-        # still there after 30 s (which, unknown then: the message now says)
+        # four servers shutting down at once on two cores; a whale role whose shutdown hangs is ended by its
+        # watchdog 40 s after the signal (seen once: a replica still sleeping after 60 s, before the watchdog)
         deadline = time.monotonic() + 60
         while _group_alive(process.pid) and time.monotonic() < deadline:
             time.sleep(0.2)
     assert not _group_alive(process.pid), (f"roles outlived `launch.sh all`: {_group_members(process.pid)}; "
                                            f"their output:\n{log.read_text(errors='replace')[-6000:]}")
+    output = log.read_text(errors="replace")
+    if "the shutdown is not done" in output:  # a role's watchdog ended it (whale serve's last resort): say where
+        warnings.warn(f"a role's shutdown hung and its watchdog ended it:\n{output[-6000:]}", stacklevel=1)
 
 
 def _group_alive(group: int) -> bool:

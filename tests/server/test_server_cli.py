@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 
 import httpx
@@ -88,22 +90,66 @@ def test_a_busy_port_is_reported_at_once_in_one_line():
     assert time.monotonic() - start < 15  # before the model loads (which takes longer than starting Python)
 
 
-def test_ctrl_c_drains_then_ends_a_live_stream_with_its_final_chunk():
+@contextlib.contextmanager
+def _serving_a_long_stream(shutdown_timeout: float, **body):
+    """A default-model server with one long chat stream open: yields the process and the stream's lines (20 of
+    them read already; the rest an iterator) and kills the server if a test leaves it running."""
     port = _free_port()
     command = [sys.executable, "-m", "whale.cli", "serve", "--model", "default", "--port", str(port),
-               "--shutdown-timeout", "1", "--log-level", "warning"]
+               "--shutdown-timeout", str(shutdown_timeout), "--log-level", "warning"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_ready(process, url)
         body = {"model": "deepseek-chat", "messages": [{"role": "user", "content": "Tell a long story."}],
-                "max_tokens": 4096, "stream": True, "stream_options": {"include_usage": True}}
+                "max_tokens": 4096, "stream": True, **body}
         with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=30) as reply:
             lines = reply.iter_lines()
-            events = [line for line in itertools.islice(lines, 20) if line.startswith("data: ")]
-            process.send_signal(signal.SIGINT)
-            stopped = time.monotonic()
-            events += [line for line in lines if line.startswith("data: ")]
+            yield process, [line for line in itertools.islice(lines, 20) if line.startswith("data: ")], lines
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_a_second_sigterm_ends_the_streams_and_the_server_at_once():
+    """A supervisor's SIGTERM, then another: the drain of 60 s is cut short, the stream ends, the server exits."""
+    with _serving_a_long_stream(60) as (process, events, lines):
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1)  # two signals at once reach a process as one
+        process.send_signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        events += [line for line in lines if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
+        process.wait(timeout=20)
+        assert time.monotonic() - stopped < 10
+
+
+def test_a_shutdown_that_hangs_ends_with_every_threads_stack():
+    """The watchdog of a server told to stop: here the main thread hangs right after the signal (no real part
+    hangs on demand; the server state is a double with the one method the signal handler calls)."""
+    script = textwrap.dedent("""
+        import signal, threading, uvicorn
+        from whale.commands.serve import DrainingServer
+        class State:
+            def fail_all(self, message):
+                pass
+        server = DrainingServer(uvicorn.Config(app=None), State(), drain_s=0.1, deadline_s=1.0)
+        server.handle_exit(signal.SIGTERM, None)
+        threading.Event().wait()
+    """)
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1 and time.monotonic() - started < 20
+    assert "the shutdown is not done 1 s after the signal; exiting" in done.stderr
+    assert "(most recent call first)" in done.stderr and 'File "<string>", line 9' in done.stderr  # the wait
+
+
+def test_ctrl_c_drains_then_ends_a_live_stream_with_its_final_chunk():
+    with _serving_a_long_stream(1, stream_options={"include_usage": True}) as (process, events, lines):
+        process.send_signal(signal.SIGINT)
+        stopped = time.monotonic()
+        events += [line for line in lines if line.startswith("data: ")]
         assert events[-1] == "data: [DONE]"
         chunks = [json.loads(event[6:]) for event in events[:-1]]
         finishes = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
@@ -111,9 +157,5 @@ def test_ctrl_c_drains_then_ends_a_live_stream_with_its_final_chunk():
         # 130 (interrupted) when uvicorn re-raises the captured SIGINT after its shutdown, 0 when it does not
         assert process.wait(timeout=20) in (0, 130)
         assert time.monotonic() - stopped < 10  # the 1 s drain, then the stream ends and the server exits
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     output = process.stdout.read().decode()
     assert "shutting down; requests in flight get 1 s to finish" in output and "Traceback" not in output

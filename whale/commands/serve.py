@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import socket
@@ -74,7 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--keepalive", type=float, default=10.0,
                         help="seconds a waiting request stays silent before keep-alives are sent")
     parser.add_argument("--shutdown-timeout", type=float, default=10.0,
-                        help="on Ctrl-C / SIGTERM, seconds requests in flight get to finish before they are ended")
+                        help="on Ctrl-C / SIGTERM, seconds requests in flight get to finish before they are ended "
+                             "(a second signal ends them at once; the process is gone 30 s after this at the latest)")
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="info: a line per request (tokens in and out, cache hits, first token, tok/s)")
     parser.set_defaults(func=run)
@@ -97,12 +99,14 @@ def listen(host: str, port: int) -> socket.socket:
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, whose first Ctrl-C (or SIGTERM) lets requests in flight finish for `drain_s` seconds and
     then ends them, each stream with its final chunk (finish_reason insufficient_system_resource) and `[DONE]`;
-    a second one ends them at once; later ones (a supervisor signalling its whole process group, repeatedly) change
-    nothing."""
+    a second one ends them at once and stops waiting for connections to close; later ones (a supervisor
+    signalling its whole process group, repeatedly) change nothing. Should the shutdown still not be done
+    `deadline_s` after the first signal, every thread's stack goes to stderr and the process exits (status 1):
+    a server told to stop always stops."""
 
-    def __init__(self, config: uvicorn.Config, state: Any, drain_s: float):
+    def __init__(self, config: uvicorn.Config, state: Any, drain_s: float, deadline_s: float):
         super().__init__(config)
-        self.state, self.drain_s = state, drain_s
+        self.state, self.drain_s, self.deadline_s = state, drain_s, deadline_s
         self.deadline: threading.Timer | None = None
         self.signals = 0
 
@@ -114,10 +118,20 @@ class DrainingServer(uvicorn.Server):
             self.deadline = threading.Timer(self.drain_s, self.state.fail_all, (SHUTDOWN_MESSAGE,))
             self.deadline.daemon = True
             self.deadline.start()
+            watchdog = threading.Timer(self.deadline_s, self._give_up)
+            watchdog.daemon = True
+            watchdog.start()
         elif self.signals == 2:
             self.deadline.cancel()
             self.state.fail_all(SHUTDOWN_MESSAGE)
+            self.force_exit = True
         super().handle_exit(sig, frame)
+
+    def _give_up(self) -> None:
+        print(f"whale serve: the shutdown is not done {self.deadline_s:g} s after the signal; exiting. Where each "
+              "thread was:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        os._exit(1)
 
 
 def log_requests(level: str) -> None:
@@ -200,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             config = uvicorn.Config(create_app(state), log_level=args.log_level,
                                     timeout_graceful_shutdown=args.shutdown_timeout + 5)
-            DrainingServer(config, state, args.shutdown_timeout).run(sockets=[sock])
+            DrainingServer(config, state, args.shutdown_timeout, deadline_s=args.shutdown_timeout + 30).run(
+                sockets=[sock])
         finally:
             state.shutdown()
     return 0

@@ -321,9 +321,9 @@ class PagedKVCache:
         store = self.stores[name][layer]
         store[self._entry_rows(name, rate, seq, window)] = rows.to(store.dtype)
 
-    def entries(self, name: str, layer: int, rate: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every closed entry of each sequence, padded: [B, E, ...], and which each new token may read [T, E]
-        (entry w once its window has closed: w < (position + 1) // rate)."""
+    def entry_grid(self, name: str, rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each sequence's closed entries of store `name` live, padded: rows [B, E]; and which each new token
+        may read [T, E] (entry w once its window has closed: w < (position + 1) // rate)."""
         layout = self.layout
         totals = [(s + c) // rate for s, c in zip(layout.starts, layout.counts, strict=True)]
         width = max(totals)
@@ -332,9 +332,13 @@ class PagedKVCache:
         seq = torch.arange(layout.batch, device=device)[:, None].expand(-1, width)
         closed = window[None, :] < torch.tensor(totals, device=device)[:, None]
         rows = self._entry_rows(name, rate, seq.reshape(-1), torch.where(closed, window, 0).reshape(-1))
-        grid = self.stores[name][layer][rows].view(layout.batch, width, *self.stores[name].shape[2:])
         position = torch.tensor(layout.starts, device=device)[layout.token_seq] + layout.token_row
-        return grid, window[None, :] < ((position + 1) // rate)[:, None]
+        return rows.view(layout.batch, width), window[None, :] < ((position + 1) // rate)[:, None]
+
+    def entries(self, name: str, layer: int, rate: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every closed entry of each sequence, padded: [B, E, ...], and which each new token may read [T, E]."""
+        rows, visible = self.entry_grid(name, rate)
+        return self.stores[name][layer][rows], visible
 
     def top_entries(self, keys: torch.Tensor, visible: torch.Tensor, q_index: torch.Tensor,
                     head_weights: torch.Tensor, scale: float, top_k: int) -> torch.Tensor:
@@ -349,10 +353,12 @@ class PagedKVCache:
         return torch.zeros_like(visible).scatter_(-1, chosen, True) & visible
 
     def attend_window(self, layer: int, q: torch.Tensor, kv: torch.Tensor, scale: float, window: int,
-                      sinks: torch.Tensor, extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                      sinks: torch.Tensor, extra: tuple[str, int, int, torch.Tensor] | None = None) -> torch.Tensor:
         """One shared head whose keys are its values (kv [T, D], stored in the "window" store), each token reading
-        the last `window` positions up to its own, plus `extra` entries ([B, E, D] and which each token reads, [T,
-        E]); a per-head sink logit (sinks [H]) joins the softmax and takes no value. q [T, H, D] -> [T, H, D]."""
+        the last `window` positions up to its own, plus the `extra` entries it may read (store name, its layer,
+        its rate, and which entries each token reads [T, E]); a per-head sink logit (sinks [H]) joins the softmax
+        and takes no value. q [T, H, D] -> [T, H, D]. Decode steps gather each token's entries; prompt steps
+        read every entry of the sequence, masked (a step of many tokens shares them)."""
         layout = self._layout_of("window")
         store = self.stores["window"][layer]
         store[layout.slot_mapping] = kv.to(store.dtype)
@@ -364,20 +370,41 @@ class PagedKVCache:
         positions = first[:, None] + torch.arange(span, device=device)[None, :]  # [B, span]
         in_context = positions < ends[:, None]
         keys = store[layout.context_index[torch.arange(layout.batch, device=device)[:, None],
-                                          torch.where(in_context, positions, 0)]]  # [B, span, D]
+                                          torch.where(in_context, positions, 0)]].to(q.dtype)  # [B, span, D]
         query_pos = starts[layout.token_seq] + layout.token_row  # [T]
         key_pos = positions[layout.token_seq]  # [T, span]
-        mask = in_context[layout.token_seq] & (key_pos <= query_pos[:, None]) & (key_pos > query_pos[:, None] - window)
-        if extra is not None:
-            entries, readable = extra
-            keys = torch.cat((keys, entries.to(keys.dtype)), dim=1)
-            mask = torch.cat((mask, readable), dim=1)
-        keys = keys.to(q.dtype)
-        logits = torch.einsum("bthd,bsd->bths", self._pad_tokens(q), keys) * scale
-        logits = logits.masked_fill(~self._pad_tokens(mask)[:, :, None, :], float("-inf"))
-        sink = sinks.to(logits.dtype).view(1, 1, -1, 1).expand(*logits.shape[:3], 1)
-        probs = torch.softmax(torch.cat((logits, sink), dim=-1).float(), dim=-1)[..., :-1].to(q.dtype)
-        return self._unpad_tokens(torch.einsum("bths,bsd->bthd", probs, keys))
+        in_window = (key_pos <= query_pos[:, None]) & (key_pos > query_pos[:, None] - window)
+        masks = [in_context[layout.token_seq] & in_window]
+        logits = [self._unpad_tokens(torch.einsum("bthd,bsd->bths", self._pad_tokens(q), keys))]
+        values: list[tuple[str, torch.Tensor]] = [("sequence", keys)]
+        if extra is not None and extra[3].shape[-1]:
+            name, store_layer, rate, readable = extra
+            rows, _ = self.entry_grid(name, rate)
+            entries = self.stores[name][store_layer]
+            if in_prompt_step():
+                grid = entries[rows].to(q.dtype)  # [B, E, D]
+                logits.append(self._unpad_tokens(torch.einsum("bthd,bed->bthe", self._pad_tokens(q), grid)))
+                masks.append(readable)
+                values.append(("sequence", grid))
+            else:
+                picks = readable.float().topk(int(readable.sum(-1).max()), dim=-1).indices  # what it reads, first
+                chosen = entries[rows[layout.token_seq].gather(-1, picks)].to(q.dtype)  # [T, k, D]
+                logits.append(torch.einsum("thd,tkd->thk", q, chosen))
+                masks.append(readable.gather(-1, picks))
+                values.append(("token", chosen))
+        widths = [m.shape[-1] for m in masks]
+        combined = torch.cat(logits, dim=-1) * scale
+        combined = combined.masked_fill(~torch.cat(masks, dim=-1)[:, None, :], float("-inf"))
+        sink = sinks.to(combined.dtype).view(1, -1, 1).expand(combined.shape[0], -1, 1)
+        probs = torch.softmax(torch.cat((combined, sink), dim=-1).float(), dim=-1)[..., :-1].to(q.dtype)
+        out = torch.zeros_like(q)
+        for part, (kind, rows_of) in zip(probs.split(widths, dim=-1), values, strict=True):
+            if kind == "sequence":
+                out += self._unpad_tokens(torch.einsum("bths,bsd->bthd", self._pad_tokens(part), rows_of))
+            else:
+                out += torch.einsum("thk,tkd->thd", part, rows_of)
+        return out
+
 
 def _cache_stores(spec: KVCacheSpec) -> tuple[CacheStore, ...]:
     try:

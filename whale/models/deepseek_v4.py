@@ -162,18 +162,16 @@ class DeepseekV4Attention(nn.Module):
         extra = None
         if self.layer_type == HCA:
             self._compress(x, attn, "hca", self.compressor, cos_of)
-            entries, visible = attn.entries("hca", self.cache_layers["hca"], self.rate)
-            extra = (entries, visible)
+            extra = ("hca", self.cache_layers["hca"], self.rate, attn.entry_grid("hca", self.rate)[1])
         elif self.layer_type == CSA:
             self._compress(x, attn, "csa", self.compressor, cos_of)
             self._compress(x, attn, "index", self.indexer.compressor, cos_of)
-            entries, visible = attn.entries("csa", self.cache_layers["csa"], self.rate)
-            keys, _ = attn.entries("index", self.cache_layers["index"], self.rate)
+            keys, visible = attn.entries("index", self.cache_layers["index"], self.rate)
             indexer = self.indexer
             q_index = rotate_trailing(indexer.wq_b(q_latent).view(tokens, indexer.heads, indexer.dim), cos, sin)
             head_weights = indexer.weights_proj(x) * indexer.heads ** -0.5
             chosen = attn.top_entries(keys, visible, q_index, head_weights, indexer.dim ** -0.5, indexer.top_k)
-            extra = (entries, chosen)
+            extra = ("csa", self.cache_layers["csa"], self.rate, chosen)
         out = attn.attend_window(self.cache_layers["window"], q, kv, self.dim ** -0.5, self.window,
                                  self.attn_sink, extra)
         out = rotate_trailing(out, cos, -sin)  # values carried the keys' rotation: undo it at the query position
