@@ -85,3 +85,27 @@ def write_tiny_deepseek(directory: Path) -> Path:
         shutil.copy(source / name, path / name)
     assert json.loads((path / "config.json").read_text())["vocab_size"] == 129280
     return path
+
+
+def write_tiny_deepseek_v4(directory: Path) -> Path:
+    """A random DeepSeek-V4 checkpoint whose vocabulary covers the real V4 tokenizer (129,280 rows), everything
+    else tiny (hidden 32; a sliding, a CSA and an HCA layer, windows of 8, 4 and 16 tokens), with the V4
+    tokenizer files copied in."""
+    from tokenizer_files import V4_DIR
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    config = DeepseekV4Config(
+        vocab_size=129280, hidden_size=32, num_hidden_layers=3, num_attention_heads=2, head_dim=32,
+        partial_rotary_factor=0.25, q_lora_rank=16, o_groups=2, o_lora_rank=16, moe_intermediate_size=16,
+        n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, index_n_heads=4, index_head_dim=16,
+        index_topk=4, sliding_window=8, num_hash_layers=1,
+        layer_types=["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+        compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 16},
+        max_position_embeddings=4096, bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    model = DeepseekV4ForCausalLM(config)
+    path = directory / "DeepSeek-V4-Flash-tiny"
+    model.save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(V4_DIR / name, path / name)
+    return path
