@@ -6,7 +6,7 @@ reference model for each.
 checkpoints: original tensor names (`embed.weight`, `hc_head_fn`, ...), config.json with per-layer
 `compress_ratios`, `num_hash_layers` and a flat YaRN `rope_scaling`, dense linears in FP8 e4m3 with 128 x 128
 e8m0 block scales (`<name>.scale`) and routed experts in FP4 e2m1 with an e8m0 scale per 32 values; its reference
-gets the dequantised weights (dequantised here by transformers' own loader code)."""
+is transformers loading that very checkpoint (its renames, its FP8 and FP4 dequantisation)."""
 
 from __future__ import annotations
 
@@ -101,16 +101,14 @@ def _fp4_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _as_released(directory: Path) -> torch.nn.Module:
     """Rename to the original tensor names, quantise, rewrite config.json the released way. The reference is
-    transformers' model loaded from a copy holding the weights dequantised by transformers' own code."""
-    from transformers import DeepseekV4ForCausalLM
-    from transformers.integrations.finegrained_fp8 import Fp8Dequantize
+    transformers loading that very checkpoint (its own renames, its own FP8 / FP4 dequantisation)."""
+    from transformers import DeepseekV4ForCausalLM, FineGrainedFP8Config
 
     renames = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "norm.weight",
                "model.hc_head.hc_fn": "hc_head_fn", "model.hc_head.hc_base": "hc_head_base",
                "model.hc_head.hc_scale": "hc_head_scale"}
-    tensors = load_file(str(directory / "model.safetensors"))
-    released, dequantized = {}, dict(tensors)
-    for name, tensor in tensors.items():
+    released = {}
+    for name, tensor in load_file(str(directory / "model.safetensors")).items():
         target = renames.get(name, name.removeprefix("model."))
         quantize = None
         if ".experts." in name and name.endswith(".weight"):
@@ -120,14 +118,8 @@ def _as_released(directory: Path) -> torch.nn.Module:
             quantize = _fp8_blocks
         if quantize is None:
             released[target] = tensor
-            continue
-        quantized, scale = quantize(tensor)
-        released[target], released[target.removesuffix(".weight") + ".scale"] = quantized, scale
-        dequantized[name] = Fp8Dequantize(None)._dequantize_one(quantized, scale, torch.float32)
-    reference = directory.with_name(directory.name + "-reference")
-    reference.mkdir()
-    (reference / "config.json").write_text((directory / "config.json").read_text())
-    save_file(dequantized, str(reference / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            released[target], released[target.removesuffix(".weight") + ".scale"] = quantize(tensor)
     save_file(released, str(directory / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((directory / "config.json").read_text())
     for key in ("layer_types", "mlp_layer_types", "compress_rates", "rope_parameters"):
@@ -139,4 +131,5 @@ def _as_released(directory: Path) -> torch.nn.Module:
                                        "weight_block_size": [128, 128], "activation_scheme": "dynamic",
                                        "expert_dtype": "fp4"})
     (directory / "config.json").write_text(json.dumps(config, indent=2))
-    return DeepseekV4ForCausalLM.from_pretrained(reference, dtype=torch.float32).eval()
+    return DeepseekV4ForCausalLM.from_pretrained(directory, dtype=torch.float32,
+                                                 quantization_config=FineGrainedFP8Config(dequantize=True)).eval()
