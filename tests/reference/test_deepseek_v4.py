@@ -12,7 +12,7 @@ from deepseek_v4_checkpoints import write_checkpoint
 
 from whale import LLM
 from whale.config import parse_hf_config
-from whale.engine.paged_attention import PagedKVCache, create_cache
+from whale.engine.paged_attention import MAX_DEFAULT_TOKENS, PagedKVCache, create_cache
 from whale.models.deepseek_v4 import cache_spec
 from whale.models.loader import load_model
 from whale.planner.catalog import CATALOG
@@ -153,19 +153,24 @@ def test_a_prefix_hit_needs_the_window_before_it(checkpoints):
     assert again.outputs[0].token_ids == expected.tolist()
 
 
+def _released_config(name: str):
+    """The engine's config of a released V4 model's shape (a config.json written from the planner's catalog)."""
+    model = CATALOG[name]
+    return parse_hf_config({
+        "model_type": "deepseek_v4", "vocab_size": model.vocab_size, "hidden_size": model.hidden_size,
+        "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_heads, "head_dim": model.head_dim,
+        "q_lora_rank": model.q_lora_rank, "moe_intermediate_size": model.moe_intermediate_size,
+        "compress_ratios": list(model.compress_ratios), "sliding_window": model.sliding_window,
+        "index_n_heads": model.index_n_heads, "index_head_dim": model.index_head_dim})
+
+
 @pytest.mark.parametrize("name", ["deepseek-v4-flash", "deepseek-v4-pro"])
 def test_the_planner_counts_what_the_engine_allocates(name):
     """`whale plan`'s V4 cache figures are the engine's: a config.json of the model's shape parsed as the engine
     parses it, its cache built by the engine's allocator (bf16, 16-token blocks; storage mapped, not touched):
     the bytes a token costs in the pools that grow with a sequence, and a sequence's windowed blocks."""
     model = CATALOG[name]
-    config = parse_hf_config({
-        "model_type": "deepseek_v4", "vocab_size": model.vocab_size, "hidden_size": model.hidden_size,
-        "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_heads, "head_dim": model.head_dim,
-        "q_lora_rank": model.q_lora_rank, "moe_intermediate_size": model.moe_intermediate_size,
-        "compress_ratios": list(model.compress_ratios), "sliding_window": model.sliding_window,
-        "index_n_heads": model.index_n_heads, "index_head_dim": model.index_head_dim})
-    spec = cache_spec(config)
+    spec = cache_spec(_released_config(name))
     cache = PagedKVCache(spec, num_blocks=64, block_size=16, dtype=torch.bfloat16,
                          num_window_blocks=spec.window_blocks(16), max_num_seqs=1)
     per_token = per_sequence = 0.0
@@ -179,3 +184,13 @@ def test_the_planner_counts_what_the_engine_allocates(name):
     planned = kv_shape(model, "bf16")
     assert cache.pool_of["hca"] == "rate128"  # one 128-token block a row: nothing allocated that is not used
     assert planned.token_bytes == per_token and planned.sequence_bytes == per_sequence
+
+
+def test_a_cache_budget_is_shared_between_the_window_and_the_entries():
+    """V4-Flash in bf16 with 4 GiB for its cache (mapped, not touched): the windowed pool (192 KiB a token) takes at
+    most half, at least one sequence's window and a whole step; the entries get the rest (up to the default cap)."""
+    spec = cache_spec(_released_config("deepseek-v4-flash"))
+    cache = create_cache(spec, torch.bfloat16, memory_bytes=4 * 2**30, max_num_seqs=64, max_num_batched_tokens=1024)
+    window = cache.pools["window"].num_blocks * spec.block_bytes(16, 2, windowed=True)
+    assert spec.window_blocks(16, 1024) <= cache.pools["window"].num_blocks and window <= 2 * 2**30
+    assert cache.num_tokens_capacity == min(MAX_DEFAULT_TOKENS, (4 * 2**30 - window) // 6880) // 16 * 16

@@ -440,12 +440,16 @@ def create_cache(spec: KVCacheSpec, dtype: torch.dtype, device: torch.device | s
     """A paged cache for the model's spec: `num_blocks` blocks, or as many as fit in `memory_bytes` (at most
     65,536 tokens, so tiny models do not allocate what they never use). A spec with windowed stores first gets
     their pool: every running sequence's window, twice over (released blocks stay prefix hits a while), and one
-    step's tokens."""
+    step's tokens, within half the budget (at least one sequence's window and a whole step: with less, sequences
+    wait or are preempted, not refused)."""
     element = torch.tensor([], dtype=dtype).element_size()
     window_blocks = 0
     if spec.retain:
-        window_blocks = 2 * max_num_seqs * spec.window_blocks(block_size) + -(-max_num_batched_tokens // block_size)
-        memory_bytes = max(0, memory_bytes - window_blocks * spec.block_bytes(block_size, element, windowed=True))
+        block_bytes = spec.block_bytes(block_size, element, windowed=True)
+        wanted = 2 * max_num_seqs * spec.window_blocks(block_size) + -(-max_num_batched_tokens // block_size)
+        least = spec.window_blocks(block_size, max_num_batched_tokens)  # one sequence and a whole step
+        window_blocks = max(least, min(wanted, memory_bytes // 2 // block_bytes))  # at most half the budget
+        memory_bytes = max(0, memory_bytes - window_blocks * block_bytes)
     if num_blocks is None:
         tokens = min(int(memory_bytes // spec.bytes_per_token(element, block_size)), MAX_DEFAULT_TOKENS)
         num_blocks = max(1, tokens // block_size)
