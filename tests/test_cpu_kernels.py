@@ -56,6 +56,28 @@ def test_rotary_rotates_the_leading_heads_in_place_and_leaves_the_rest():
     assert torch.equal(x[:, 4:], original[:, 4:])
 
 
+def test_hyper_weights_equal_transformers_hyper_connection_in_float64():
+    """DeepSeek-V4's hyper-connection weights (the norm, the three heads, 20 Sinkhorn iterations) against
+    transformers' module run in float64: post and comb as it returns them, pre through the collapsed stream."""
+    from transformers import DeepseekV4Config
+    from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4HyperConnection
+
+    config = DeepseekV4Config(hidden_size=64, hc_mult=4, hc_sinkhorn_iters=20, hc_eps=1e-6, rms_norm_eps=1e-6)
+    reference = DeepseekV4HyperConnection(config).double()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for tensor in (reference.fn, reference.base, reference.scale):
+            tensor.copy_(torch.randn(tensor.shape, generator=generator, dtype=torch.float64))
+    streams = torch.randn(5, 4, 64, generator=generator)
+    with torch.no_grad():
+        post, comb, collapsed = reference(streams.double()[None])
+    pre, got_post, got_comb = cpu_ops().hyper_weights(streams, reference.fn.float(), reference.base.float(),
+                                                      reference.scale.float(), 20, 1e-6, 1e-6)
+    assert torch.allclose(got_post.double(), post[0], atol=1e-5)
+    assert torch.allclose(got_comb.double(), comb[0], atol=1e-5)
+    assert torch.allclose((pre.double()[..., None] * streams.double()).sum(1), collapsed[0], atol=1e-5)
+
+
 def test_mask_logits_sets_minus_infinity_where_a_bit_is_clear_in_the_masked_rows_only():
     generator = torch.Generator().manual_seed(6)
     vocab = 1000  # not a multiple of 32: the last word is partly past the vocabulary

@@ -428,6 +428,78 @@ void mask_logits_(torch::Tensor logits, torch::Tensor words, torch::Tensor rows)
   });
 }
 
+// DeepSeek-V4's hyper-connection weights, per token, in float32: the N streams [T, N, D] flattened and
+// RMS-normalised (no weight); mixes = that . fn^T (fn [(2 + N) N, N D]); pre = sigmoid(mix * scale0 + base) + eps,
+// post = 2 sigmoid(mix * scale1 + base), comb = softmax_rows(mix * scale2 + base) + eps, then Sinkhorn: columns
+// normalised, then `iters` - 1 times rows and columns, each sum + eps. Returns [T, N], [T, N], [T, N, N]: one call
+// for the hundred-odd small ops of the PyTorch path (models/deepseek_v4.py, `hyper_weights`).
+std::vector<torch::Tensor> hyper_weights(torch::Tensor streams, torch::Tensor fn, torch::Tensor base,
+                                         torch::Tensor scale, int64_t iters, double eps, double norm_eps) {
+  check_float(streams, "streams");
+  check_float(fn, "fn");
+  check_float(base, "base");
+  check_float(scale, "scale");
+  TORCH_CHECK(streams.dim() == 3 && streams.is_contiguous() && fn.is_contiguous(), "hyper_weights: layout");
+  const int64_t tokens = streams.size(0), n = streams.size(1), width = n * streams.size(2);
+  const int64_t mixes = (2 + n) * n;
+  TORCH_CHECK(fn.size(0) == mixes && fn.size(1) == width && base.numel() == mixes && scale.numel() == 3,
+              "hyper_weights: fn, base or scale do not fit the streams");
+  auto options = streams.options();
+  auto pre = torch::empty({tokens, n}, options), post = torch::empty({tokens, n}, options);
+  auto comb = torch::empty({tokens, n, n}, options);
+  const float *x = streams.data_ptr<float>(), *w = fn.data_ptr<float>(), *b = base.data_ptr<float>();
+  const float* s = scale.contiguous().data_ptr<float>();
+  float *pre_out = pre.data_ptr<float>(), *post_out = post.data_ptr<float>(), *comb_out = comb.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> mix(mixes);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* row = x + t * width;
+      float squares = 0.f;
+      for (int64_t i = 0; i < width; ++i) squares += row[i] * row[i];
+      const float inv = 1.f / std::sqrt(squares / width + static_cast<float>(norm_eps));
+      for (int64_t k = 0; k < mixes; ++k) {
+        const float* wk = w + k * width;
+        float dot = 0.f;
+        for (int64_t i = 0; i < width; ++i) dot += row[i] * wk[i];
+        mix[k] = dot * inv;
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        pre_out[t * n + j] = 1.f / (1.f + std::exp(-(mix[j] * s[0] + b[j]))) + e;
+        post_out[t * n + j] = 2.f / (1.f + std::exp(-(mix[n + j] * s[1] + b[n + j])));
+      }
+      float* c = comb_out + t * n * n;
+      for (int64_t r = 0; r < n; ++r) {
+        float top = -INFINITY;
+        for (int64_t q = 0; q < n; ++q) {
+          c[r * n + q] = mix[2 * n + r * n + q] * s[2] + b[2 * n + r * n + q];
+          top = std::max(top, c[r * n + q]);
+        }
+        float total = 0.f;
+        for (int64_t q = 0; q < n; ++q) total += (c[r * n + q] = std::exp(c[r * n + q] - top));
+        for (int64_t q = 0; q < n; ++q) c[r * n + q] = c[r * n + q] / total + e;
+      }
+      auto columns = [&] {
+        for (int64_t q = 0; q < n; ++q) {
+          float total = 0.f;
+          for (int64_t r = 0; r < n; ++r) total += c[r * n + q];
+          for (int64_t r = 0; r < n; ++r) c[r * n + q] /= total + e;
+        }
+      };
+      columns();
+      for (int64_t step = 1; step < iters; ++step) {
+        for (int64_t r = 0; r < n; ++r) {
+          float total = 0.f;
+          for (int64_t q = 0; q < n; ++q) total += c[r * n + q];
+          for (int64_t q = 0; q < n; ++q) c[r * n + q] /= total + e;
+        }
+        columns();
+      }
+    }
+  });
+  return {pre, post, comb};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   pybind11::class_<LinearKernel, std::shared_ptr<LinearKernel>>(m, "LinearKernel")
       .def("forward", &LinearKernel::forward);
@@ -451,4 +523,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("weight"), pybind11::arg("type"), pybind11::arg("mapped") = false);
   m.def("paged_attention", &paged_attention, "attention over paged K/V storage");
   m.def("mask_logits_", &mask_logits_, "-inf where an allowed-token bitmask is clear, in place");
+  m.def("hyper_weights", &hyper_weights, "DeepSeek-V4's hyper-connection weights (pre, post, Sinkhorn comb)");
 }

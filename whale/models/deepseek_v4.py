@@ -24,6 +24,7 @@ from torch import nn
 
 from whale.cache_spec import V4_LAYER_STORES, KVCacheSpec, deepseek_v4_cache_spec
 from whale.config import DeepseekV4Config
+from whale.kernels import cpu_ops
 from whale.models.layers import RMSNorm, embedding, linear, rope_inv_freq
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
@@ -247,7 +248,13 @@ class MoE(nn.Module):
 def hyper_weights(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int,
                   eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Hyper-connection weights from the streams [T, N, D], in fp32: pre [T, N] (collapse), post [T, N] (expand)
-    and comb [T, N, N] (stream mixing, Sinkhorn-normalised towards doubly stochastic)."""
+    and comb [T, N, N] (stream mixing, Sinkhorn-normalised towards doubly stochastic). One compiled call where the
+    CPU kernels serve (fp32 streams), else these ops."""
+    ops = cpu_ops() if streams.device.type == "cpu" and streams.dtype == torch.float32 else None
+    if ops is not None and fn.dtype == torch.float32:
+        pre, post, comb = ops.hyper_weights(streams.contiguous(), fn, base.float(), scale.float(), iters, eps,
+                                            norm_eps)
+        return pre, post, comb
     n = streams.shape[1]
     mixes = F.linear(unweighted_rms_norm(streams.flatten(1).float(), norm_eps), fn.float())
     pre_w, post_w, comb_w = mixes.split([n, n, n * n], dim=-1)
