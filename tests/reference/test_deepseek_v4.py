@@ -12,6 +12,7 @@ from deepseek_v4_checkpoints import write_checkpoint
 
 from whale import LLM
 from whale.config import parse_hf_config
+from whale.engine.llm_engine import EngineConfig, LLMEngine
 from whale.engine.paged_attention import MAX_DEFAULT_TOKENS, PagedKVCache, create_cache
 from whale.models.deepseek_v4 import cache_spec
 from whale.models.loader import load_model
@@ -194,3 +195,24 @@ def test_a_cache_budget_is_shared_between_the_window_and_the_entries():
     window = cache.pools["window"].num_blocks * spec.block_bytes(16, 2, windowed=True)
     assert spec.window_blocks(16, 1024) <= cache.pools["window"].num_blocks and window <= 2 * 2**30
     assert cache.num_tokens_capacity == min(MAX_DEFAULT_TOKENS, (4 * 2**30 - window) // 6880) // 16 * 16
+
+
+@torch.inference_mode()
+def test_sequences_that_outgrow_the_cache_are_preempted_and_still_match(checkpoints):
+    """Four prompts (40-200 tokens, 32 a step) on 20 blocks of entries: requests are preempted, their blocks in
+    every pool freed, recomputed later, and each still decodes what transformers does."""
+    directory, reference = checkpoints("v4_released")
+    loaded = load_model(str(directory), dtype="float32", device="cpu")
+    engine = LLMEngine(loaded, EngineConfig(max_num_seqs=4, max_num_batched_tokens=32, num_kv_blocks=20))
+    generator = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, 256, (n,), generator=generator).tolist() for n in (150, 90, 200, 40)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    requests = [engine.add_request(prompt, params) for prompt in prompts]
+    while engine.has_unfinished():
+        engine.step()
+    assert sum(r.num_preemptions for r in requests) > 0
+    for prompt, request in zip(prompts, requests, strict=True):
+        expected = reference.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False,
+                                      eos_token_id=None, pad_token_id=0)[0, len(prompt):]
+        assert request.output_token_ids == expected.tolist()
+    assert all(pool.num_free_blocks == pool.num_blocks for pool in engine.cache.pools.values())
