@@ -24,7 +24,7 @@ from whale.config import parse_hf_config
 from whale.engine.paged_attention import PagedKVCache, create_cache
 from whale.models.deepseek_v4 import cache_spec
 from whale.models.loader import load_model
-from whale.planner.catalog import CATALOG
+from whale.planner.catalog import CATALOG, v4_config_json
 
 V4 = dict(vocab_size=1024, hidden_size=256, num_hidden_layers=4, num_attention_heads=8, head_dim=128,
           partial_rotary_factor=0.25, q_lora_rank=128, o_groups=2, o_lora_rank=128, moe_intermediate_size=128,
@@ -67,27 +67,16 @@ def decode_rate(model, context: int, tokens: int) -> tuple[float, float, float]:
             model.compute_logits(model(ids[step:step + 1], torch.tensor([context + step]), cache))
             cache.end_step()
         seconds = time.perf_counter() - began
-    fixed = spec.window_bytes(cache.block_size, 4) if spec.retain else 0
-    return tokens / seconds, cache.bytes_per_token(), fixed
+    return tokens / seconds, *cache.footprint()
 
 
 def real_shapes(report: Report) -> None:
     report.line("| model | cache bytes / token (bf16) | fixed / sequence | one sequence at 128k | at 1M |")
     report.line("|---|---|---|---|---|")
     for name in ("deepseek-v4-flash", "deepseek-v4-pro"):
-        m = CATALOG[name]
-        config = parse_hf_config({
-            "model_type": "deepseek_v4", "vocab_size": m.vocab_size, "hidden_size": m.hidden_size,
-            "num_hidden_layers": m.num_layers, "num_attention_heads": m.num_heads, "head_dim": m.head_dim,
-            "compress_ratios": list(m.compress_ratios), "sliding_window": m.sliding_window,
-            "index_n_heads": m.index_n_heads, "index_head_dim": m.index_head_dim})
-        spec = cache_spec(config)
-        cache = PagedKVCache(spec, 64, 16, torch.bfloat16, num_window_blocks=spec.window_blocks(16), max_num_seqs=1)
-        per_token = sum(t.numel() * t.element_size() / (cache.pools[cache.pool_of[n]].num_blocks
-                                                         * cache.pools[cache.pool_of[n]].block_size)
-                        for n, t in cache.stores.items() if cache.pool_of[n] != "window")
-        fixed = sum(t.numel() * t.element_size() for n, t in cache.stores.items() if cache.pool_of[n] == "window")
-        report.line(f"| {m.label} | {per_token:,.0f} | {fixed / 2**20:.1f} MiB | "
+        spec = cache_spec(parse_hf_config(v4_config_json(CATALOG[name])))
+        per_token, fixed = PagedKVCache(spec, 64, 16, torch.bfloat16, max_num_seqs=1).footprint()
+        report.line(f"| {CATALOG[name].label} | {per_token:,.0f} | {fixed / 2**20:.1f} MiB | "
                     f"{(per_token * 131072 + fixed) / 2**30:.2f} GiB | {(per_token * 2**20 + fixed) / 2**30:.2f} GiB |")
 
 

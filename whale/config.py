@@ -166,6 +166,16 @@ class DeepseekV4Config(ModelConfig):
                 "heavily_compressed_attention": self.hca_rate}[self.layer_types[layer]]
 
 
+def v4_layer_types(ratios: list[int] | tuple[int, ...], csa_rate: int = 4, hca_rate: int = 128) -> tuple[str, ...]:
+    """DeepSeek-V4's layer types from the released per-layer `compress_ratios` (0: the sliding window only)."""
+    by_ratio = {0: V4_LAYER_TYPES[0], csa_rate: V4_LAYER_TYPES[1], hca_rate: V4_LAYER_TYPES[2]}
+    unknown = sorted(set(ratios) - set(by_ratio))
+    if unknown:
+        raise ModelLoadError(f"compress_ratios holds {unknown}: DeepSeek-V4 layers compress by 0 (sliding window "
+                             f"only), {csa_rate} (CSA) or {hca_rate} (HCA)")
+    return tuple(by_ratio[r] for r in ratios)
+
+
 def _parse_deepseek_v4(cfg: dict[str, Any]) -> DeepseekV4Config:
     """config.json as the released checkpoints write it (`compress_ratios` per layer, `num_hash_layers`, flat
     rope_scaling for the compressed layers) or as transformers does (`layer_types`, `compress_rates`, nested
@@ -179,12 +189,7 @@ def _parse_deepseek_v4(cfg: dict[str, Any]) -> DeepseekV4Config:
     values["hca_rate"] = int(cfg.get("compress_rate_hca", rates["heavily_compressed_attention"]))
     layer_types = cfg.get("layer_types")
     if layer_types is None and cfg.get("compress_ratios") is not None:
-        by_ratio = {0: V4_LAYER_TYPES[0], values["csa_rate"]: V4_LAYER_TYPES[1], values["hca_rate"]: V4_LAYER_TYPES[2]}
-        unknown = sorted(set(cfg["compress_ratios"]) - set(by_ratio))
-        if unknown:
-            raise ModelLoadError(f"compress_ratios holds {unknown}: DeepSeek-V4 layers compress by 0 (sliding "
-                                 f"window only), {values['csa_rate']} (CSA) or {values['hca_rate']} (HCA)")
-        layer_types = [by_ratio[r] for r in cfg["compress_ratios"]]
+        layer_types = v4_layer_types(cfg["compress_ratios"], values["csa_rate"], values["hca_rate"])
     if layer_types is None:  # transformers' default: two HCA layers, then CSA and HCA alternating
         layer_types = [V4_LAYER_TYPES[2]] * min(layers, 2) + [V4_LAYER_TYPES[1 if i % 2 else 2]
                                                               for i in range(max(layers - 2, 0))]

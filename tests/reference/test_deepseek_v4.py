@@ -16,7 +16,7 @@ from whale.engine.llm_engine import EngineConfig, LLMEngine
 from whale.engine.paged_attention import MAX_DEFAULT_TOKENS, PagedKVCache, create_cache
 from whale.models.deepseek_v4 import cache_spec
 from whale.models.loader import load_model
-from whale.planner.catalog import CATALOG
+from whale.planner.catalog import CATALOG, v4_config_json
 from whale.planner.memory import kv_shape
 from whale.sampling_params import SamplingParams
 
@@ -154,35 +154,15 @@ def test_a_prefix_hit_needs_the_window_before_it(checkpoints):
     assert again.outputs[0].token_ids == expected.tolist()
 
 
-def _released_config(name: str):
-    """The engine's config of a released V4 model's shape (a config.json written from the planner's catalog)."""
-    model = CATALOG[name]
-    return parse_hf_config({
-        "model_type": "deepseek_v4", "vocab_size": model.vocab_size, "hidden_size": model.hidden_size,
-        "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_heads, "head_dim": model.head_dim,
-        "q_lora_rank": model.q_lora_rank, "moe_intermediate_size": model.moe_intermediate_size,
-        "compress_ratios": list(model.compress_ratios), "sliding_window": model.sliding_window,
-        "index_n_heads": model.index_n_heads, "index_head_dim": model.index_head_dim})
-
-
 @pytest.mark.parametrize("name", ["deepseek-v4-flash", "deepseek-v4-pro"])
 def test_the_planner_counts_what_the_engine_allocates(name):
     """`whale plan`'s V4 cache figures are the engine's: a config.json of the model's shape parsed as the engine
     parses it, its cache built by the engine's allocator (bf16, 16-token blocks; storage mapped, not touched):
     the bytes a token costs in the pools that grow with a sequence, and a sequence's windowed blocks."""
-    model = CATALOG[name]
-    spec = cache_spec(_released_config(name))
-    cache = PagedKVCache(spec, num_blocks=64, block_size=16, dtype=torch.bfloat16,
-                         num_window_blocks=spec.window_blocks(16), max_num_seqs=1)
-    per_token = per_sequence = 0.0
-    for store_name, store in cache.stores.items():
-        pool = cache.pools[cache.pool_of[store_name]]
-        block = store.numel() * store.element_size() / pool.num_blocks
-        if cache.pool_of[store_name] == "window":
-            per_sequence += block * pool.num_blocks
-        else:
-            per_token += block / pool.block_size
-    planned = kv_shape(model, "bf16")
+    spec = cache_spec(parse_hf_config(v4_config_json(CATALOG[name])))
+    cache = PagedKVCache(spec, num_blocks=64, block_size=16, dtype=torch.bfloat16, max_num_seqs=1)
+    per_token, per_sequence = cache.footprint()
+    planned = kv_shape(CATALOG[name], "bf16")
     assert cache.pool_of["hca"] == "rate128"  # one 128-token block a row: nothing allocated that is not used
     assert planned.token_bytes == per_token and planned.sequence_bytes == per_sequence
 
@@ -190,7 +170,7 @@ def test_the_planner_counts_what_the_engine_allocates(name):
 def test_a_cache_budget_is_shared_between_the_window_and_the_entries():
     """V4-Flash in bf16 with 4 GiB for its cache (mapped, not touched): the windowed pool (192 KiB a token) takes at
     most half, at least one sequence's window and a whole step; the entries get the rest (up to the default cap)."""
-    spec = cache_spec(_released_config("deepseek-v4-flash"))
+    spec = cache_spec(parse_hf_config(v4_config_json(CATALOG["deepseek-v4-flash"])))
     cache = create_cache(spec, torch.bfloat16, memory_bytes=4 * 2**30, max_num_seqs=64, max_num_batched_tokens=1024)
     window = cache.pools["window"].num_blocks * spec.block_bytes(16, 2, windowed=True)
     assert spec.window_blocks(16, 1024) <= cache.pools["window"].num_blocks and window <= 2 * 2**30

@@ -127,7 +127,7 @@ class BlockManager:
         hashes = self.prefix_hashes(token_ids[:full * self.block_size])
         for index in range(done, full):
             block, block_hash = table[index], hashes[index]
-            if self.block_hash[block] is None and block_hash not in self.cached:
+            if block != RELEASED and self.block_hash[block] is None and block_hash not in self.cached:
                 self.block_hash[block] = block_hash
                 self.cached[block_hash] = block
         self.hashed_blocks[seq_id] = full
@@ -149,7 +149,8 @@ class BlockManager:
         """Release the sequence's blocks."""
         # release the tail first, so a sequence's later blocks are evicted before its (more shared) prefix
         for block in reversed(self.tables.pop(seq_id, [])):
-            self._release(block)
+            if block != RELEASED:
+                self._release(block)
         self.hashed_blocks.pop(seq_id, None)
 
 
@@ -173,24 +174,8 @@ class WindowedBlockManager(BlockManager):
                 table[index] = RELEASED
 
     def register_full_blocks(self, seq_id: Hashable, token_ids: Sequence[int], num_computed: int) -> None:
-        if self.enable_prefix_caching:
-            table = self.tables[seq_id]
-            done = self.hashed_blocks.get(seq_id, 0)
-            full = min(num_computed // self.block_size, len(table))
-            hashes = self.prefix_hashes(token_ids[:full * self.block_size])
-            for index in range(done, full):
-                block, block_hash = table[index], hashes[index]
-                if block != RELEASED and self.block_hash[block] is None and block_hash not in self.cached:
-                    self.block_hash[block] = block_hash
-                    self.cached[block_hash] = block
-            self.hashed_blocks[seq_id] = max(done, full)
+        super().register_full_blocks(seq_id, token_ids, num_computed)
         self.release_old(seq_id, num_computed)
-
-    def free(self, seq_id: Hashable) -> None:
-        for block in reversed(self.tables.pop(seq_id, [])):
-            if block != RELEASED:
-                self._release(block)
-        self.hashed_blocks.pop(seq_id, None)
 
 
 class PooledBlockManager:
@@ -221,18 +206,15 @@ class PooledBlockManager:
     def block_table(self, seq_id: Hashable) -> list[int]:
         return self.main.block_table(seq_id)
 
-    def _served(self, token_ids: Sequence[int], tokens: int) -> bool:
-        return all(pool.cached_prefix(pool.prefix_hashes(token_ids[:tokens]), tokens // pool.block_size)
-                   for name, pool in self.pools.items() if name != "main")
-
     def allocate_prefix(self, seq_id: Hashable, prompt_ids: Sequence[int], use_cache: bool = True) -> int:
         hits = self.main.allocate_prefix(seq_id, prompt_ids, use_cache)
-        while hits and not self._served(prompt_ids, hits):
+        # each other pool's chained hashes (its own block size), computed once
+        others = [(pool, pool.prefix_hashes(prompt_ids[:hits])) for name, pool in self.pools.items() if name != "main"]
+        while hits and not all(pool.cached_prefix(hashes, hits // pool.block_size) for pool, hashes in others):
             hits -= self.block_size
         self.main.truncate(seq_id, hits // self.block_size)  # what the other pools cannot serve: given back
-        for name, pool in self.pools.items():
-            if name != "main":
-                pool.take_prefix(seq_id, pool.prefix_hashes(prompt_ids[:hits]), hits // pool.block_size)
+        for pool, hashes in others:
+            pool.take_prefix(seq_id, hashes, hits // pool.block_size)
         return hits
 
     def can_grow(self, seq_id: Hashable, num_tokens: int) -> bool:

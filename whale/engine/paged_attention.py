@@ -94,16 +94,18 @@ class PagedKVCache:
         main = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.pool_of = {s.name: spec.pool(s, block_size) for s in _cache_stores(spec)}
         others: dict[str, BlockManager] = {}
-        for pool in sorted(set(self.pool_of.values()) - {"main"}):
+        for store in _cache_stores(spec):
+            pool, size = self.pool_of[store.name], spec.pool_block_size(store, block_size)
+            if pool == "main" or pool in others:
+                continue
             if pool == "window":  # per-token stores, blocks released once out of the window
                 blocks = max(num_window_blocks, spec.window_blocks(block_size))
                 others[pool] = WindowedBlockManager(blocks, block_size, spec.retain, enable_prefix_caching)
-            else:  # "rate<m>": a block of m tokens, one row: the main pool's tokens, a block begun per sequence
-                rate = int(pool.removeprefix("rate"))
-                others[pool] = BlockManager(-(-num_blocks * block_size // rate) + max_num_seqs, rate,
+            else:  # larger blocks, one row each: the main pool's tokens, and a block begun per sequence
+                others[pool] = BlockManager(-(-num_blocks * block_size // size) + max_num_seqs, size,
                                             enable_prefix_caching)
         self.blocks: BlockManager | PooledBlockManager = PooledBlockManager(main, others) if others else main
-        self.pools = {"main": main, **others}
+        self.pools: dict[str, BlockManager] = getattr(self.blocks, "pools", {"main": main})
         # zeros, not empty: padded context positions are read (then masked) and must not hold NaNs. A store of
         # rate m keeps ceil(block size / m) rows a block of its pool (entry w in the block of token w*m)
         self.stores = {}
@@ -114,6 +116,19 @@ class PagedKVCache:
         self.layout: StepLayout | None = None
         self._slot_lengths: dict[Hashable, int] = {}
         self._slot_step: list[tuple[Hashable, int]] = []
+
+    def footprint(self) -> tuple[float, float]:
+        """What the storage lays out: bytes one more token of a sequence costs in the pools that grow with it, and
+        the bytes of the blocks a sequence holds in the windowed pool (its window and one new token)."""
+        per_token = per_sequence = 0.0
+        for name, store in self.stores.items():
+            pool = self.pools[self.pool_of[name]]
+            block = store.numel() * store.element_size() / pool.num_blocks
+            if self.pool_of[name] == "window":
+                per_sequence += block * self.spec.window_blocks(self.block_size)
+            else:
+                per_token += block / pool.block_size
+        return per_token, per_sequence
 
     def bytes_written(self) -> int:
         """Cache bytes of every block handed out at least once (on CPU, what the storage has made resident)."""
@@ -353,10 +368,12 @@ class PagedKVCache:
         return torch.zeros_like(visible).scatter_(-1, chosen, True) & visible
 
     def attend_window(self, layer: int, q: torch.Tensor, kv: torch.Tensor, scale: float, window: int,
-                      sinks: torch.Tensor, extra: tuple[str, int, int, torch.Tensor] | None = None) -> torch.Tensor:
+                      sinks: torch.Tensor, extra: tuple[str, int, torch.Tensor, torch.Tensor] | None = None
+                      ) -> torch.Tensor:
         """One shared head whose keys are its values (kv [T, D], stored in the "window" store), each token reading
-        the last `window` positions up to its own, plus the `extra` entries it may read (store name, its layer,
-        its rate, and which entries each token reads [T, E]); a per-head sink logit (sinks [H]) joins the softmax
+        the last `window` positions up to its own, plus the `extra` entries it may read (store name, its layer, the
+        entries' rows as `entry_grid` gives them [B, E], and which each token reads [T, E]); a per-head sink logit
+        (sinks [H]) joins the softmax
         and takes no value. q [T, H, D] -> [T, H, D]. Decode steps gather each token's entries; prompt steps
         read every entry of the sequence, masked (a step of many tokens shares them)."""
         layout = self._layout_of("window")
@@ -378,8 +395,7 @@ class PagedKVCache:
         logits = [self._unpad_tokens(torch.einsum("bthd,bsd->bths", self._pad_tokens(q), keys))]
         values: list[tuple[str, torch.Tensor]] = [("sequence", keys)]
         if extra is not None and extra[3].shape[-1]:
-            name, store_layer, rate, readable = extra
-            rows, _ = self.entry_grid(name, rate)
+            name, store_layer, rows, readable = extra
             entries = self.stores[name][store_layer]
             if in_prompt_step():
                 grid = entries[rows].to(q.dtype)  # [B, E, D]

@@ -60,6 +60,25 @@ class DeepseekGate(nn.Module):
         return ids, weights * self.scaling
 
 
+def dispatch_by_expert(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                       experts: nn.ModuleList) -> torch.Tensor:
+    """sum_k weights[t, k] * experts[ids[t, k]](x[t]): tokens sorted by expert, each chosen expert run once over
+    its tokens (no per-token loop, no dense all-expert compute)."""
+    flat_ids = ids.flatten()
+    order = flat_ids.argsort(stable=True)
+    token_of = order // ids.shape[1]
+    routed = torch.zeros_like(x)
+    start = 0
+    for expert_id, count in enumerate(torch.bincount(flat_ids, minlength=len(experts)).tolist()):
+        if count == 0:
+            continue
+        tokens = token_of[start:start + count]
+        pair_weights = weights.flatten()[order[start:start + count]]
+        routed.index_add_(0, tokens, experts[expert_id](x[tokens]) * pair_weights[:, None].to(x.dtype))
+        start += count
+    return routed
+
+
 # the gathered small-batch path copies the chosen experts' weights; above this many values, loop instead
 GATHER_LIMIT = 1 << 22
 
@@ -117,20 +136,7 @@ class DeepseekMoE(nn.Module):
         if hasattr(self, "gate_up") and ids.numel() * self.gate_up[0].numel() <= GATHER_LIMIT:
             routed = self._gathered(x, ids, weights)
             return routed + self.shared_experts(x) if self.shared_experts is not None else routed
-        flat_ids = ids.flatten()
-        order = flat_ids.argsort(stable=True)
-        token_of = order // ids.shape[1]
-        counts = torch.bincount(flat_ids, minlength=len(self.experts)).tolist()
-        routed = torch.zeros_like(x)
-        start = 0
-        for expert_id, count in enumerate(counts):
-            if count == 0:
-                continue
-            tokens = token_of[start:start + count]
-            pair_weights = weights.flatten()[order[start:start + count]]
-            out = self.experts[expert_id](x[tokens]) * pair_weights[:, None].to(x.dtype)
-            routed.index_add_(0, tokens, out)
-            start += count
+        routed = dispatch_by_expert(x, ids, weights, self.experts)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(x)
         return routed

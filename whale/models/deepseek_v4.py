@@ -25,18 +25,19 @@ from torch import nn
 from whale.cache_spec import V4_LAYER_STORES, KVCacheSpec, deepseek_v4_cache_spec
 from whale.config import DeepseekV4Config
 from whale.kernels import cpu_ops
-from whale.models.layers import RMSNorm, embedding, linear, rope_inv_freq
+from whale.models.deepseek_moe import dispatch_by_expert
+from whale.models.layers import RMSNorm, RotaryEmbedding, embedding, linear, rope_inv_freq
 
 SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"
 
 
 def rotate_trailing(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """V4's RoPE: interleaved pairs (2i, 2i+1) of the trailing 2 * cos.shape[-1] channels, the rest untouched and
-    the channel order kept (values carry the rotation too). x [T, ..., D]; cos/sin [T, rope/2], broadcast over the
-    middle dims."""
-    half = cos.shape[-1]
+    """V4's RoPE: interleaved pairs (2i, 2i+1) of the trailing rope channels, the rest untouched and the channel
+    order kept (values carry the rotation too). x [T, ..., D]; cos/sin [T, rope] from RotaryEmbedding (halves
+    layout: only the first half is read), broadcast over the middle dims."""
+    half = cos.shape[-1] // 2
     shape = (cos.shape[0],) + (1,) * (x.dim() - 2) + (half,)
-    cos, sin = cos.view(shape), sin.view(shape)
+    cos, sin = cos[:, :half].reshape(shape), sin[:, :half].reshape(shape)
     nope, rope = x[..., :-2 * half], x[..., -2 * half:]
     even, odd = rope[..., 0::2], rope[..., 1::2]
     rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
@@ -45,19 +46,6 @@ def rotate_trailing(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 def unweighted_rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
-
-
-class Rotary(nn.Module):
-    """cos/sin [T, rope/2] of one RoPE setting (V4's two: the sliding layers' and the compressed layers')."""
-
-    def __init__(self, config: DeepseekV4Config, compress: bool):
-        super().__init__()
-        rope = config.compress_rope if compress else config.rope
-        self.register_buffer("inv_freq", rope_inv_freq(rope, config.qk_rope_head_dim).float(), persistent=False)
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]
-        return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
 class Compressor(nn.Module):
@@ -163,7 +151,7 @@ class DeepseekV4Attention(nn.Module):
         extra = None
         if self.layer_type == HCA:
             self._compress(x, attn, "hca", self.compressor, cos_of)
-            extra = ("hca", self.cache_layers["hca"], self.rate, attn.entry_grid("hca", self.rate)[1])
+            extra = ("hca", self.cache_layers["hca"], *attn.entry_grid("hca", self.rate))
         elif self.layer_type == CSA:
             self._compress(x, attn, "csa", self.compressor, cos_of)
             self._compress(x, attn, "index", self.indexer.compressor, cos_of)
@@ -172,7 +160,7 @@ class DeepseekV4Attention(nn.Module):
             q_index = rotate_trailing(indexer.wq_b(q_latent).view(tokens, indexer.heads, indexer.dim), cos, sin)
             head_weights = indexer.weights_proj(x) * indexer.heads ** -0.5
             chosen = attn.top_entries(keys, visible, q_index, head_weights, indexer.dim ** -0.5, indexer.top_k)
-            extra = ("csa", self.cache_layers["csa"], self.rate, chosen)
+            extra = ("csa", self.cache_layers["csa"], attn.entry_grid("csa", self.rate)[0], chosen)
         out = attn.attend_window(self.cache_layers["window"], q, kv, self.dim ** -0.5, self.window,
                                  self.attn_sink, extra)
         out = rotate_trailing(out, cos, -sin)  # values carried the keys' rotation: undo it at the query position
@@ -231,18 +219,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         ids, weights = self.gate(x, token_ids)
-        flat = ids.flatten()
-        order = flat.argsort(stable=True)
-        token_of = order // ids.shape[1]
-        routed = torch.zeros_like(x)
-        start = 0
-        for expert, count in enumerate(torch.bincount(flat, minlength=len(self.experts)).tolist()):
-            if count:
-                tokens = token_of[start:start + count]
-                pair_weights = weights.flatten()[order[start:start + count]]
-                routed.index_add_(0, tokens, self.experts[expert](x[tokens]) * pair_weights[:, None].to(x.dtype))
-                start += count
-        return routed + self.shared_experts(x)
+        return dispatch_by_expert(x, ids, weights, self.experts) + self.shared_experts(x)
 
 
 def hyper_weights(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor, iters: int,
@@ -327,8 +304,9 @@ class DeepseekV4ForCausalLM(nn.Module):
         self.hc_head_fn = nn.Parameter(torch.empty(n, n * hidden, device="meta"))
         self.hc_head_base = nn.Parameter(torch.empty(n, device="meta"))
         self.hc_head_scale = nn.Parameter(torch.empty(1, device="meta"))
-        self.rotary = Rotary(config, compress=False)
-        self.compress_rotary = Rotary(config, compress=True)
+        # two RoPE settings: the sliding layers', and the compressed layers' (YaRN frequencies, no cos/sin scaling)
+        self.rotary = RotaryEmbedding(rope_inv_freq(config.rope, config.qk_rope_head_dim))
+        self.compress_rotary = RotaryEmbedding(rope_inv_freq(config.compress_rope, config.qk_rope_head_dim))
 
     def kv_cache_spec(self) -> KVCacheSpec:
         return cache_spec(self.config)

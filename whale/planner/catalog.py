@@ -221,6 +221,16 @@ def _deepseek_fields(cfg: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+def v4_config_json(spec: ModelSpec) -> dict[str, Any]:
+    """The config.json fields of a V4 model here that shape its layers and its cache, as its checkpoint writes
+    them (the engine parses them: the planner's V4 figures are checked against the engine's allocator)."""
+    return {"model_type": "deepseek_v4", "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
+            "num_hidden_layers": spec.num_layers, "num_attention_heads": spec.num_heads, "head_dim": spec.head_dim,
+            "q_lora_rank": spec.q_lora_rank, "moe_intermediate_size": spec.moe_intermediate_size,
+            "compress_ratios": list(spec.compress_ratios), "sliding_window": spec.sliding_window,
+            "index_n_heads": spec.index_n_heads, "index_head_dim": spec.index_head_dim}
+
+
 SUPPORTED_TYPES = ("deepseek_v2", "deepseek_v3", "deepseek_v32", "deepseek_v4", "llama", "qwen2", "qwen3",
                    "mistral")
 

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 from whale.cache_spec import V4_LAYER_STORES, deepseek_v4_cache_spec
-from whale.config import V4_LAYER_TYPES
+from whale.config import v4_layer_types
 from whale.errors import InvalidRequestError
 from whale.planner.catalog import ModelSpec
 from whale.planner.params import TensorGroup
@@ -118,14 +118,8 @@ class KVShape:
         return self.sequence_bytes / pp
 
 
-V4_RATES = (0, 4, 128)  # tokens per compressed row of sliding, CSA and HCA layers
+V4_RATES = (4, 128)  # tokens per compressed row of CSA and HCA layers (the released models')
 ENGINE_BLOCK_SIZE = 16  # whale's paged cache block (EngineConfig.block_size)
-
-
-def v4_layer_types(s: ModelSpec, layers: int) -> tuple[str, ...]:
-    """The layer types of a V4 spec from its compression ratios (MTP layers beyond them compress 4x)."""
-    ratios = list(s.compress_ratios) + [V4_RATES[1]] * (layers - len(s.compress_ratios))
-    return tuple(V4_LAYER_TYPES[V4_RATES.index(r)] for r in ratios)
 
 
 def kv_shape(s: ModelSpec, kv_dtype: str = "bf16", include_mtp: bool = False) -> KVShape:
@@ -142,9 +136,9 @@ def kv_shape(s: ModelSpec, kv_dtype: str = "bf16", include_mtp: bool = False) ->
         per_layer = (s.kv_lora_rank + s.qk_rope_head_dim) * width + (INDEXER_KEY_BYTES if s.index_n_heads else 0)
         return KVShape((per_layer,) * layers, 0, replicated=True, kv_heads=1)
     if s.attention == "compressed":
-        types = v4_layer_types(s, layers)
-        spec = deepseek_v4_cache_spec(types, s.head_dim, s.index_head_dim, s.sliding_window, V4_RATES[1],
-                                      V4_RATES[2])
+        ratios = list(s.compress_ratios) + [V4_RATES[0]] * (layers - len(s.compress_ratios))  # MTP layers: CSA
+        types = v4_layer_types(ratios, *V4_RATES)
+        spec = deepseek_v4_cache_spec(types, s.head_dim, s.index_head_dim, s.sliding_window, *V4_RATES)
         stores = {store.name: store for store in spec.stores}
         per_layer_c = tuple(sum(math.prod(stores[name].shape) * width / stores[name].rate
                                 for name in V4_LAYER_STORES[t]) for t in types)
