@@ -5,6 +5,8 @@ mid compression window, and the released layout (original names, FP8 blocks, FP4
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from deepseek_checkpoints import assert_greedy_like_reference, checkpoint_maker
@@ -14,6 +16,7 @@ from whale import LLM
 from whale.config import parse_hf_config
 from whale.engine.llm_engine import EngineConfig, LLMEngine
 from whale.engine.paged_attention import MAX_DEFAULT_TOKENS, PagedKVCache, create_cache
+from whale.errors import ModelLoadError
 from whale.models.deepseek_v4 import cache_spec
 from whale.models.loader import load_model
 from whale.planner.catalog import CATALOG, v4_config_json
@@ -196,3 +199,14 @@ def test_sequences_that_outgrow_the_cache_are_preempted_and_still_match(checkpoi
                                       eos_token_id=None, pad_token_id=0)[0, len(prompt):]
         assert request.output_token_ids == expected.tolist()
     assert all(pool.num_free_blocks == pool.num_blocks for pool in engine.cache.pools.values())
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"compress_ratios": [0, 4, 64]}, "compress_ratios holds [64]: DeepSeek-V4 layers compress by 0"),
+    ({"layer_types": ["sliding_attention", "dense"]}, "layer_types must name each of the 3 layers one of"),
+])
+def test_a_config_with_an_unknown_layer_layout_is_refused_saying_what_is_allowed(fields, message):
+    config = {"model_type": "deepseek_v4", "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 3,
+              "num_attention_heads": 4, "head_dim": 32, **fields}
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        parse_hf_config(config)
