@@ -6,6 +6,7 @@ The planner view is checked against `whale plan --json`. Screenshots of each vie
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -75,12 +76,18 @@ def test_chat_streams_stops_and_the_dashboard_reads_metrics(default_url, browser
     page.select_option("#model", "deepseek-chat")
     page.fill("#max-tokens", "2000")
     page.fill("#prompt", "Tell me a very long story about a whale and a lighthouse.")
+
+    def no_early_end(route):  # the sampled story could end by itself before Stop is clicked: not this one
+        route.continue_(post_data=json.dumps({**json.loads(route.request.post_data), "min_tokens": 1500}))
+
+    page.route("**/v1/chat/completions", no_early_end)
     page.keyboard.press("Enter")  # focus is in the prompt: Enter sends
     page.wait_for_function("document.querySelector('#messages li.assistant .content')?.innerText.length > 0")
     early = len(_content(page))
     page.wait_for_function(f"document.querySelector('#messages li.assistant .content').innerText.length > {early + 20}")
     page.click("#stop")
     page.wait_for_selector("text=ended: stopped")
+    page.unroute("**/v1/chat/completions")
     assert page.is_enabled("#send") and not page.is_enabled("#stop")
     page.screenshot(path=SHOTS / "chat.png", full_page=True)
     # edit and resend: the conversation is cut at the edited message and answered again, to its end
